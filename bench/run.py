@@ -1,0 +1,223 @@
+"""Sandgate's benchmark: starts every process it needs on loopback, measures each case in
+interleaved rounds, prints a table and writes bench/results/latest.json.
+
+    python bench/run.py [--quick] [--duration 10] [--rounds 3] [--cases NAME ...]
+
+Exits 1 when a case could not be measured or any request failed; a missed target only
+prints FAIL."""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import loops
+from cases import CASES, RATIOS, Case, Ratio
+from harness import WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, find_tool
+
+RESULTS_FILE = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str = "ok"  # ok | skipped | failed
+    note: str = ""
+    url: str = ""
+    rounds: list[Measurement] = field(default_factory=list)
+
+    def fail(self, note: str) -> None:
+        self.status, self.note = "failed", note
+
+    def summary(self) -> dict | None:
+        """Medians over the rounds; requests and errors are totals."""
+        if not self.rounds:
+            return None
+        return {
+            "rps": statistics.median(m.rps for m in self.rounds),
+            "p50_ms": statistics.median(m.p50_ms for m in self.rounds),
+            "p99_ms": statistics.median(m.p99_ms for m in self.rounds),
+            "requests": sum(m.requests for m in self.rounds),
+            "errors": {kind: sum(m.errors[kind] for m in self.rounds) for kind in self.rounds[0].errors},
+        }
+
+    @property
+    def bad(self) -> bool:
+        summary = self.summary()
+        return self.status == "failed" or (
+            summary is not None and (sum(summary["errors"].values()) > 0 or summary["requests"] == 0))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one round of 3 s")
+    parser.add_argument("--duration", type=int, help="seconds measured per case and round (default 10)")
+    parser.add_argument("--rounds", type=int, help="rounds; the report shows medians (default 3)")
+    parser.add_argument("--cases", nargs="+", metavar="NAME", choices=[case.name for case in CASES],
+                        help=f"cases to run (default all): {', '.join(case.name for case in CASES)}")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (3 if args.quick else 10)
+    return args
+
+
+def ensure_tools() -> None:
+    """wrk is required, nginx optional (its cases are skipped); both are Debian packages."""
+    if find_tool("wrk") and find_tool("nginx"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing wrk and nginx-light ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"], check=False)
+    if not find_tool("wrk"):
+        sys.exit("wrk is not installed (apt-get install wrk)")
+
+
+def set_up(case: Case, bench: Bench) -> Result:
+    result = Result(case)
+    try:
+        result.url = case.setup(bench)
+        case.load.check(result.url)
+    except Skip as e:
+        result.status, result.note = "skipped", str(e)
+    except CaseError as e:
+        result.fail(str(e))
+    return result
+
+
+def measure(results: list[Result], rounds: int, duration: int, cpu: int) -> None:
+    """Every case once per round, each round starting one case later, so that drift in the
+    machine spreads over all cases instead of favouring the first."""
+    ready = [result for result in results if result.status == "ok"]
+    for i in range(rounds):
+        shift = i % len(ready) if ready else 0
+        for result in ready[shift:] + ready[:shift]:
+            if result.status != "ok":
+                continue
+            try:
+                m = result.case.load.measure(result.url, duration, cpu)
+            except CaseError as e:
+                result.fail(str(e))
+                continue
+            result.rounds.append(m)
+            print(f"  round {i + 1}/{rounds}  {result.case.name:<14} {m.rps:>10.1f}/s  "
+                  f"p99 {m.p99_ms:.2f} ms  errors {m.error_count}", flush=True)
+
+
+def ratio_value(ratio: Ratio, summaries: dict[str, dict | None]) -> float | None:
+    numerator, denominator = summaries.get(ratio.numerator), summaries.get(ratio.denominator)
+    if not numerator or not denominator or not denominator["rps"]:
+        return None
+    return numerator["rps"] / denominator["rps"]
+
+
+def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, event_loops: dict[str, str],
+           output_lines: dict[str, int], started: datetime) -> dict:
+    summaries = {result.case.name: result.summary() for result in results}
+    ratios = {}
+    for ratio in RATIOS:
+        value = ratio_value(ratio, summaries)
+        ratios[ratio.name] = {
+            "value": value,
+            "target": ratio.target,
+            "pass": None if ratio.target is None or value is None else value >= ratio.target,
+        }
+    return {
+        "started": started.isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "settings": {"rounds": args.rounds, "duration_s": args.duration, "warmup_s": WARMUP_SECONDS,
+                     "cpus": asdict(cpus)},
+        "event_loops": event_loops,
+        "output_lines": output_lines,
+        "cases": {
+            result.case.name: {
+                "status": result.status, "note": result.note, "url": result.url,
+                "load": {"kind": type(result.case.load).__name__, **asdict(result.case.load)},
+                "median": summaries[result.case.name],
+                "rounds": [asdict(m) for m in result.rounds],
+            }
+            for result in results
+        },
+        "ratios": ratios,
+    }
+
+
+def first_line(text: str) -> str:
+    return text.partition("\n")[0]
+
+
+def print_table(data: dict) -> None:
+    print(f"\n{'case':<14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  errors")
+    for name, case in data["cases"].items():
+        median = case["median"]
+        if median is None:
+            print(f"{name:<14} {case['status'].upper():>10}  {first_line(case['note'])}")
+            continue
+        errors = median["errors"]
+        detail = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n)
+        total = f"{sum(errors.values())}" + (f" ({detail})" if detail else "")
+        note = f"  {case['status'].upper()}: {first_line(case['note'])}" if case["status"] != "ok" else ""
+        print(f"{name:<14} {median['rps']:>10.1f} {median['p50_ms']:>8.2f} {median['p99_ms']:>8.2f}  {total}{note}")
+
+    print("\nratios of median req/s")
+    for name, ratio in data["ratios"].items():
+        if ratio["value"] is not None:
+            print(f"  {name:<24} {ratio['value']:>5.2f}")
+
+    print("\ntargets")
+    for name, ratio in data["ratios"].items():
+        if ratio["target"] is not None:
+            verdict = {True: "PASS", False: "FAIL", None: "n/a "}[ratio["pass"]]
+            value = "not measured" if ratio["value"] is None else f"{ratio['value']:.2f}"
+            print(f"  {verdict}  {name} >= {ratio['target']}  ({value})")
+
+
+def main() -> int:
+    args = parse_args()
+    ensure_tools()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwinds like Ctrl-C: children stopped
+    cases = [case for case in CASES if not args.cases or case.name in args.cases]
+    cpus = Cpus.pick()
+    started = datetime.now(timezone.utc)
+    print(f"{len(cases)} cases, {args.rounds} round(s) of {args.duration} s (+{WARMUP_SECONDS} s warm-up); "
+          f"load and upstreams on cpu {cpus.load}, proxy under test on cpu {cpus.proxy}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="sandgate-bench-") as workdir, Processes(Path(workdir)) as procs:
+        bench = Bench(procs, cpus, Path(workdir))
+        results = [set_up(case, bench) for case in cases]
+        for result in results:
+            if result.status != "ok":
+                print(f"  {result.case.name}: {result.status}: {result.note}", flush=True)
+        event_loops = procs.event_loops() | {"ws_client.py": loops.NAME}
+        print("event loops: " + ", ".join(f"{name} {loop}" for name, loop in event_loops.items()), flush=True)
+        measure(results, args.rounds, args.duration, cpus.load)
+        output_lines = procs.stdout_lines()
+
+    data = report(results, args, cpus, event_loops, output_lines, started)
+    print_table(data)
+    for name, lines in output_lines.items():
+        print(f"{name} wrote {lines} access log lines")
+    RESULTS_FILE.parent.mkdir(exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"\nwrote {RESULTS_FILE}")
+
+    bad = [result.case.name for result in results if result.bad]
+    if bad:
+        print(f"errors in: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; all benchmark processes stopped", file=sys.stderr)
+        sys.exit(130)

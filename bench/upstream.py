@@ -1,0 +1,41 @@
+"""The aiohttp origin of the benchmark: `/ws` echoes WebSocket messages, every other path
+answers 200 with a fixed text body (the HTTP origin only when nginx is not installed)."""
+
+import argparse
+
+from aiohttp import WSMsgType, web
+
+from loops import new_event_loop
+
+
+async def echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--body-bytes", type=int, default=200)
+    args = parser.parse_args()
+
+    body = b"x" * args.body_bytes
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    app.router.add_route("*", "/{tail:.*}", plain)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
+                loop=new_event_loop())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`sandgate` command line (SPEC §1). Every flag also reads SANDGATE_<FLAG> from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from gateway.config.loader import LoadOptions, load_routes
+from gateway.routing.paths import BadRequestTarget
+
+DEFAULT_ADMIN = "127.0.0.1:9901"
+
+
+def _env(flag: str, default=None):
+    return os.environ.get("SANDGATE_" + flag.upper().replace("-", "_"), default)
+
+
+def _env_list(flag: str) -> list[str]:
+    value = _env(flag)
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--routes", default=_env("routes", "routes.yaml"), help="routes file (default routes.yaml)")
+    p.add_argument("--policies", default=_env("policies", "policies/"), help="policies directory (default policies/)")
+    p.add_argument("--cluster-domain", default=_env("cluster-domain", "cluster.local"))
+    p.add_argument(
+        "--resolve",
+        action="append",
+        default=_env_list("resolve"),
+        metavar="HOST:PORT=ADDR:PORT",
+        help="dial ADDR:PORT instead of HOST:PORT (e.g. a Service's cluster DNS name); repeatable",
+    )
+
+
+def _load_options(args) -> LoadOptions:
+    overrides: dict[str, tuple[str, int]] = {}
+    for item in args.resolve:
+        name, eq, address = item.partition("=")
+        host, sep, port = address.rpartition(":")
+        if not eq or not sep or not port.isdigit() or ":" not in name:
+            raise SystemExit(f"sandgate: --resolve {item!r}: expected HOST:PORT=ADDR:PORT")
+        overrides[name.lower()] = (host.strip("[]"), int(port))
+    return LoadOptions(cluster_domain=args.cluster_domain, overrides=overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandgate", description="Edge gateway for AI-agent platforms.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    _add_config_flags(serve)
+    serve.add_argument("--listen", action="append", default=_env_list("listen"), metavar="[LISTENER=]HOST:PORT",
+                       help="bind this address instead of the Gateway listener's port; repeatable")
+    serve.add_argument("--admin", default=_env("admin", DEFAULT_ADMIN), help="admin address, or 'off'")
+    serve.add_argument("--workers", type=int, default=int(_env("workers", "1")))
+    serve.add_argument("--public-url", default=_env("public-url"))
+    serve.add_argument("--tls-dir", default=_env("tls-dir", "/etc/sandgate/tls"))
+    serve.add_argument("--watch-httproutes", action="store_true", default=_env("watch-httproutes") in ("1", "true"))
+    serve.add_argument("--drain-seconds", type=float, default=float(_env("drain-seconds", "30")))
+    serve.add_argument("--max-body-bytes", type=int, default=int(_env("max-body-bytes", "0")) or None,
+                       help="refuse larger request bodies with 413 (default: no limit)")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+
+    check = sub.add_parser("check", help="validate routes and policies")
+    _add_config_flags(check)
+
+    routes = sub.add_parser("routes", help="print the compiled route table")
+    _add_config_flags(routes)
+
+    explain = sub.add_parser("explain", help="show where a request would go")
+    _add_config_flags(explain)
+    explain.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
+    explain.add_argument("--token", default=None, help="a JWT to evaluate policies with")
+    explain.add_argument("method")
+    explain.add_argument("url")
+
+    dev = sub.add_parser("dev", help="run the gateway on the shipped routes.yaml with local stand-in services")
+    dev.add_argument("--routes", default="routes.yaml")
+    dev.add_argument("--listen", default="127.0.0.1:8080")
+    dev.add_argument("--admin", default=DEFAULT_ADMIN)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        from gateway.commands.check import run_check
+
+        return run_check(args.routes, _load_options(args))
+    if args.command == "routes":
+        from gateway.commands.show import run_routes
+
+        return run_routes(args.routes, _load_options(args))
+    if args.command == "explain":
+        from gateway.commands.show import run_explain
+
+        try:
+            return run_explain(args.routes, _load_options(args), args.method, args.url, args.header)
+        except BadRequestTarget as e:
+            print(f"sandgate: {e}", file=sys.stderr)
+            return 2
+    if args.command == "dev":
+        from gateway.commands.dev import run_dev
+
+        return run_dev(args)
+    from gateway.commands.serve import run_serve
+
+    return run_serve(args, _load_options(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""Stand-in for the platform API (Service `api.platform:8000`).
+
+- `/api...`, `/auth...`, `/oauth...`: answer with JSON describing the request exactly as it
+  arrived (method, raw path, query, headers in order with repeats, a digest of the body, the
+  peer) so a developer can see what the gateway forwarded.
+- `/.well-known/oauth-authorization-server[/mcp]` (RFC 8414) and
+  `/.well-known/openid-configuration[/mcp]` (OIDC discovery): metadata whose issuer is the
+  public origin. The `/mcp` forms answer with the same document: clients that treat the MCP URL
+  as the authorization server's URL probe them, and the seed platform served them this way.
+- `/oauth/jwks`: an empty but valid JWKS (no signing keys yet).
+- `/api/events`: Server-Sent Events, one every 0.5 s (`?count=N`, 1..100, default 5).
+- `/api/ws`: WebSocket echo (text and binary); the first offered subprotocol is accepted; the
+  text message `close CODE` makes the server close with CODE (1000 or 3000-4999).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import weakref
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from gateway.devstack.urls import public_origin
+
+ISSUER = web.AppKey("issuer", str)
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
+
+EVENT_INTERVAL = 0.5
+MAX_EVENTS = 100
+
+
+def authorization_server_metadata(issuer: str) -> dict:
+    """RFC 8414 metadata for the platform's authorization server."""
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": f"{issuer}/oauth/authorize",
+        "token_endpoint": f"{issuer}/oauth/token",
+        "registration_endpoint": f"{issuer}/oauth/register",
+        "revocation_endpoint": f"{issuer}/oauth/revoke",
+        "jwks_uri": f"{issuer}/oauth/jwks",
+        "scopes_supported": ["openid", "profile", "email", "offline_access", "mcp"],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
+        "code_challenge_methods_supported": ["S256"],
+    }
+
+
+def openid_configuration(issuer: str) -> dict:
+    """OpenID Connect Discovery 1.0 metadata: the RFC 8414 document plus the OIDC-only fields."""
+    return {
+        **authorization_server_metadata(issuer),
+        "userinfo_endpoint": f"{issuer}/oauth/userinfo",
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "name", "email"],
+    }
+
+
+async def echo(request: web.Request) -> web.Response:
+    # The body is hashed as it streams in, so any size can be sent without buffering it.
+    digest = hashlib.sha256()
+    length = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        digest.update(chunk)
+        length += len(chunk)
+    return web.json_response(
+        {
+            "service": "api",
+            "method": request.method,
+            "path": request.rel_url.raw_path,
+            "query_string": request.rel_url.raw_query_string,
+            "query": [[name, value] for name, value in request.query.items()],
+            "headers": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in request.raw_headers],
+            "body": {"length": length, "sha256": digest.hexdigest()},
+            "remote": request.remote,
+        }
+    )
+
+
+async def as_metadata(request: web.Request) -> web.Response:
+    return web.json_response(authorization_server_metadata(request.app[ISSUER]))
+
+
+async def oidc_metadata(request: web.Request) -> web.Response:
+    return web.json_response(openid_configuration(request.app[ISSUER]))
+
+
+async def jwks(request: web.Request) -> web.Response:
+    return web.json_response({"keys": []})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    raw = request.query.get("count", "5")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_EVENTS):
+        return web.json_response(
+            {"error": "bad_request", "message": f"count must be an integer from 1 to {MAX_EVENTS}"}, status=400
+        )
+    count = int(raw)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    for n in range(1, count + 1):
+        data = json.dumps({"n": n, "of": count})
+        await response.write(f"id: {n}\nevent: tick\ndata: {data}\n\n".encode())
+        if n < count:
+            await asyncio.sleep(EVENT_INTERVAL)
+    await response.write_eof()
+    return response
+
+
+def _close_code(text: str) -> int | None:
+    """The code of a `close CODE` command, when it is one a server may send."""
+    _, _, raw = text.partition(" ")
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    code = int(raw)
+    return code if code == 1000 or 3000 <= code <= 4999 else None
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    ws = web.WebSocketResponse(protocols=offered[:1])
+    await ws.prepare(request)
+    request.app[WEBSOCKETS].add(ws)
+    async for message in ws:
+        if message.type is WSMsgType.BINARY:
+            await ws.send_bytes(message.data)
+        elif message.type is WSMsgType.TEXT:
+            if message.data.startswith("close "):
+                code = _close_code(message.data)
+                if code is None:
+                    await ws.send_str("error: close code must be 1000 or 3000-4999")
+                    continue
+                await ws.close(code=code, message=b"closed on request")
+                break
+            await ws.send_str(message.data)
+    return ws
+
+
+async def _close_websockets(app: web.Application) -> None:
+    for ws in set(app[WEBSOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+def make_app(public_url: str) -> web.Application:
+    app = web.Application()
+    app[ISSUER] = public_origin(public_url)
+    app[WEBSOCKETS] = weakref.WeakSet()
+    app.on_shutdown.append(_close_websockets)
+    for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-authorization-server/mcp"):
+        app.router.add_get(path, as_metadata)
+    for path in ("/.well-known/openid-configuration", "/.well-known/openid-configuration/mcp"):
+        app.router.add_get(path, oidc_metadata)
+    app.router.add_get("/oauth/jwks", jwks)
+    app.router.add_get("/api/events", events)
+    app.router.add_get("/api/ws", websocket)
+    # `{tail:(/.*)?}` takes `/api` and `/api/...` but not `/apix`: prefixes are path elements.
+    for prefix in ("/api", "/auth", "/oauth"):
+        app.router.add_route("*", prefix + "{tail:(/.*)?}", echo)
+    return app

@@ -1,0 +1,1 @@
+"""Moving bytes between a client and an upstream: HTTP and WebSocket."""

@@ -1,0 +1,166 @@
+"""Streaming HTTP forwarding: one request in, one upstream exchange, bytes relayed both ways.
+
+This module knows nothing about routes or policies. It receives a ForwardPlan (where to go and
+with which headers) and either returns a prepared response or raises ProxyError before the
+first byte of the response was sent. After that point a failure can only cut the connection,
+so the client sees a truncated response rather than a forged complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from time import monotonic
+from typing import Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.config.model import Endpoint
+from gateway.proxy.headers import end_to_end
+from gateway.proxy.upstream import UpstreamPool, upstream_url
+
+# Whole small bodies go out in one write; larger ones (and unknown lengths) stream.
+SMALL_BODY = 64 * 1024
+
+
+class ProxyError(Exception):
+    """The exchange failed before a response was sent: the client gets `status`."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class ForwardPlan:
+    endpoint: Endpoint
+    scheme: str
+    method: str
+    path_and_query: str
+    headers: CIMultiDict
+    connect_timeout: float
+    idle_timeout: float
+    deadline: float | None  # monotonic time by which the whole exchange must be over
+    edit_response_headers: Callable[[CIMultiDict], None] | None = None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the caller may want to record about a finished exchange."""
+
+    status: int = 0
+    upstream_seconds: float = 0.0
+    bytes_sent: int = 0
+
+
+async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPool, exchange: Exchange) -> web.StreamResponse:
+    session = pool.session_for(plan.endpoint)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=plan.connect_timeout, sock_read=plan.idle_timeout)
+    body = request.content if request.body_exists else None
+    started = monotonic()
+    try:
+        async with _deadline(plan.deadline):
+            upstream = await session.request(
+                plan.method,
+                upstream_url(plan.scheme, plan.endpoint, plan.path_and_query),
+                headers=plan.headers,
+                data=body,
+                allow_redirects=False,
+                timeout=timeout,
+                auto_decompress=False,
+            )
+    except BaseException as exc:  # noqa: BLE001 - every failure maps to a status
+        raise _as_proxy_error(exc) from exc
+    exchange.upstream_seconds = monotonic() - started
+    exchange.status = upstream.status
+    try:
+        headers = end_to_end(upstream.headers)
+        if plan.edit_response_headers is not None:
+            plan.edit_response_headers(headers)
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY and plan.deadline is None:
+            return await _whole(upstream, headers, exchange)
+        return await _stream(request, upstream, headers, plan.deadline, exchange)
+    finally:
+        upstream.release()
+
+
+async def _whole(upstream: aiohttp.ClientResponse, headers: CIMultiDict, exchange: Exchange) -> web.Response:
+    try:
+        body = await upstream.read()
+    except BaseException as exc:  # noqa: BLE001
+        raise _as_proxy_error(exc) from exc
+    exchange.bytes_sent = len(body)
+    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+
+
+async def _stream(
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict,
+    deadline: float | None,
+    exchange: Exchange,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    await response.prepare(request)
+    try:
+        async with _deadline(deadline):
+            async for chunk in upstream.content.iter_any():
+                exchange.bytes_sent += len(chunk)
+                await response.write(chunk)
+    except (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError, ConnectionError):
+        # Headers are out; the only honest signal left is to cut the connection.
+        upstream.close()
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+class _deadline:
+    """`asyncio.timeout` that costs nothing when there is no deadline."""
+
+    __slots__ = ("_cm",)
+
+    def __init__(self, when: float | None):
+        self._cm = asyncio.timeout_at(_loop_time(when)) if when is not None else None
+
+    async def __aenter__(self):
+        if self._cm is not None:
+            await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc):
+        if self._cm is not None:
+            return await self._cm.__aexit__(*exc)
+        return False
+
+
+def _loop_time(deadline: float) -> float:
+    """Convert a time.monotonic() deadline to the event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - monotonic())
+
+
+def _as_proxy_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, asyncio.CancelledError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or isinstance(exc, aiohttp.ServerTimeoutError):
+        return ProxyError(504, "upstream_timeout", "The upstream did not answer in time.")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return ProxyError(503, "no_endpoint", "The upstream's address could not be resolved.")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ProxyError(502, "upstream_unreachable", "The upstream refused the connection.")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
+        return ProxyError(502, "upstream_reset", "The upstream closed the connection.")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ProxyError(502, "upstream_invalid", "The upstream sent an invalid response body.")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return ProxyError(502, "upstream_invalid", "The upstream sent an invalid response.")
+    if isinstance(exc, aiohttp.ClientError):
+        return ProxyError(502, "upstream_error", "The upstream request failed.")
+    return exc

@@ -1,0 +1,1 @@
+"""Route table compilation and pure request matching (no I/O, no aiohttp.web)."""

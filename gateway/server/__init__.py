@@ -1,0 +1,1 @@
+"""The running process: listeners, the request handler, admin endpoints, logs, reload."""

@@ -1,0 +1,246 @@
+"""Start, run, reload and drain one gateway process.
+
+`start_gateway` binds everything and returns a RunningGateway (tests use it directly);
+`serve` adds signal handling: SIGTERM → readiness 503, stop accepting, WebSockets get 1001,
+in-flight requests finish within the drain time, logs are flushed, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from aiohttp import web
+
+from gateway.config.loader import LoadOptions, load_routes
+from gateway.config.model import Config, Listener
+from gateway.routing.table import RouteTable, compile_table
+from gateway.server.accesslog import AccessLog
+from gateway.server.admin import make_admin_app
+from gateway.server.handler import Gateway, Settings
+from gateway.server.logs import event
+from gateway.server.metrics import Metrics
+from gateway.server.protocol import make_server
+from gateway.server.tls import CertificateStore
+
+log = logging.getLogger("sandgate")
+
+
+class StartupError(Exception):
+    """Configuration that cannot be served; the message lines are shown to the operator."""
+
+
+@dataclass
+class ServeOptions:
+    routes: str = "routes.yaml"
+    policies: str = "policies"
+    listen: list[str] = field(default_factory=list)
+    admin: str | None = "127.0.0.1:9901"
+    tls_dir: str = "/etc/sandgate/tls"
+    public_url: str | None = None
+    reuse_port: bool = False
+    reload_interval: float = 1.0
+    drain_seconds: float = 30.0
+    load: LoadOptions = field(default_factory=LoadOptions)
+    settings: Settings = field(default_factory=Settings)
+    access_log: TextIO | None = None  # default stdout
+
+
+def parse_address(text: str, default_host: str | None = None) -> tuple[str | None, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"invalid address {text!r} (expected HOST:PORT)")
+    host = host.strip("[]") or default_host
+    return (None if host in ("", "*") else host), int(port)
+
+
+def bind_plan(listeners: tuple[Listener, ...], listen: list[str]) -> dict[int, tuple[str | None, int]]:
+    """Declared listener port → address to bind. `--listen` values override in port order,
+    or by listener name with NAME=HOST:PORT."""
+    ports = list(dict.fromkeys(l.port for l in listeners))
+    plan: dict[int, tuple[str | None, int]] = {p: (None, p) for p in ports}
+    by_name = {l.name: l.port for l in listeners}
+    positional = iter(ports)
+    for value in listen:
+        name, eq, address = value.partition("=")
+        if eq:
+            if name not in by_name:
+                raise StartupError(f"--listen {value}: no listener named {name!r}")
+            plan[by_name[name]] = parse_address(address)
+            continue
+        port = next(positional, None)
+        if port is None:
+            raise StartupError(f"--listen {value}: more addresses than listener ports ({len(ports)})")
+        plan[port] = parse_address(value)
+    return plan
+
+
+class RunningGateway:
+    def __init__(self, options: ServeOptions, gateway: Gateway, certificates: CertificateStore):
+        self.options = options
+        self.gateway = gateway
+        self.certificates = certificates
+        self.addresses: dict[str, tuple[str, int]] = {}  # listener name → bound address
+        self.admin_address: tuple[str, int] | None = None
+        self._runners: list[web.BaseRunner] = []
+        self._admin_runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._bound_ports: set[int] = set()
+        self.ready = False
+
+    @property
+    def table(self) -> RouteTable:
+        return self.gateway.table
+
+    def readiness(self) -> tuple[bool, dict]:
+        if self.gateway.draining:
+            return False, {"reason": "draining"}
+        return self.ready, {"routes": len(self.table.config.routes)}
+
+    async def _bind(self, listeners: tuple[Listener, ...]) -> None:
+        plan = bind_plan(listeners, self.options.listen)
+        for port, (host, bind_port) in plan.items():
+            group = [l for l in listeners if l.port == port]
+            https = [l for l in group if l.protocol == "HTTPS"]
+            if https and len(https) != len(group):
+                raise StartupError(f"port {port}: HTTP and HTTPS listeners cannot share a port")
+            try:
+                ssl_context = self.certificates.context_for(https) if https else None
+            except (OSError, ValueError) as e:
+                raise StartupError(f"port {port}: cannot load TLS certificate from {self.options.tls_dir}: {e}") from e
+            runner = web.ServerRunner(make_server(self.gateway.handler_for_port(port)), handle_signals=False,
+                                      shutdown_timeout=self.options.drain_seconds)
+            await runner.setup()
+            site = web.TCPSite(runner, host, bind_port, ssl_context=ssl_context, reuse_port=self.options.reuse_port or None,
+                               backlog=1024)
+            try:
+                await site.start()
+            except OSError as e:
+                await runner.cleanup()
+                raise StartupError(f"cannot listen on {host or '*'}:{bind_port}: {e.strerror or e}") from e
+            self._runners.append(runner)
+            self._bound_ports.add(port)
+            bound = _bound_address(site)
+            for listener in group:
+                self.addresses[listener.name] = bound
+                event(log, "listening", listener=listener.name, protocol=listener.protocol, address=f"{bound[0]}:{bound[1]}")
+
+    async def _start_admin(self) -> None:
+        if not self.options.admin:
+            return
+        host, port = parse_address(self.options.admin)
+        runner = web.AppRunner(make_admin_app(self.gateway.metrics, self.readiness), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise StartupError(f"cannot listen on admin address {self.options.admin}: {e.strerror or e}") from e
+        self._admin_runner = runner
+        self.admin_address = _bound_address(site)
+        event(log, "admin listening", address=f"{self.admin_address[0]}:{self.admin_address[1]}")
+
+    async def _watch_routes(self) -> None:
+        path = self.options.routes
+        last = _file_stamp(path)
+        while True:
+            await asyncio.sleep(self.options.reload_interval)
+            stamp = _file_stamp(path)
+            if stamp == last:
+                continue
+            last = stamp
+            self.reload()
+
+    def reload(self) -> bool:
+        """Load the routes file again; swap the table only when it is valid."""
+        config = load_routes(self.options.routes, self.options.load)
+        if config.errors:
+            for line in config.errors:
+                event(log, "routes not reloaded", logging.ERROR, error=line)
+            return False
+        for line in config.problems:
+            event(log, "route problem", logging.WARNING, problem=line)
+        new_ports = {l.port for l in config.listeners}
+        if not new_ports <= self._bound_ports:
+            event(log, "new listener ports need a restart", logging.WARNING,
+                  ports=sorted(new_ports - self._bound_ports))
+        self.gateway.table = compile_table(config)
+        event(log, "routes reloaded", routes=len(config.routes))
+        return True
+
+    async def drain(self) -> None:
+        """Readiness 503, stop accepting, close WebSockets with 1001, finish in-flight requests."""
+        self.gateway.draining = True
+        event(log, "draining", in_flight_websockets=len(self.gateway.sockets))
+        for task in self._tasks:
+            task.cancel()
+        await self.gateway.sockets.close_all()
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners), return_exceptions=True)
+        self._runners.clear()
+        await self.gateway.close()
+        await self.gateway.access_log.stop()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+
+    stop = drain
+
+
+async def start_gateway(options: ServeOptions, config: Config | None = None) -> RunningGateway:
+    if config is None:
+        config = load_routes(options.routes, options.load)
+    if config.errors:
+        raise StartupError("\n".join(config.errors))
+    if not config.listeners:
+        raise StartupError(f"{options.routes}: no Gateway listener to serve")
+    for line in config.problems:
+        event(log, "route problem", logging.WARNING, problem=line)
+    access_log = AccessLog(options.access_log)
+    gateway = Gateway(compile_table(config), options.settings, Metrics(), access_log)
+    running = RunningGateway(options, gateway, CertificateStore(options.tls_dir))
+    try:
+        await running._bind(config.listeners)
+        await running._start_admin()
+    except BaseException:
+        await running.drain()
+        raise
+    access_log.start()
+    if options.reload_interval > 0:
+        running._tasks.append(asyncio.ensure_future(running._watch_routes()))
+        running._tasks.append(asyncio.ensure_future(running.certificates.watch()))
+    running.ready = True
+    return running
+
+
+async def serve(options: ServeOptions, on_ready=None) -> None:
+    running = await start_gateway(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(running)
+    await stop.wait()
+    await running.drain()
+    event(log, "stopped")
+
+
+def _bound_address(site: web.TCPSite) -> tuple[str, int]:
+    server = site._server  # aiohttp exposes bound sockets only here
+    sock: socket.socket = server.sockets[0]
+    address = sock.getsockname()
+    return address[0], address[1]
+
+
+def _file_stamp(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -1,0 +1,262 @@
+"""The per-request flow: normalise → match → filters → forward, then record.
+
+Routing decides (a pure lookup in the frozen table), the proxy moves bytes; this module is the
+glue between them and the only place that turns their outcomes into statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass, field
+from time import monotonic
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config.model import Filters, Listener
+from gateway.proxy import websocket
+from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
+from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
+from gateway.proxy.upstream import UpstreamPool
+from gateway.routing.paths import BadRequestTarget, normalize_host, normalize_path, split_target
+from gateway.routing.rewrite import modify_path, redirect_location
+from gateway.routing.table import Candidate, RequestView, RouteTable
+from gateway.server.accesslog import AccessLog
+from gateway.server.errors import error_response
+from gateway.server.metrics import Metrics
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,200}")
+UNMATCHED = "unmatched"
+
+
+@dataclass
+class Settings:
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int | None = None
+    trusted_hops: int = 0
+    websocket: websocket.WebSocketLimits = field(default_factory=websocket.WebSocketLimits)
+
+
+class Gateway:
+    """Shared state of one process: the current route table and the long-lived clients."""
+
+    def __init__(self, table: RouteTable, settings: Settings, metrics: Metrics, access_log: AccessLog):
+        self.table = table
+        self.settings = settings
+        self.metrics = metrics
+        self.access_log = access_log
+        self.pool = UpstreamPool()
+        self.sockets = websocket.OpenSockets()
+        self.draining = False
+
+    def handler_for_port(self, port: int):
+        """The request handler of the socket(s) serving Gateway listeners on `port`."""
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            return await self.handle(request, port)
+
+        return handle
+
+    async def handle(self, request: web.BaseRequest, port: int) -> web.StreamResponse:
+        started = monotonic()
+        headers = request.headers
+        incoming_id = headers.get("X-Request-Id")
+        request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else os.urandom(16).hex()
+        outcome = _Outcome()
+        try:
+            response = await self._route_and_forward(request, port, request_id, outcome)
+        except ProxyError as e:
+            response = self._error(request, e.status, e.code, e.message, request_id)
+        except asyncio.CancelledError:
+            outcome.status = 499  # client went away; nginx's convention for the log
+            self._record(request, request_id, outcome, started)
+            raise
+        outcome.status = outcome.status or response.status
+        self._record(request, request_id, outcome, started)
+        return response
+
+    async def _route_and_forward(self, request: web.BaseRequest, port: int, request_id: str, outcome: "_Outcome"):
+        headers = request.headers
+        if _header_bytes(request) > self.settings.max_header_bytes:
+            return self._error(request, 431, "headers_too_large", "The request headers are too large.", request_id)
+        try:
+            host, path, query = _target(request)
+        except BadRequestTarget as e:
+            return self._error(request, 400, "bad_request", str(e), request_id)
+        table = self.table
+        found = table.find(port, host, request.method, path, RequestView(headers, query))
+        outcome.path = path
+        outcome.host = host
+        if found is None:
+            return self._error(request, 404, "no_route", "No route matches this request.", request_id)
+        outcome.route = found.route.key
+        rule = found.rule
+        listener = found.listener
+        if rule.filters.redirect is not None:
+            return self._redirect(request, found, listener, host, path, query, request_id)
+        if rule.invalid_reason:
+            return self._error(request, 500, "no_backend", "The matched rule has no valid backend.", request_id)
+        choice = found.backends.pick()
+        if choice is None or choice.upstream is None:
+            return self._error(request, 500, "no_backend", "The matched rule has no valid backend.", request_id)
+        length = request.content_length
+        limit = self.settings.max_body_bytes
+        if limit is not None and length is not None and length > limit:
+            return self._error(request, 413, "body_too_large", "The request body is too large.", request_id)
+
+        upstream_path, upstream_host = _rewrite(found, rule.filters, choice.filters, path, headers)
+        out_headers = end_to_end(headers, _DROP_TO_UPSTREAM)
+        if upstream_host is not None:
+            out_headers["Host"] = upstream_host
+        scheme = "https" if listener.protocol == "HTTPS" else "http"
+        append_forwarded(
+            out_headers,
+            client_ip=request.remote or "",
+            proto=scheme,
+            host=headers.get("Host", host),
+            trust_incoming=self.settings.trusted_hops > 0,
+        )
+        out_headers["X-Request-Id"] = request_id
+        apply_modifier(out_headers, rule.filters.request_headers)
+        apply_modifier(out_headers, choice.filters.request_headers)
+
+        def edit_response(response_headers: CIMultiDict) -> None:
+            response_headers["X-Request-Id"] = request_id
+            apply_modifier(response_headers, rule.filters.response_headers)
+            apply_modifier(response_headers, choice.filters.response_headers)
+
+        deadline = _deadline(rule.timeouts.request, rule.timeouts.backend_request)
+        upstream = choice.upstream
+        plan = ForwardPlan(
+            endpoint=self.pool.pick(upstream),
+            scheme=upstream.scheme,
+            method=request.method,
+            path_and_query=f"{upstream_path}?{query}" if query else upstream_path,
+            headers=out_headers,
+            connect_timeout=self.settings.connect_timeout,
+            idle_timeout=self.settings.idle_timeout,
+            deadline=deadline,
+            edit_response_headers=edit_response,
+        )
+        outcome.upstream = str(plan.endpoint)
+        if websocket.is_websocket_upgrade(headers):
+            return await self._websocket(request, plan, outcome)
+        if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        exchange = Exchange()
+        response = await forward(request, plan, self.pool, exchange)
+        outcome.upstream_seconds = exchange.upstream_seconds
+        outcome.bytes_sent = exchange.bytes_sent
+        return response
+
+    async def _websocket(self, request: web.BaseRequest, plan: ForwardPlan, outcome: "_Outcome"):
+        plan.deadline = None  # a WebSocket lives by its own idle timeout and maximum lifetime
+        self.metrics.websocket_opened(outcome.route)
+        try:
+            response = await websocket.relay(request, plan, self.pool, self.settings.websocket, self.sockets)
+        finally:
+            self.metrics.websocket_closed(outcome.route)
+        outcome.status = 101
+        return response
+
+    def _redirect(self, request, found: Candidate, listener: Listener, host: str, path: str, query: str, request_id: str):
+        redirect = found.rule.filters.redirect
+        location = redirect_location(
+            redirect,
+            scheme="https" if listener.protocol == "HTTPS" else "http",
+            host=host,
+            listener_port=listener.port,
+            path=path,
+            query=query,
+            matched_prefix=found.matched_prefix,
+        )
+        response = web.Response(status=redirect.status, headers={"Location": location, "X-Request-Id": request_id})
+        apply_modifier(response.headers, found.rule.filters.response_headers)
+        return response
+
+    def _error(self, request: web.BaseRequest, status: int, code: str, message: str, request_id: str) -> web.Response:
+        return error_response(status, code, message, request_id, accept=request.headers.get("Accept", ""))
+
+    def _record(self, request: web.BaseRequest, request_id: str, outcome: "_Outcome", started: float) -> None:
+        seconds = monotonic() - started
+        route = outcome.route or UNMATCHED
+        self.metrics.observe_request(route, request.method, outcome.status, seconds, outcome.upstream_seconds)
+        self.access_log.write(
+            {
+                "request_id": request_id,
+                "remote": request.remote,
+                "method": request.method,
+                "host": outcome.host,
+                "path": outcome.path,  # never the query: it can carry credentials
+                "status": outcome.status,
+                "route": route,
+                "upstream": outcome.upstream,
+                "duration_ms": round(seconds * 1000, 3),
+                "upstream_ms": round(outcome.upstream_seconds * 1000, 3),
+                "bytes": outcome.bytes_sent,
+            }
+        )
+
+    async def close(self) -> None:
+        await self.sockets.close_all()
+        await self.pool.close()
+
+
+class _Outcome:
+    __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.route = ""
+        self.host = ""
+        self.path = ""
+        self.upstream = ""
+        self.upstream_seconds = 0.0
+        self.bytes_sent = 0
+
+
+# The client's Expect is answered here; the upstream request is sent whole.
+_DROP_TO_UPSTREAM = frozenset({"expect"})
+
+
+def _header_bytes(request: web.BaseRequest) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+
+
+def _target(request: web.BaseRequest) -> tuple[str, str, str]:
+    """(host, normalised path, raw query) of the request; BadRequestTarget when malformed."""
+    target = request.raw_path
+    host_header = request.headers.get("Host", "")
+    if not target.startswith("/"):
+        # absolute-form (RFC 9112 §3.2.2): its authority replaces the Host header
+        if not target.lower().startswith(("http://", "https://")):
+            raise BadRequestTarget("unsupported request target")
+        url = URL(target, encoded=True)
+        host_header = url.raw_authority
+        target = url.raw_path_qs or "/"
+    path, query = split_target(target)
+    return normalize_host(host_header), normalize_path(path), query
+
+
+def _rewrite(found: Candidate, rule_filters: Filters, backend_filters: Filters, path: str, headers) -> tuple[str, str | None]:
+    """Upstream path and Host after URLRewrite filters (rule first, then the chosen backend's)."""
+    host = None
+    for filters in (rule_filters, backend_filters):
+        rewrite = filters.rewrite
+        if rewrite is None:
+            continue
+        if rewrite.path is not None:
+            path = modify_path(path, rewrite.path, found.matched_prefix)
+        if rewrite.hostname:
+            host = rewrite.hostname
+    return path, host
+
+
+def _deadline(request_timeout: float | None, backend_timeout: float | None) -> float | None:
+    limits = [t for t in (request_timeout, backend_timeout) if t]
+    return monotonic() + min(limits) if limits else None

@@ -1,0 +1,71 @@
+"""Prometheus metrics (SPEC §6). The only module that imports prometheus_client.
+
+Labels are route names, never raw paths or user ids. Per-request recording goes through cached
+label children, so the hot path is a dictionary lookup and two additions.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, multiprocess
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sandgate_requests", "Requests answered", ["route", "method", "code"], registry=r)
+        self.duration = Histogram(
+            "sandgate_request_duration_seconds", "Time to answer a request", ["route"], buckets=_BUCKETS, registry=r
+        )
+        self.upstream = Histogram(
+            "sandgate_upstream_duration_seconds",
+            "Time until the upstream's response headers arrived",
+            ["route"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.websockets = Gauge(
+            "sandgate_websocket_connections", "Open relayed WebSockets", ["route"], registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._request_children: dict[tuple[str, str, int], object] = {}
+        self._duration_children: dict[str, object] = {}
+        self._upstream_children: dict[str, object] = {}
+
+    def observe_request(self, route: str, method: str, code: int, seconds: float, upstream_seconds: float) -> None:
+        key = (route, method, code)
+        counter = self._request_children.get(key)
+        if counter is None:
+            label = method if method in KNOWN_METHODS else "OTHER"
+            counter = self._request_children[key] = self.requests.labels(route, label, str(code))
+        counter.inc()
+        histogram = self._duration_children.get(route)
+        if histogram is None:
+            histogram = self._duration_children[route] = self.duration.labels(route)
+        histogram.observe(seconds)
+        if upstream_seconds:
+            histogram = self._upstream_children.get(route)
+            if histogram is None:
+                histogram = self._upstream_children[route] = self.upstream.labels(route)
+            histogram.observe(upstream_seconds)
+
+    def websocket_opened(self, route: str) -> None:
+        self.websockets.labels(route).inc()
+
+    def websocket_closed(self, route: str) -> None:
+        self.websockets.labels(route).dec()
+
+    def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,54 @@
+"""The HTTP/1.1 server protocol: aiohttp's, with errors answered in Sandgate's own format.
+
+aiohttp's parser already refuses malformed request lines and headers, `Content-Length` together
+with `Transfer-Encoding`, and repeated `Content-Length`/`Host`. Here its plain-text error pages
+become SPEC §3.3 JSON bodies, and header-size overflows become 431 instead of 400.
+"""
+
+from __future__ import annotations
+
+import os
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.server.errors import error_response
+
+# Parser limits: a single header line may use the whole 64 KiB budget; the total is checked
+# per request by the gateway itself (SPEC §2.2).
+PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
+
+
+class _GatewayRequestHandler(RequestHandler):
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error page")
+        if isinstance(exc, LineTooLong) or (
+            isinstance(exc, HttpProcessingError) and "Too many headers" in (exc.message or "")
+        ):
+            status, code, text = 431, "headers_too_large", "The request headers are too large."
+        elif status == 400 or isinstance(exc, HttpProcessingError):
+            status, code, text = 400, "bad_request", "The request could not be parsed."
+        else:
+            status, code, text = 500, "internal_error", "The gateway failed to handle the request."
+            self.log_exception("unhandled error while handling a request", exc_info=exc)
+        response = error_response(status, code, text, os.urandom(16).hex(), accept=_accept(request))
+        response.force_close()
+        return response
+
+
+def _accept(request) -> str:
+    try:
+        return request.headers.get("Accept", "")
+    except Exception:  # noqa: BLE001 - the headers may be what failed to parse
+        return ""
+
+
+class GatewayServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def make_server(handler) -> GatewayServer:
+    return GatewayServer(handler, handler_cancellation=True, access_log=None, **PARSER_LIMITS)
