@@ -28,9 +28,12 @@ def end_to_end(headers, extra_drop: frozenset[str] = frozenset()) -> CIMultiDict
     if "Connection" in headers:
         drop = drop | _connection_listed(headers)
     out = CIMultiDict()
+    # One spelling per name: aiohttp's client merges differently-cased duplicates into one.
+    spelling: dict[str, str] = {}
     for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+        key = name.lower()
+        if key not in drop:
+            out.add(spelling.setdefault(key, name), value)
     return out
 
 
@@ -61,6 +64,16 @@ def apply_modifier(headers: CIMultiDict, modifier: HeaderModifier | None) -> Non
     for name, value in modifier.set:
         headers[name] = value
     for name, value in modifier.add:
-        headers.add(name, value)
+        headers.add(_spelling(headers, name), value)
     for name in modifier.remove:
         headers.popall(name, None)
+
+
+def _spelling(headers: CIMultiDict, name: str) -> str:
+    """The spelling `name` already has in `headers` (see end_to_end), else `name` itself."""
+    if name in headers:
+        lower = name.lower()
+        for existing in headers.keys():
+            if existing.lower() == lower:
+                return existing
+    return name

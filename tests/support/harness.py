@@ -1,0 +1,85 @@
+"""Start a real Sandgate in-process on loopback, on routes given as YAML text."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from gateway.config.loader import LoadOptions
+from gateway.server.app import ServeOptions, start_gateway
+from gateway.server.handler import Settings
+
+
+@asynccontextmanager
+async def running_gateway(
+    tmp_path: Path,
+    routes_yaml: str,
+    *,
+    overrides: dict[str, tuple[str, int]] | None = None,
+    settings: Settings | None = None,
+    listen: list[str] | None = None,
+    tls_dir: str | None = None,
+    reload_interval: float = 0,
+    drain_seconds: float = 5.0,
+):
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml)
+    log = io.StringIO()
+    options = ServeOptions(
+        routes=str(routes),
+        listen=listen if listen is not None else ["127.0.0.1:0"],
+        admin="127.0.0.1:0",
+        tls_dir=tls_dir or str(tmp_path / "tls"),
+        reload_interval=reload_interval,
+        drain_seconds=drain_seconds,
+        load=LoadOptions(overrides=overrides or {}),
+        settings=settings or Settings(),
+        access_log=log,
+    )
+    running = await start_gateway(options)
+    running.log_buffer = log
+    try:
+        yield running
+    finally:
+        if not running.gateway.draining:
+            await running.drain()
+
+
+def url(running, path: str = "/", listener: str | None = None, scheme: str = "http") -> str:
+    host, port = running.addresses[listener] if listener else next(iter(running.addresses.values()))
+    return f"{scheme}://{host}:{port}{path}"
+
+
+def admin_url(running, path: str) -> str:
+    host, port = running.admin_address
+    return f"http://{host}:{port}{path}"
+
+
+def access_records(running) -> list[dict]:
+    running.gateway.access_log.flush()
+    return [json.loads(line) for line in running.log_buffer.getvalue().splitlines() if line]
+
+
+GATEWAY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: infra}
+spec:
+  gatewayClassName: sandgate
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+"""
+
+
+def backend(name: str, port: int, namespace: str = "infra") -> str:
+    return f"""\
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  endpoints:
+  - ip: {{address: 127.0.0.1, port: {port}}}
+"""
