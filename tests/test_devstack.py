@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import socket
 import time
 
@@ -177,6 +178,13 @@ async def test_events_arrive_one_at_a_time(stack, http):
     # The first event is sent before the later ones exist: nothing is held back until the end.
     assert arrivals[0][0] < 0.4
     assert arrivals[2][0] - arrivals[0][0] >= 0.9
+
+
+async def test_a_client_leaving_mid_stream_is_an_ordinary_end(stack, http, caplog):
+    async with http.get(url(stack, API_SERVICE, "/api/events?count=5")) as resp:
+        assert (await resp.content.readline()).startswith(b"id: 1")
+    await asyncio.sleep(1.2)  # the next two writes find the connection gone
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("count", ["abc", "0", "101", "-1", "1e3", "\uff13", ""])

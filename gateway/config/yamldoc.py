@@ -63,16 +63,28 @@ def _key_matches(key_node: Node, step: str | int) -> bool:
     return not isinstance(key_node, (MappingNode, SequenceNode)) and key_node.value == str(step)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            raise ComposerError(None, None, f"alias *{event.anchor} is not allowed (no anchors or aliases)",
-                                event.start_mark)
-        if getattr(event, "anchor", None) is not None:
-            raise ComposerError(None, None, f"anchor &{event.anchor} is not allowed (no anchors or aliases)",
-                                event.start_mark)
-        return super().compose_node(parent, index)
+# The C parser composes a large routes file ~20x faster than the pure-Python one.
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _refuse_aliases(root: Node) -> None:
+    """An alias composes to a node object that appears twice in the tree: refuse it."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            raise ComposerError(None, None, "aliases are not allowed (no anchors or aliases)", node.start_mark)
+        seen.add(id(node))
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                stack.append(key)
+                stack.append(value)
+        elif isinstance(node, SequenceNode):
+            stack.extend(node.value)
+
+
+class _StrictLoader(_BaseLoader):
 
     def construct_mapping(self, node, deep=False):
         first_seen: dict[Any, Node] = {}
@@ -116,6 +128,7 @@ def load_documents_from_string(text: str, path: str = "<string>") -> list[Docume
         loader = _StrictLoader(text)  # checks for forbidden characters up front
         while loader.check_node():
             root = loader.get_node()
+            _refuse_aliases(root)
             obj = loader.construct_document(root)
             if obj is None:  # `---` followed by nothing (or only comments)
                 continue

@@ -104,12 +104,15 @@ async def events(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    for n in range(1, count + 1):
-        data = json.dumps({"n": n, "of": count})
-        await response.write(f"id: {n}\nevent: tick\ndata: {data}\n\n".encode())
-        if n < count:
-            await asyncio.sleep(EVENT_INTERVAL)
-    await response.write_eof()
+    try:
+        for n in range(1, count + 1):
+            data = json.dumps({"n": n, "of": count})
+            await response.write(f"id: {n}\nevent: tick\ndata: {data}\n\n".encode())
+            if n < count:
+                await asyncio.sleep(EVENT_INTERVAL)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client (or the gateway, on the client's behalf) went away: an ordinary end
     return response
 
 
