@@ -25,6 +25,7 @@ def run_dev(args) -> int:
 async def _dev(args) -> int:
     from gateway.devstack import start_devstack, try_urls
     from gateway.server.app import ServeOptions, StartupError, serve
+    from gateway.server.handler import Settings
 
     public_url = f"http://{args.listen}"
     stack = await start_devstack(public_url)
@@ -32,8 +33,8 @@ async def _dev(args) -> int:
         routes=args.routes,
         listen=[args.listen],
         admin=args.admin,
-        public_url=public_url,
         load=LoadOptions(overrides=dict(stack.services)),
+        settings=Settings(public_url=public_url),
     )
 
     def announce(running) -> None:

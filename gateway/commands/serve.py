@@ -46,11 +46,10 @@ def run_serve(args, load_options: LoadOptions) -> int:
         listen=args.listen,
         admin=None if ready_fd is not None or args.admin == "off" else args.admin,
         tls_dir=args.tls_dir,
-        public_url=args.public_url,
         reuse_port=args.reuse_port or ready_fd is not None,
         drain_seconds=args.drain_seconds,
         load=load_options,
-        settings=Settings(max_body_bytes=args.max_body_bytes),
+        settings=Settings(max_body_bytes=args.max_body_bytes, public_url=args.public_url),
     )
 
     def on_ready(_running) -> None:

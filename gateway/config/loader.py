@@ -460,10 +460,10 @@ class _RouteContext:
             doc = self.objects.backends.get(f"{namespace}/{name}")
             if doc is None:
                 return invalid("BackendNotFound: no such Backend in this file")
-            endpoints = tuple(self.backend_endpoints(doc))
-            if not endpoints:
-                return invalid("Backend has no usable endpoints")
-            return BackendChoice(weight, Upstream(label, endpoints), filters)
+            upstream = self.backend_upstream(label, doc)
+            if isinstance(upstream, str):
+                return invalid(upstream)
+            return BackendChoice(weight, upstream, filters)
         if group == SANDGATE_GROUP and kind in ("SandboxRouter", "PreviewZone"):
             special = self.objects.extras.get((kind, f"{namespace}/{name}"))
             if special is None:
@@ -471,14 +471,38 @@ class _RouteContext:
             return BackendChoice(weight, None, filters, invalid_reason=f"{kind} is not served by this build", special=special)
         return invalid(f"InvalidKind: backendRef kind {group or 'core'}/{kind} is not supported")
 
-    def backend_endpoints(self, doc: Document):
-        for ep in doc.obj["spec"].get("endpoints") or []:
+    def backend_upstream(self, label: str, doc: Document) -> Upstream | str:
+        """An Envoy Gateway Backend as an Upstream, or the reason it cannot be used.
+
+        Checks the rules its CRD states in CEL, which schema validation cannot evaluate.
+        """
+        spec = doc.obj["spec"]
+        if spec.get("type", "Endpoints") != "Endpoints":
+            return f"Backend type {spec['type']} is not supported"
+        endpoints: list[Endpoint] = []
+        kinds: set[str] = set()
+        for ep in spec.get("endpoints") or []:
+            given = [k for k in ("fqdn", "ip", "unix") if k in ep]
+            if len(given) != 1:
+                return "each Backend endpoint needs exactly one of fqdn, ip, unix"
+            kinds.add(given[0])
             if "unix" in ep:
-                yield Endpoint(unix_path=ep["unix"]["path"])
+                endpoints.append(Endpoint(unix_path=ep["unix"]["path"]))
             elif "ip" in ep:
-                yield self.endpoint(ep["ip"]["address"], ep["ip"]["port"])
-            elif "fqdn" in ep:
-                yield self.endpoint(ep["fqdn"]["hostname"], ep["fqdn"]["port"])
+                endpoints.append(self.endpoint(ep["ip"]["address"], ep["ip"]["port"]))
+            else:
+                endpoints.append(self.endpoint(ep["fqdn"]["hostname"], ep["fqdn"]["port"]))
+        if "fqdn" in kinds and len(kinds) > 1:
+            return "fqdn endpoints cannot be mixed with ip or unix endpoints"
+        if not endpoints:
+            return "Backend has no endpoints"
+        tls = spec.get("tls")
+        if tls is None:
+            return Upstream(label, tuple(endpoints))
+        unsupported = [k for k in ("caCertificateRefs", "clientCertificateRef") if tls.get(k)]
+        if unsupported:
+            return f"Backend tls.{unsupported[0]} is not supported (system CAs or insecureSkipVerify)"
+        return Upstream(label, tuple(endpoints), "https", not tls.get("insecureSkipVerify", False), tls.get("sni"))
 
     def endpoint(self, host: str, port: int) -> Endpoint:
         override = self.options.overrides.get(f"{host}:{port}")

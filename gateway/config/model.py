@@ -127,6 +127,8 @@ class Upstream:
     name: str  # e.g. "Service platform/api:8000" or "Backend bench/origin"
     endpoints: tuple[Endpoint, ...]
     scheme: Literal["http", "https"] = "http"
+    verify_tls: bool = True  # https only: check the upstream's certificate against system CAs
+    sni: str | None = None  # https only: server name to present instead of the endpoint host
 
 
 @dataclass(frozen=True, slots=True)

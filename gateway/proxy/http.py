@@ -46,6 +46,8 @@ class ForwardPlan:
     idle_timeout: float
     deadline: float | None  # monotonic time by which the whole exchange must be over
     edit_response_headers: Callable[[CIMultiDict], None] | None = None
+    verify_tls: bool = True
+    server_hostname: str | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +74,7 @@ async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPoo
                 allow_redirects=False,
                 timeout=timeout,
                 auto_decompress=False,
+                **_tls_arguments(plan),
             )
     except BaseException as exc:  # noqa: BLE001 - every failure maps to a status
         raise _as_proxy_error(exc) from exc
@@ -120,6 +123,12 @@ async def _stream(
         return response
     await response.write_eof()
     return response
+
+
+def _tls_arguments(plan: ForwardPlan) -> dict:
+    if plan.scheme != "https":
+        return {}
+    return {"ssl": plan.verify_tls, "server_hostname": plan.server_hostname}
 
 
 class _deadline:

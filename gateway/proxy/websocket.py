@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.proxy.headers import end_to_end
-from gateway.proxy.http import ForwardPlan, ProxyError, _as_proxy_error
+from gateway.proxy.http import ForwardPlan, ProxyError, _as_proxy_error, _tls_arguments
 from gateway.proxy.upstream import UpstreamPool, upstream_url
 
 # Close codes that must never be sent in a Close frame (RFC 6455 §7.4.1).
@@ -80,6 +80,7 @@ async def relay(
             compress=0,
             max_msg_size=limits.max_message_bytes,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            **_tls_arguments(plan),
         )
     except aiohttp.WSServerHandshakeError as exc:
         if 400 <= exc.status < 600:

@@ -42,7 +42,6 @@ class ServeOptions:
     listen: list[str] = field(default_factory=list)
     admin: str | None = "127.0.0.1:9901"
     tls_dir: str = "/etc/sandgate/tls"
-    public_url: str | None = None
     reuse_port: bool = False
     reload_interval: float = 1.0
     drain_seconds: float = 30.0

@@ -40,6 +40,17 @@ class Settings:
     max_body_bytes: int | None = None
     trusted_hops: int = 0
     websocket: websocket.WebSocketLimits = field(default_factory=websocket.WebSocketLimits)
+    public_url: str | None = None  # e.g. https://agents.example.com: what clients really dialled
+
+    def public_origin(self, host: str) -> tuple[str, int] | None:
+        """(scheme, port) of the public URL when `host` is its host: TLS and the public port
+        are often in front of the pods, and redirects must point where clients come from."""
+        if not self.public_url:
+            return None
+        url = URL(self.public_url)
+        if url.host is None or url.host.lower() != host:
+            return None
+        return url.scheme, url.port or 0
 
 
 class Gateway:
@@ -142,6 +153,8 @@ class Gateway:
             idle_timeout=self.settings.idle_timeout,
             deadline=deadline,
             edit_response_headers=edit_response,
+            verify_tls=upstream.verify_tls,
+            server_hostname=upstream.sni,
         )
         outcome.upstream = str(plan.endpoint)
         if websocket.is_websocket_upgrade(headers):
@@ -166,11 +179,15 @@ class Gateway:
 
     def _redirect(self, request, found: Candidate, listener: Listener, host: str, path: str, query: str, request_id: str):
         redirect = found.rule.filters.redirect
+        scheme, port = self.settings.public_origin(host) or (
+            "https" if listener.protocol == "HTTPS" else "http",
+            listener.port,
+        )
         location = redirect_location(
             redirect,
-            scheme="https" if listener.protocol == "HTTPS" else "http",
+            scheme=scheme,
             host=host,
-            listener_port=listener.port,
+            listener_port=port,
             path=path,
             query=query,
             matched_prefix=found.matched_prefix,
