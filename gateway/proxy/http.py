@@ -9,6 +9,8 @@ so the client sees a truncated response rather than a forged complete one.
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 from dataclasses import dataclass
 from time import monotonic
 from typing import Callable
@@ -19,7 +21,8 @@ from multidict import CIMultiDict
 
 from gateway.config.model import Endpoint
 from gateway.proxy.headers import end_to_end
-from gateway.proxy.upstream import UpstreamPool, upstream_url
+from gateway.proxy.h1client import UpstreamResponse
+from gateway.proxy.upstream import UpstreamPool
 
 # Whole small bodies go out in one write; larger ones (and unknown lengths) stream.
 SMALL_BODY = 64 * 1024
@@ -48,6 +51,7 @@ class ForwardPlan:
     edit_response_headers: Callable[[CIMultiDict], None] | None = None
     verify_tls: bool = True
     server_hostname: str | None = None
+    body_limit: int | None = None  # bytes; a larger chunked body is refused with 413
 
 
 @dataclass(slots=True)
@@ -60,21 +64,23 @@ class Exchange:
 
 
 async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPool, exchange: Exchange) -> web.StreamResponse:
-    session = pool.session_for(plan.endpoint)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=plan.connect_timeout, sock_read=plan.idle_timeout)
     body = request.content if request.body_exists else None
+    if body is not None and plan.body_limit is not None and request.content_length is None:
+        body = _LimitedBody(body, plan.body_limit)
     started = monotonic()
     try:
         async with _deadline(plan.deadline):
-            upstream = await session.request(
+            upstream = await pool.http.request(
+                plan.endpoint,
                 plan.method,
-                upstream_url(plan.scheme, plan.endpoint, plan.path_and_query),
-                headers=plan.headers,
-                data=body,
-                allow_redirects=False,
-                timeout=timeout,
-                auto_decompress=False,
-                **_tls_arguments(plan),
+                plan.path_and_query,
+                plan.headers,
+                body,
+                scheme=plan.scheme,
+                verify_tls=plan.verify_tls,
+                server_hostname=plan.server_hostname,
+                connect_timeout=plan.connect_timeout,
+                read_timeout=plan.idle_timeout,
             )
     except BaseException as exc:  # noqa: BLE001 - every failure maps to a status
         raise _as_proxy_error(exc) from exc
@@ -92,7 +98,27 @@ async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPoo
         upstream.release()
 
 
-async def _whole(upstream: aiohttp.ClientResponse, headers: CIMultiDict, exchange: Exchange) -> web.Response:
+class BodyTooLarge(Exception):
+    pass
+
+
+class _LimitedBody:
+    """A chunked request body that stops being read once it passes the limit."""
+
+    def __init__(self, body, limit: int):
+        self._body = body
+        self._limit = limit
+
+    async def iter_any(self):
+        seen = 0
+        async for chunk in self._body.iter_any():
+            seen += len(chunk)
+            if seen > self._limit:
+                raise BodyTooLarge()
+            yield chunk
+
+
+async def _whole(upstream: UpstreamResponse, headers: CIMultiDict, exchange: Exchange) -> web.Response:
     try:
         body = await upstream.read()
     except BaseException as exc:  # noqa: BLE001
@@ -103,7 +129,7 @@ async def _whole(upstream: aiohttp.ClientResponse, headers: CIMultiDict, exchang
 
 async def _stream(
     request: web.BaseRequest,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict,
     deadline: float | None,
     exchange: Exchange,
@@ -158,18 +184,22 @@ def _loop_time(deadline: float) -> float:
 def _as_proxy_error(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncio.CancelledError):
         return exc
+    if isinstance(exc, BodyTooLarge):
+        return ProxyError(413, "body_too_large", "The request body is too large.")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or isinstance(exc, aiohttp.ServerTimeoutError):
         return ProxyError(504, "upstream_timeout", "The upstream did not answer in time.")
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+    if isinstance(exc, (aiohttp.ClientConnectorDNSError, socket.gaierror)):
         return ProxyError(503, "no_endpoint", "The upstream's address could not be resolved.")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
         return ProxyError(502, "upstream_unreachable", "The upstream refused the connection.")
+    if isinstance(exc, ssl.SSLError):
+        return ProxyError(502, "upstream_tls", "The TLS handshake with the upstream failed.")
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
         return ProxyError(502, "upstream_reset", "The upstream closed the connection.")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return ProxyError(502, "upstream_invalid", "The upstream sent an invalid response body.")
     if isinstance(exc, aiohttp.ClientResponseError):
         return ProxyError(502, "upstream_invalid", "The upstream sent an invalid response.")
-    if isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
         return ProxyError(502, "upstream_error", "The upstream request failed.")
     return exc

@@ -12,6 +12,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.config.model import Endpoint, Upstream
+from gateway.proxy.h1client import H1Client
 
 # Headers the client library would otherwise invent; a proxy forwards only what it was given.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -29,8 +30,11 @@ def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
 
 
 class UpstreamPool:
+    """HTTP goes through the lean keep-alive client; WebSocket upgrades through aiohttp's."""
+
     def __init__(self, *, keepalive_seconds: float = 60.0):
         self._keepalive = keepalive_seconds
+        self.http = H1Client(keepalive_seconds=keepalive_seconds)
         self._tcp: aiohttp.ClientSession | None = None
         self._unix: dict[str, aiohttp.ClientSession] = {}
         self._round_robin: dict[Upstream, itertools.cycle] = {}
@@ -66,6 +70,7 @@ class UpstreamPool:
         return next(cycle)
 
     async def close(self) -> None:
+        await self.http.close()
         sessions = [s for s in [self._tcp, *self._unix.values()] if s is not None]
         for session in sessions:
             await session.close()

@@ -155,6 +155,7 @@ class Gateway:
             edit_response_headers=edit_response,
             verify_tls=upstream.verify_tls,
             server_hostname=upstream.sni,
+            body_limit=limit,
         )
         outcome.upstream = str(plan.endpoint)
         if websocket.is_websocket_upgrade(headers):

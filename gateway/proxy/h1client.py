@@ -1,0 +1,267 @@
+"""A lean HTTP/1.1 upstream client: aiohttp's protocol and parser, without ClientSession.
+
+A proxy needs little of what ClientSession does per request (URL objects, cookie jars, tracing,
+redirects, auto headers), and that machinery is most of the per-request cost of a Python proxy.
+This client keeps aiohttp's tested parts — the C response parser, the payload StreamReader with
+flow control, the request writer with chunked encoding — and adds only a keep-alive pool.
+
+Exceptions are aiohttp's client exceptions (ServerDisconnectedError, ClientOSError,
+ServerTimeoutError, ClientPayloadError ...) plus OSError / socket.gaierror / TimeoutError from
+connecting, so callers map one family of errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from time import monotonic
+
+from aiohttp.client_exceptions import ClientResponseError, ServerDisconnectedError
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict
+
+from gateway.config.model import Endpoint
+
+_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
+
+
+class UpstreamResponse:
+    """Status line and headers of an upstream response; the body streams from `content`."""
+
+    __slots__ = ("status", "reason", "headers", "content", "_connection", "_writer_task")
+
+    def __init__(self, message: RawResponseMessage, content: StreamReader, connection: "_Connection", writer_task):
+        self.status = message.code
+        self.reason = message.reason
+        self.headers = message.headers
+        self.content = content
+        self._connection = connection
+        self._writer_task = writer_task
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    async def read(self) -> bytes:
+        return await self.content.read()
+
+    def release(self) -> None:
+        """Give the connection back for reuse when the exchange ended cleanly, else close it."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        writer = self._writer_task
+        writer_ok = writer is None or (writer.done() and not writer.cancelled() and writer.exception() is None)
+        if writer_ok and self.content.is_eof() and connection.reusable():
+            connection.pool.put_back(connection)
+        else:
+            _discard(writer)
+            connection.close()
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        _discard(self._writer_task)
+        if connection is not None:
+            connection.close()
+
+
+class _Connection:
+    __slots__ = ("protocol", "pool", "idle_since", "reused")
+
+    def __init__(self, protocol: ResponseHandler, pool: "_HostPool"):
+        self.protocol = protocol
+        self.pool = pool
+        self.idle_since = 0.0
+        self.reused = False
+
+    def reusable(self) -> bool:
+        return self.protocol.is_connected() and not self.protocol.should_close
+
+    def close(self) -> None:
+        self.protocol.close()
+
+
+class _HostPool:
+    """Idle keep-alive connections to one endpoint, most recently used first."""
+
+    def __init__(self, client: "H1Client", endpoint: Endpoint, scheme: str, ssl_context, server_hostname):
+        self.client = client
+        self.endpoint = endpoint
+        self.ssl = ssl_context if scheme == "https" else None
+        self.server_hostname = server_hostname
+        self.idle: deque[_Connection] = deque()
+
+    def take(self) -> _Connection | None:
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.reusable():
+                connection.reused = True
+                return connection
+            connection.close()
+        return None
+
+    def put_back(self, connection: _Connection) -> None:
+        if self.client.closed:
+            connection.close()
+            return
+        connection.idle_since = monotonic()
+        self.idle.append(connection)
+
+    async def connect(self, timeout: float | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
+        factory = lambda: ResponseHandler(loop)  # noqa: E731
+        async with asyncio.timeout(timeout):
+            if endpoint.unix_path is not None:
+                _, protocol = await loop.create_unix_connection(factory, endpoint.unix_path)
+            else:
+                kwargs = {}
+                if self.ssl is not None:
+                    kwargs = {"ssl": self.ssl, "server_hostname": self.server_hostname or endpoint.host}
+                _, protocol = await loop.create_connection(factory, endpoint.host, endpoint.port, **kwargs)
+        return _Connection(protocol, self)
+
+    def close_idle(self, older_than: float) -> None:
+        keep: deque[_Connection] = deque()
+        for connection in self.idle:
+            if connection.idle_since < older_than or not connection.reusable():
+                connection.close()
+            else:
+                keep.append(connection)
+        self.idle = keep
+
+
+class H1Client:
+    def __init__(self, *, keepalive_seconds: float = 60.0):
+        self.keepalive_seconds = keepalive_seconds
+        self.closed = False
+        self._pools: dict[tuple, _HostPool] = {}
+        self._verified = ssl.create_default_context()
+        self._unverified = ssl.create_default_context()
+        self._unverified.check_hostname = False
+        self._unverified.verify_mode = ssl.CERT_NONE
+        self._reaper: asyncio.Task | None = None
+
+    def _pool(self, endpoint: Endpoint, scheme: str, verify_tls: bool, server_hostname: str | None) -> _HostPool:
+        key = (endpoint, scheme, verify_tls, server_hostname)
+        pool = self._pools.get(key)
+        if pool is None:
+            context = self._verified if verify_tls else self._unverified
+            pool = self._pools[key] = _HostPool(self, endpoint, scheme, context, server_hostname)
+            if self._reaper is None:
+                self._reaper = asyncio.ensure_future(self._reap_idle())
+        return pool
+
+    async def request(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        target: str,
+        headers: CIMultiDict,
+        body: StreamReader | None,
+        *,
+        scheme: str = "http",
+        verify_tls: bool = True,
+        server_hostname: str | None = None,
+        connect_timeout: float | None = 5.0,
+        read_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request; returns once the response headers are in (1xx skipped)."""
+        pool = self._pool(endpoint, scheme, verify_tls, server_hostname)
+        connection = pool.take()
+        if connection is not None:
+            try:
+                return await self._exchange(connection, method, target, headers, body, read_timeout)
+            except (ServerDisconnectedError, ConnectionResetError, BrokenPipeError):
+                # A kept-alive connection the upstream had just closed. Nothing was consumed
+                # from the client, so the request can go again on a fresh connection.
+                if body is not None:
+                    raise
+        connection = await pool.connect(connect_timeout)
+        return await self._exchange(connection, method, target, headers, body, read_timeout)
+
+    async def _exchange(self, connection: _Connection, method, target, headers, body, read_timeout) -> UpstreamResponse:
+        protocol = connection.protocol
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            auto_decompress=False,
+            read_timeout=read_timeout,
+            **_LIMITS,
+        )
+        writer = StreamWriter(protocol, asyncio.get_running_loop())
+        if body is not None and "Content-Length" not in headers:
+            writer.enable_chunking()
+            headers["Transfer-Encoding"] = "chunked"
+        try:
+            await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
+            writer_task = None
+            if body is None:
+                await writer.write_eof()
+            else:
+                writer_task = asyncio.ensure_future(_send_body(writer, body))
+            while True:
+                try:
+                    message, payload = await _read_response(protocol, writer_task)
+                except HttpProcessingError as exc:
+                    raise ClientResponseError(None, (), status=exc.code, message=exc.message) from exc
+                if not 100 <= message.code < 200 or message.code == 101:
+                    break
+        except BaseException:
+            _discard(writer_task)
+            connection.close()
+            raise
+        return UpstreamResponse(message, payload, connection, writer_task)
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, self.keepalive_seconds))
+            cutoff = monotonic() - self.keepalive_seconds
+            for pool in list(self._pools.values()):
+                pool.close_idle(cutoff)
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for pool in self._pools.values():
+            pool.close_idle(float("inf"))
+        self._pools.clear()
+
+
+async def _read_response(protocol: ResponseHandler, writer_task: asyncio.Task | None):
+    """The next response message; a failure to send the body (e.g. the client's upload broke
+    off) ends the wait instead of leaving the upstream waiting for the rest."""
+    if writer_task is None or writer_task.done():
+        if writer_task is not None and not writer_task.cancelled() and writer_task.exception():
+            raise writer_task.exception()
+        return await protocol.read()
+    read = asyncio.ensure_future(protocol.read())
+    await asyncio.wait((read, writer_task), return_when=asyncio.FIRST_COMPLETED)
+    if not read.done() and writer_task.exception() is not None:
+        read.cancel()
+        raise writer_task.exception()
+    return await read
+
+
+def _discard(task: asyncio.Task | None) -> None:
+    """Cancel a body writer and consume its outcome so nothing is logged as unretrieved."""
+    if task is None:
+        return
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()
+
+
+async def _send_body(writer: StreamWriter, body: StreamReader) -> None:
+    async for chunk in body.iter_any():
+        await writer.write(chunk)
+    await writer.write_eof()
