@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import cpustat
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 WARMUP_SECONDS = 1
@@ -117,6 +119,7 @@ class Processes:
             if proc.poll() is not None:
                 raise CaseError(self.start_failure(name, f"exit {proc.returncode}"))
             if time.monotonic() > deadline:
+                self.stop(name)  # so that it does not load the CPU of the cases measured next
                 raise CaseError(self.start_failure(name, f"not ready after {timeout:.0f} s"))
             time.sleep(0.05)
 
@@ -126,7 +129,7 @@ class Processes:
         return "\n    ".join([f"{name} failed to start: {reason}: {tail[-1] if tail else '(no stderr)'}", *tail])
 
     def alive(self, name: str) -> bool:
-        return self._running[name].poll() is None
+        return name in self._running and self._running[name].poll() is None
 
     def event_loops(self) -> dict[str, str]:
         return {name: event_loop_of(self._running[name].pid) for name in sorted(self._python) if self.alive(name)}
@@ -134,18 +137,22 @@ class Processes:
     def stdout_lines(self) -> dict[str, int]:
         return {name: count_lines(path) for name, path in self._stdout.items() if self.alive(name)}
 
-    def stop_all(self) -> None:
-        for proc in self._running.values():
+    def stop(self, *names: str) -> None:
+        """SIGTERM to each process group, SIGKILL to what is left after the grace time."""
+        procs = [self._running.pop(name) for name in names]
+        for proc in procs:
             signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for proc in self._running.values():
+        for proc in procs:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
             signal_group(proc, signal.SIGKILL)  # stragglers in the group, even if the leader left
             proc.wait()
-        self._running.clear()
+
+    def stop_all(self) -> None:
+        self.stop(*self._running)
 
 
 def signal_group(proc: subprocess.Popen, signum: int) -> None:
@@ -180,6 +187,7 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     errors: dict[str, int]
+    cpu_busy: dict[str, float]  # cpu number -> busy share during the measured time
 
     @property
     def error_count(self) -> int:
@@ -190,8 +198,8 @@ def pinned(cpu: int | None, argv: list[str]) -> list[str]:
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
-def run_load(name: str, argv: list[str], timeout: float) -> Measurement:
-    """Runs a load generator that prints a Measurement as its last JSON line."""
+def run_load(name: str, argv: list[str], timeout: float) -> dict:
+    """Runs a load generator; returns the last JSON line it printed."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -199,7 +207,7 @@ def run_load(name: str, argv: list[str], timeout: float) -> Measurement:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise CaseError(f"{name} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-    return Measurement(**json.loads(lines[-1]))
+    return json.loads(lines[-1])
 
 
 @dataclass(frozen=True)
@@ -222,7 +230,9 @@ class Wrk:
 
     def _wrk(self, url: str, seconds: int, cpu: int) -> Measurement:
         argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{seconds}s", "--latency", "-s", str(self.script), url]
-        return run_load("wrk", pinned(cpu, argv), timeout=seconds + 30)
+        before = cpustat.read()
+        summary = run_load("wrk", pinned(cpu, argv), timeout=seconds + 30)
+        return Measurement(**summary, cpu_busy=cpustat.busy_since(before))
 
 
 @dataclass(frozen=True)
@@ -241,7 +251,7 @@ class WsEcho:
     def _client(self, url: str, connections: int, warmup: float, seconds: float, cpu: int | None) -> Measurement:
         argv = [sys.executable, str(BENCH_DIR / "ws_client.py"), url,
                 f"--connections={connections}", f"--warmup={warmup}", f"--duration={seconds}"]
-        return run_load("ws_client.py", pinned(cpu, argv), timeout=warmup + seconds + 30)
+        return Measurement(**run_load("ws_client.py", pinned(cpu, argv), timeout=warmup + seconds + 30))
 
 
 class Bench:

@@ -15,15 +15,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cpustat
 import loops
 from cases import CASES, RATIOS, Case, Ratio
 from harness import WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, find_tool
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "latest.json"
+IDLE_BUSY_LIMIT = 0.05
 
 
 @dataclass
@@ -37,23 +40,25 @@ class Result:
     def fail(self, note: str) -> None:
         self.status, self.note = "failed", note
 
-    def summary(self) -> dict | None:
+    def summary(self, proxy_cpu: int) -> dict | None:
         """Medians over the rounds; requests and errors are totals."""
         if not self.rounds:
             return None
+        rps = statistics.median(m.rps for m in self.rounds)
+        cpu_busy = {cpu: statistics.median(m.cpu_busy[cpu] for m in self.rounds) for cpu in self.rounds[0].cpu_busy}
         return {
-            "rps": statistics.median(m.rps for m in self.rounds),
+            "rps": rps,
             "p50_ms": statistics.median(m.p50_ms for m in self.rounds),
             "p99_ms": statistics.median(m.p99_ms for m in self.rounds),
             "requests": sum(m.requests for m in self.rounds),
             "errors": {kind: sum(m.errors[kind] for m in self.rounds) for kind in self.rounds[0].errors},
+            "cpu_busy": cpu_busy,
+            "proxy_cpu_us_per_request": round(cpu_busy[str(proxy_cpu)] * 1e6 / rps, 1) if rps else None,
         }
 
     @property
     def bad(self) -> bool:
-        summary = self.summary()
-        return self.status == "failed" or (
-            summary is not None and (sum(summary["errors"].values()) > 0 or summary["requests"] == 0))
+        return self.status == "failed" or any(m.error_count or not m.requests for m in self.rounds)
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,6 +84,18 @@ def ensure_tools() -> None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"], check=False)
     if not find_tool("wrk"):
         sys.exit("wrk is not installed (apt-get install wrk)")
+
+
+def busy_before_start(cpus: Cpus) -> dict[str, float]:
+    """What else keeps the benchmark's CPUs busy: anything but ~0 makes every figure noisy."""
+    before = cpustat.read()
+    time.sleep(1)
+    busy = {cpu: share for cpu, share in cpustat.busy_since(before).items() if int(cpu) in (cpus.load, cpus.proxy)}
+    if max(busy.values()) > IDLE_BUSY_LIMIT:
+        print("warning: the machine is not idle before the run (" +
+              ", ".join(f"cpu {cpu} {share:.0%} busy" for cpu, share in busy.items()) + "); figures will be noisy",
+              flush=True)
+    return busy
 
 
 def set_up(case: Case, bench: Bench) -> Result:
@@ -114,14 +131,14 @@ def measure(results: list[Result], rounds: int, duration: int, cpu: int) -> None
 
 def ratio_value(ratio: Ratio, summaries: dict[str, dict | None]) -> float | None:
     numerator, denominator = summaries.get(ratio.numerator), summaries.get(ratio.denominator)
-    if not numerator or not denominator or not denominator["rps"]:
+    if not numerator or not denominator or not numerator[ratio.metric] or not denominator[ratio.metric]:
         return None
-    return numerator["rps"] / denominator["rps"]
+    return numerator[ratio.metric] / denominator[ratio.metric]
 
 
-def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, event_loops: dict[str, str],
-           output_lines: dict[str, int], started: datetime) -> dict:
-    summaries = {result.case.name: result.summary() for result in results}
+def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_busy: dict[str, float],
+           event_loops: dict[str, str], output_lines: dict[str, int], started: datetime) -> dict:
+    summaries = {result.case.name: result.summary(cpus.proxy) for result in results}
     ratios = {}
     for ratio in RATIOS:
         value = ratio_value(ratio, summaries)
@@ -135,6 +152,7 @@ def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, event_lo
         "command": sys.argv,
         "settings": {"rounds": args.rounds, "duration_s": args.duration, "warmup_s": WARMUP_SECONDS,
                      "cpus": asdict(cpus)},
+        "cpu_busy_before_start": idle_busy,
         "event_loops": event_loops,
         "output_lines": output_lines,
         "cases": {
@@ -155,7 +173,10 @@ def first_line(text: str) -> str:
 
 
 def print_table(data: dict) -> None:
-    print(f"\n{'case':<14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  errors")
+    cpus = data["settings"]["cpus"]
+    load_cpu, proxy_cpu = str(cpus["load"]), str(cpus["proxy"])
+    print(f"\n{'case':<14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'load cpu':>9} {'proxy cpu':>9} "
+          f"{'proxy µs/req':>12}  errors")
     for name, case in data["cases"].items():
         median = case["median"]
         if median is None:
@@ -165,12 +186,15 @@ def print_table(data: dict) -> None:
         detail = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n)
         total = f"{sum(errors.values())}" + (f" ({detail})" if detail else "")
         note = f"  {case['status'].upper()}: {first_line(case['note'])}" if case["status"] != "ok" else ""
-        print(f"{name:<14} {median['rps']:>10.1f} {median['p50_ms']:>8.2f} {median['p99_ms']:>8.2f}  {total}{note}")
+        busy = median["cpu_busy"]
+        cost = median["proxy_cpu_us_per_request"]
+        print(f"{name:<14} {median['rps']:>10.1f} {median['p50_ms']:>8.2f} {median['p99_ms']:>8.2f} "
+              f"{busy[load_cpu]:>9.0%} {busy[proxy_cpu]:>9.0%} {'-' if cost is None else cost:>12}  {total}{note}")
 
-    print("\nratios of median req/s")
+    print("\nratios of medians")
     for name, ratio in data["ratios"].items():
         if ratio["value"] is not None:
-            print(f"  {name:<24} {ratio['value']:>5.2f}")
+            print(f"  {name:<48} {ratio['value']:>5.2f}")
 
     print("\ntargets")
     for name, ratio in data["ratios"].items():
@@ -190,6 +214,7 @@ def main() -> int:
     print(f"{len(cases)} cases, {args.rounds} round(s) of {args.duration} s (+{WARMUP_SECONDS} s warm-up); "
           f"load and upstreams on cpu {cpus.load}, proxy under test on cpu {cpus.proxy}", flush=True)
 
+    idle_busy = busy_before_start(cpus)
     with tempfile.TemporaryDirectory(prefix="sandgate-bench-") as workdir, Processes(Path(workdir)) as procs:
         bench = Bench(procs, cpus, Path(workdir))
         results = [set_up(case, bench) for case in cases]
@@ -201,7 +226,7 @@ def main() -> int:
         measure(results, args.rounds, args.duration, cpus.load)
         output_lines = procs.stdout_lines()
 
-    data = report(results, args, cpus, event_loops, output_lines, started)
+    data = report(results, args, cpus, idle_busy, event_loops, output_lines, started)
     print_table(data)
     for name, lines in output_lines.items():
         print(f"{name} wrote {lines} access log lines")

@@ -1,7 +1,7 @@
 """WebSocket echo load: N connections, each sending a message and awaiting its echo back to
 back for a fixed time. Prints one JSON line shaped like wrk_report.lua's: round trips per
-second, latency p50/p99 and errors (connect, read, write, status = bad handshake or wrong
-echo, timeout = no echo within 2 s). A connection that fails stops; the others go on."""
+second, latency p50/p99, errors (connect, read, write, status = bad handshake or wrong
+echo, timeout = no echo within 2 s) and the CPUs' busy shares. A connection that fails stops; the others go on."""
 
 import argparse
 import asyncio
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import ClientError, ClientSession, WSMsgType, WSServerHandshakeError
 
+import cpustat
 from loops import new_event_loop
 
 PAYLOAD = "x" * 200
@@ -23,6 +24,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(
         default_factory=lambda: Counter(dict.fromkeys(("connect", "read", "write", "status", "timeout"), 0)))
+    cpu_busy: dict[str, float] = field(default_factory=dict)
 
 
 async def round_trips(session: ClientSession, url: str, start: float, end: float, tally: Tally) -> None:
@@ -59,8 +61,12 @@ async def load(url: str, connections: int, warmup: float, duration: float) -> Ta
     tally = Tally()
     start = time.perf_counter() + warmup
     async with ClientSession() as session:
-        await asyncio.gather(*(round_trips(session, url, start, start + duration, tally)
-                               for _ in range(connections)))
+        clients = asyncio.gather(*(round_trips(session, url, start, start + duration, tally)
+                                   for _ in range(connections)))
+        await asyncio.sleep(warmup)
+        before = cpustat.read()
+        await clients
+        tally.cpu_busy = cpustat.busy_since(before)
     return tally
 
 
@@ -85,6 +91,7 @@ def main() -> None:
         "p50_ms": round(percentile_ms(ordered, 0.50), 3),
         "p99_ms": round(percentile_ms(ordered, 0.99), 3),
         "errors": dict(tally.errors),
+        "cpu_busy": tally.cpu_busy,
     }))
 
 

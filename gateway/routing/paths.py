@@ -106,6 +106,20 @@ def normalize_host(host: str) -> str:
     return name
 
 
+_host_cache: dict[str, str] = {}
+
+
+def normalize_host_cached(host: str) -> str:
+    """normalize_host with a bounded memo: clients repeat a handful of Host values."""
+    found = _host_cache.get(host)
+    if found is None:
+        found = normalize_host(host)  # raises before anything is cached
+        if len(_host_cache) >= 4096:
+            _host_cache.clear()  # a flood of distinct hosts costs a recompute, never memory
+        _host_cache[host] = found
+    return found
+
+
 def host_suffixes(host: str):
     """Yield the wildcard keys that could match `host`, most specific first.
 

@@ -21,12 +21,13 @@ from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
 from gateway.proxy.upstream import UpstreamPool
-from gateway.routing.paths import BadRequestTarget, normalize_host, normalize_path, split_target
+from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import error_response
 from gateway.server.metrics import Metrics
+from gateway.server.protocol import HTTP09
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,200}")
 UNMATCHED = "unmatched"
@@ -95,10 +96,16 @@ class Gateway:
         headers = request.headers
         if _header_bytes(request) > self.settings.max_header_bytes:
             return self._error(request, 431, "headers_too_large", "The request headers are too large.", request_id)
+        if HTTP09 in request:
+            return self._error(request, 400, "bad_request", "HTTP/0.9 requests are not supported.", request_id)
         try:
-            host, path, query = _target(request)
+            host, path, query, authority = _target(request)
         except BadRequestTarget as e:
             return self._error(request, 400, "bad_request", str(e), request_id)
+        transfer_encoding = headers.get("Transfer-Encoding")
+        if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+            # RFC 9112 §6.1: a coding we do not apply would change what the body means.
+            return self._error(request, 501, "not_implemented", "Only chunked transfer coding is supported.", request_id)
         table = self.table
         found = table.find(port, host, request.method, path, RequestView(headers, query))
         outcome.path = path
@@ -122,14 +129,14 @@ class Gateway:
 
         upstream_path, upstream_host = _rewrite(found, rule.filters, choice.filters, path, headers)
         out_headers = end_to_end(headers, _DROP_TO_UPSTREAM)
-        if upstream_host is not None:
-            out_headers["Host"] = upstream_host
+        if upstream_host is not None or authority is not None:
+            out_headers["Host"] = upstream_host or authority
         scheme = "https" if listener.protocol == "HTTPS" else "http"
         append_forwarded(
             out_headers,
             client_ip=request.remote or "",
             proto=scheme,
-            host=headers.get("Host", host),
+            host=authority or headers.get("Host", host),
             trust_incoming=self.settings.trusted_hops > 0,
         )
         out_headers["X-Request-Id"] = request_id
@@ -246,19 +253,21 @@ def _header_bytes(request: web.BaseRequest) -> int:
     return sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
 
 
-def _target(request: web.BaseRequest) -> tuple[str, str, str]:
-    """(host, normalised path, raw query) of the request; BadRequestTarget when malformed."""
+def _target(request: web.BaseRequest) -> tuple[str, str, str, str | None]:
+    """(host, normalised path, raw query, absolute-form authority or None) of the request;
+    BadRequestTarget when malformed."""
     target = request.raw_path
     host_header = request.headers.get("Host", "")
+    authority = None
     if not target.startswith("/"):
         # absolute-form (RFC 9112 §3.2.2): its authority replaces the Host header
         if not target.lower().startswith(("http://", "https://")):
             raise BadRequestTarget("unsupported request target")
         url = URL(target, encoded=True)
-        host_header = url.raw_authority
+        host_header = authority = url.raw_authority
         target = url.raw_path_qs or "/"
     path, query = split_target(target)
-    return normalize_host(host_header), normalize_path(path), query
+    return normalize_host_cached(host_header), normalize_path(path), query, authority
 
 
 def _rewrite(found: Candidate, rule_filters: Filters, backend_filters: Filters, path: str, headers) -> tuple[str, str | None]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 
 from aiohttp import web
+from aiohttp import HttpVersion10
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.server.errors import error_response
+
+HTTP09 = web.RequestKey("sandgate_http09", bool)
 
 # Parser limits: a single header line may use the whole 64 KiB budget; the total is checked
 # per request by the gateway itself (SPEC §2.2).
@@ -50,5 +53,19 @@ class GatewayServer(web.Server):
         return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
+    """aiohttp parses a request line without a version as HTTP/0.9 and would answer with an
+    HTTP/0.9 status line. Such requests are marked and answered with an HTTP/1.0 400."""
+    http09 = message.version < HttpVersion10
+    if http09:
+        message = message._replace(version=HttpVersion10, should_close=True)
+    request = web.BaseRequest(message, payload, protocol, writer, task, protocol._loop)
+    if http09:
+        request[HTTP09] = True
+    return request
+
+
 def make_server(handler) -> GatewayServer:
-    return GatewayServer(handler, handler_cancellation=True, access_log=None, **PARSER_LIMITS)
+    return GatewayServer(
+        handler, request_factory=_make_request, handler_cancellation=True, access_log=None, **PARSER_LIMITS
+    )

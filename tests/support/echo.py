@@ -82,6 +82,8 @@ def make_echo_app(name: str) -> web.Application:
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = total
         await response.prepare(request)
+        if request.method == "HEAD":
+            return response
         sent = 0
         while sent < total:
             piece = chunk[: min(len(chunk), total - sent)]
