@@ -1,4 +1,4 @@
-"""The floor a plain Python proxy reaches: one catch-all route and one pooled ClientSession
+"""The baseline of a plain aiohttp proxy: one catch-all route and one pooled ClientSession
 that forwards method, path, headers and a streamed body to one upstream, and relays
 WebSocket messages. No routing, policy, logging or metrics."""
 
@@ -10,7 +10,7 @@ from aiohttp import ClientSession, ClientTimeout, ClientWebSocketResponse, TCPCo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from loops import new_event_loop
+from loops import serve
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -82,8 +82,7 @@ def main() -> None:
     app[UPSTREAM] = args.upstream.rstrip("/")
     app.cleanup_ctx.append(client_session)
     app.router.add_route("*", "/{tail:.*}", proxy)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-                loop=new_event_loop())
+    serve(app, args.port)
 
 
 if __name__ == "__main__":

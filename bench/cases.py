@@ -16,7 +16,7 @@ SANDGATE_READY_TIMEOUT = 20.0
 @dataclass(frozen=True)
 class Case:
     name: str
-    setup: Callable[[Bench], str]
+    setup: Callable[[Bench], str]  # starts or reuses its processes; returns the URL to load
     load: Wrk | WsEcho
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -225,8 +225,10 @@ class Wrk:
             raise CaseError(f"GET {url} answered {status}")
 
     def measure(self, url: str, seconds: int, cpu: int) -> Measurement:
-        self._wrk(url, WARMUP_SECONDS, cpu)
-        return self._wrk(url, seconds, cpu)
+        """Errors count from the start of the warm-up, as in ws_client.py; the rest only after it."""
+        warmup = self._wrk(url, WARMUP_SECONDS, cpu)
+        measured = self._wrk(url, seconds, cpu)
+        return replace(measured, errors={kind: n + warmup.errors[kind] for kind, n in measured.errors.items()})
 
     def _wrk(self, url: str, seconds: int, cpu: int) -> Measurement:
         argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{seconds}s", "--latency", "-s", str(self.script), url]

@@ -114,8 +114,8 @@ def measure(results: list[Result], rounds: int, duration: int, cpu: int) -> None
     """Every case once per round, each round starting one case later, so that drift in the
     machine spreads over all cases instead of favouring the first."""
     ready = [result for result in results if result.status == "ok"]
-    for i in range(rounds):
-        shift = i % len(ready) if ready else 0
+    for i in range(rounds if ready else 0):
+        shift = i % len(ready)
         for result in ready[shift:] + ready[:shift]:
             if result.status != "ok":
                 continue

@@ -5,7 +5,7 @@ import argparse
 
 from aiohttp import WSMsgType, web
 
-from loops import new_event_loop
+from loops import serve
 
 
 async def echo(request: web.Request) -> web.WebSocketResponse:
@@ -33,8 +33,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/ws", echo)
     app.router.add_route("*", "/{tail:.*}", plain)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-                loop=new_event_loop())
+    serve(app, args.port)
 
 
 if __name__ == "__main__":

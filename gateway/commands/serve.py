@@ -39,6 +39,8 @@ def run_serve(args, load_options: LoadOptions) -> int:
     from gateway.server.app import ServeOptions, StartupError, serve
     from gateway.server.handler import Settings
 
+    if args.watch_httproutes:
+        event(log, "--watch-httproutes is not available yet: serving the routes file only", logging.WARNING)
     ready_fd = os.environ.pop(_WORKER_ENV, None)
     options = ServeOptions(
         routes=args.routes,

@@ -148,6 +148,8 @@ class _Relay:
                 await self._close_pair(source, sink, msg.data, msg.extra or "")
                 return
             else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
+                if self._closed:
+                    return  # we closed it ourselves (timeout, shutdown): the close is under way
                 code = WSCloseCode.MESSAGE_TOO_BIG if _too_big(source) else UPSTREAM_GONE
                 await self._close_pair(source, sink, code, "peer connection lost")
                 return
@@ -176,13 +178,11 @@ class _Relay:
             await asyncio.sleep(min(idle_at, hard_stop) - now)
 
     async def close(self, code: int, reason: str) -> None:
-        if self._closed:
-            return
+        """Close whichever side is still open (both, unless a close is already under way)."""
         self._closed = True
         message = reason.encode()[:123]
         await asyncio.gather(
-            self.client.close(code=code, message=message),
-            self.upstream.close(code=code, message=message),
+            *(ws.close(code=code, message=message) for ws in (self.client, self.upstream) if not ws.closed),
             return_exceptions=True,
         )
 

@@ -176,7 +176,8 @@ class RunningGateway:
     async def drain(self) -> None:
         """Readiness 503, stop accepting, close WebSockets with 1001, finish in-flight requests."""
         self.gateway.draining = True
-        event(log, "draining", in_flight_websockets=len(self.gateway.sockets))
+        if self.ready:
+            event(log, "draining", in_flight_websockets=len(self.gateway.sockets))
         for task in self._tasks:
             task.cancel()
         await self.gateway.sockets.close_all()
@@ -212,7 +213,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     access_log.start()
     if options.reload_interval > 0:
         running._tasks.append(asyncio.ensure_future(running._watch_routes()))
-        running._tasks.append(asyncio.ensure_future(running.certificates.watch()))
+        running._tasks.append(asyncio.ensure_future(running.certificates.watch(max(options.reload_interval, 1.0))))
     running.ready = True
     return running
 

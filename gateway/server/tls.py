@@ -9,6 +9,7 @@ SSLContext objects, so new handshakes use it without a restart and open connecti
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import ssl
@@ -54,6 +55,10 @@ class CertificateStore:
         if cert is None:
             base = os.path.join(self.tls_dir, name)
             cert = _Certificate(name, os.path.join(base, "tls.crt"), os.path.join(base, "tls.key"), _server_context())
+            for path in (cert.cert_file, cert.key_file):
+                if not os.path.isfile(path):
+                    # ssl's own error does not say which file is missing
+                    raise FileNotFoundError(errno.ENOENT, f"certificate {name}: no such file {path}", path)
             cert.context.load_cert_chain(cert.cert_file, cert.key_file)
             cert.stamp = _stamp(cert.cert_file, cert.key_file)
             self._certs[name] = cert
