@@ -19,10 +19,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.harness import GATEWAY, backend
+from tests.support.gated import start_gated
+from tests.support.harness import GATEWAY, backend, route_to
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_ROUTES = REPO / "routes.yaml"
@@ -85,17 +85,7 @@ def free_port() -> int:
 
 
 def route_file(port: int) -> str:
-    return GATEWAY + backend("app", port) + """\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: infra}
-spec:
-  parentRefs: [{name: gw}]
-  rules:
-  - name: main
-    backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
-"""
+    return GATEWAY + backend("app", port) + route_to("app", rule_name="main")
 
 
 # --- check --------------------------------------------------------------------------------------
@@ -278,27 +268,9 @@ def test_explain_mcp_health_on_the_shipped_routes(tmp_path):
 # --- serve ----------------------------------------------------------------------------------------
 
 
-class Gated:
-    """Upstream: GET /gate waits until `release` is set; everything else answers at once."""
-
-    def __init__(self):
-        self.arrived = asyncio.Event()
-        self.release = asyncio.Event()
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{tail:.*}", self.handle)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        if request.path == "/gate":
-            self.arrived.set()
-            await self.release.wait()
-        return web.json_response({"path": request.raw_path})
-
-
 @pytest.fixture
 async def gated(aiohttp_server):
-    upstream = Gated()
-    server = await aiohttp_server(upstream.app, host="127.0.0.1")
-    return upstream, server.port
+    return await start_gated(aiohttp_server)
 
 
 class Served:

@@ -8,7 +8,6 @@ routed by their normalised form (SPEC §3.1), which is also what the upstream re
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,11 +15,11 @@ from aiohttp import web
 
 from gateway.server.handler import Settings
 from tests.support.echo import make_echo_app
-from tests.support.harness import GATEWAY, backend, running_gateway
+from tests.support.harness import GATEWAY, backend, route_to, running_gateway
+from tests.support.rawhttp import RawResponse, raw_connection, read_response, request, send
 
 HOST = "gw.example"
 BODY_LIMIT = 1024
-READ_TIMEOUT = 5.0
 
 
 def routes(ports: dict[str, int]) -> str:
@@ -44,15 +43,7 @@ spec:
   - matches: [{{path: {{type: PathPrefix, value: /api}}}}]
     backendRefs: {ref("api")}
   - backendRefs: {ref("main")}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: other, namespace: infra}}
-spec:
-  parentRefs: [{{name: gw}}]
-  rules:
-  - backendRefs: {ref("other")}
-"""
+""" + route_to("other")
 
 
 # --- upstreams that remember what reached them --------------------------------------------
@@ -90,66 +81,7 @@ async def gateway(aiohttp_server, tmp_path):
         yield gw
 
 
-# --- a minimal HTTP/1.1 response reader -----------------------------------------------------
-
-
-@dataclass
-class RawResponse:
-    version: str
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return ",".join(values) if values else None
-
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-
-async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> RawResponse:
-    raw = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = raw[:-4].decode("latin-1").split("\r\n")
-    version, status, *_ = status_line.split(" ", 2)
-    headers = [(k, v.strip()) for k, _, v in (line.partition(":") for line in lines)]
-    response = RawResponse(version, int(status), headers, b"")
-    if head or response.status < 200 or response.status in (204, 304):
-        return response
-    if "chunked" in (response.header("Transfer-Encoding") or "").lower():
-        response.body = await read_chunked(reader)
-    elif response.header("Content-Length") is not None:
-        response.body = await reader.readexactly(int(response.header("Content-Length")))
-    else:
-        response.body = await reader.read()
-    return response
-
-
-async def read_chunked(reader: asyncio.StreamReader) -> bytes:
-    body = bytearray()
-    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)
-    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-        pass
-    return bytes(body)
-
-
-async def send(gw, raw: bytes, *, responses: int = 1) -> list[RawResponse]:
-    host, port = next(iter(gw.addresses.values()))
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        async with asyncio.timeout(READ_TIMEOUT):
-            return [await read_response(reader) for _ in range(responses)]
-    finally:
-        writer.close()
-
-
-def request(*lines: str, body: bytes = b"") -> bytes:
-    """Request head from its lines (request line first); CRLFs and the blank line are added."""
-    return "".join(line + "\r\n" for line in lines).encode("latin-1") + b"\r\n" + body
+# --- raw requests -------------------------------------------------------------------------
 
 
 def get(target: str, *headers: str, host: str | None = HOST) -> bytes:
@@ -329,20 +261,15 @@ async def test_partial_request_then_close_harms_nothing(gateway):
 
 
 async def test_expect_100_continue_gets_the_interim_response_before_the_body_is_sent(gateway):
-    host, port = next(iter(gateway.addresses.values()))
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
+    async with raw_connection(gateway) as (reader, writer):
         writer.write(request("POST /upload-here HTTP/1.1", f"Host: {HOST}", "Content-Length: 5",
                              "Expect: 100-continue"))
         await writer.drain()
-        async with asyncio.timeout(READ_TIMEOUT):
-            interim = await read_response(reader)
-            assert interim.status == 100
-            writer.write(b"hello")
-            await writer.drain()
-            final = await read_response(reader)
-    finally:
-        writer.close()
+        interim = await read_response(reader)
+        assert interim.status == 100
+        writer.write(b"hello")
+        await writer.drain()
+        final = await read_response(reader)
 
     assert final.status == 200
     echo = final.json()

@@ -8,17 +8,17 @@ known state rather than a hoped-for timing.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.harness import GATEWAY, access_records, admin_url, backend, running_gateway, url
+from tests.support.gated import start_gated
+from tests.support.harness import GATEWAY, access_records, admin_url, backend, route_to, running_gateway, url
+from tests.support.rawhttp import KeptConnection
 
 STEP = 5.0
 ROUTE = "infra/app"
@@ -27,45 +27,13 @@ ROUTE = "infra/app"
 # --- upstreams with a gate ----------------------------------------------------------------------
 
 
-class Gated:
-    """An upstream named `name`; GET /gate waits until `release` is set."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.arrived = asyncio.Event()
-        self.release = asyncio.Event()
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{tail:.*}", self.handle)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        if request.path == "/gate":
-            self.arrived.set()
-            await self.release.wait()
-        return web.json_response({"backend": self.name, "path": request.raw_path})
-
-
 @pytest.fixture
 async def upstreams(aiohttp_server):
-    started: dict[str, tuple[Gated, int]] = {}
-    for name in ("one", "two"):
-        gated = Gated(name)
-        server = await aiohttp_server(gated.app, host="127.0.0.1")
-        started[name] = (gated, server.port)
-    return started
+    return {name: await start_gated(aiohttp_server, name) for name in ("one", "two")}
 
 
 def routes(ports: dict[str, int], target: str) -> str:
-    return GATEWAY + "".join(backend(n, p) for n, p in ports.items()) + f"""\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: app, namespace: infra}}
-spec:
-  parentRefs: [{{name: gw}}]
-  rules:
-  - name: main
-    backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: {target}}}]
-"""
+    return GATEWAY + "".join(backend(n, p) for n, p in ports.items()) + route_to(target, "app", rule_name="main")
 
 
 def ports_of(upstreams) -> dict[str, int]:
@@ -82,33 +50,6 @@ async def backend_of(session: aiohttp.ClientSession, gw, path: str = "/probe") -
     async with session.get(url(gw, path)) as resp:
         assert resp.status == 200, await resp.text()
         return (await resp.json())["backend"]
-
-
-class KeepAlive:
-    """One plain HTTP/1.1 connection, used for several requests."""
-
-    def __init__(self, reader, writer):
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, address) -> "KeepAlive":
-        return cls(*await asyncio.wait_for(asyncio.open_connection(*address), STEP))
-
-    async def get(self, path: str) -> tuple[int, dict]:
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: app.example\r\n\r\n".encode())
-        await self.writer.drain()
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), STEP)
-        lines = head.decode("latin-1").split("\r\n")
-        length = next(int(l.split(":", 1)[1]) for l in lines[1:] if l.lower().startswith("content-length:"))
-        body = await asyncio.wait_for(self.reader.readexactly(length), STEP)
-        return int(lines[0].split()[1]), json.loads(body)
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
 
 
 # --- admin --------------------------------------------------------------------------------------
@@ -199,9 +140,10 @@ async def test_valid_routes_change_applies_live_keeping_connections_and_in_fligh
     gate_one = upstreams["one"][0]
     async with running_gateway(tmp_path, routes(ports, "one"), reload_interval=0.2) as gw, \
             aiohttp.ClientSession() as session, aiohttp.ClientSession() as slow_session:
-        kept = await KeepAlive.open(gw.addresses["http"])
+        kept = await KeptConnection.open(gw.addresses["http"], "app.example")
         try:
-            assert await kept.get("/before") == (200, {"backend": "one", "path": "/before"})
+            before = await kept.get("/before")
+            assert (before.status, before.json()) == (200, {"backend": "one", "path": "/before"})
             slow = asyncio.ensure_future(slow_session.get(url(gw, "/gate")))
             await asyncio.wait_for(gate_one.arrived.wait(), STEP)
 
@@ -212,7 +154,8 @@ async def test_valid_routes_change_applies_live_keeping_connections_and_in_fligh
                 await asyncio.sleep(0.05)
 
             # The open keep-alive connection survived and its next request uses the new table.
-            assert await kept.get("/after") == (200, {"backend": "two", "path": "/after"})
+            after = await kept.get("/after")
+            assert (after.status, after.json()) == (200, {"backend": "two", "path": "/after"})
             # The request in flight during the swap finishes on the route it started on.
             assert not slow.done()
             gate_one.release.set()

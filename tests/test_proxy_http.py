@@ -25,9 +25,10 @@ from yarl import URL
 from gateway.server.handler import Settings
 from tests.support.echo import make_echo_app
 from tests.support.harness import GATEWAY, backend, running_gateway, url
-from tests.test_hostile_input import read_response, request
+from tests.support.rawhttp import raw_connection, read_response, request, send
 
 MiB = 1024 * 1024
+RAW_TIMEOUT = 10.0
 
 
 def routes(ports: dict[str, int]) -> str:
@@ -203,21 +204,9 @@ def rss() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-@asynccontextmanager
-async def raw_connection(gw):
-    host, port = next(iter(gw.addresses.values()))
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        async with asyncio.timeout(10):
-            yield reader, writer
-    finally:
-        writer.close()
-
-
 async def raw_get(gw, path: str, *headers: str):
-    async with raw_connection(gw) as (reader, writer):
-        writer.write(request(f"GET {path} HTTP/1.1", "Host: app.example", *headers))
-        return await read_response(reader)
+    (response,) = await send(gw, request(f"GET {path} HTTP/1.1", "Host: app.example", *headers), timeout=RAW_TIMEOUT)
+    return response
 
 
 def assert_json_error(status: int, content_type: str, body: dict, expected_status: int) -> None:
@@ -427,7 +416,7 @@ async def test_no_duplicate_date_or_server_header(gw, path, extra):
 
 @pytest.mark.parametrize("size", [1000, 1_000_000])
 async def test_head_keeps_content_length_and_sends_no_body(gw, size):
-    async with raw_connection(gw) as (reader, writer):
+    async with raw_connection(gw, RAW_TIMEOUT) as (reader, writer):
         writer.write(request(f"HEAD /probe/sized?n={size} HTTP/1.1", "Host: app.example")
                      + request("GET /after HTTP/1.1", "Host: app.example"))
         head = await read_response(reader, head=True)
@@ -440,7 +429,7 @@ async def test_head_keeps_content_length_and_sends_no_body(gw, size):
 
 @pytest.mark.parametrize("status", [204, 304])
 async def test_bodiless_statuses_pass(gw, status):
-    async with raw_connection(gw) as (reader, writer):
+    async with raw_connection(gw, RAW_TIMEOUT) as (reader, writer):
         writer.write(request(f"GET /status/{status} HTTP/1.1", "Host: app.example")
                      + request("GET /after HTTP/1.1", "Host: app.example"))
         first = await read_response(reader)

@@ -14,6 +14,7 @@ from gateway.routing.attach import intersect
 from gateway.routing.paths import BadRequestTarget, normalize_host, normalize_path
 from gateway.routing.rewrite import redirect_location, replace_prefix
 from gateway.routing.table import RequestView, compile_table
+from tests.support.harness import gateway_with
 
 
 @pytest.mark.parametrize(
@@ -131,17 +132,11 @@ def _table(yaml_text: str):
     return compile_table(config)
 
 
-GATEWAY = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: infra}
-spec:
-  gatewayClassName: sandgate
-  listeners:
-  - {name: http, port: 80, protocol: HTTP}
-  - {name: wild, port: 8080, protocol: HTTP, hostname: "*.example.com"}
-  - {name: exact, port: 8080, protocol: HTTP, hostname: "a.example.com"}
-"""
+GATEWAY = gateway_with(
+    "{name: http, port: 80, protocol: HTTP}",
+    '{name: wild, port: 8080, protocol: HTTP, hostname: "*.example.com"}',
+    '{name: exact, port: 8080, protocol: HTTP, hostname: "a.example.com"}',
+)
 
 
 def _route(name: str, body: str, created: str | None = None) -> str:

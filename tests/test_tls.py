@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.server.app import StartupError
-from tests.support.harness import backend, running_gateway, url
+from tests.support.harness import backend, gateway_with, route_to, running_gateway, url
+from tests.support.rawhttp import KeptConnection
 
 STEP = 5.0
 
@@ -113,62 +114,10 @@ def routes(port: int, listeners: list[tuple[str, str | None, str]]) -> str:
     for name, hostname, cert in listeners:
         host = f", hostname: {hostname}" if hostname else ""
         lines.append(
-            f"  - {{name: {name}, port: 443, protocol: HTTPS{host}, "
+            f"{{name: {name}, port: 443, protocol: HTTPS{host}, "
             f"tls: {{mode: Terminate, certificateRefs: [{{name: {cert}}}]}}}}"
         )
-    return f"""\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: gw, namespace: infra}}
-spec:
-  gatewayClassName: sandgate
-  listeners:
-{chr(10).join(lines)}
-""" + backend("echo", port) + """\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: echo, namespace: infra}
-spec:
-  parentRefs: [{name: gw}]
-  rules:
-  - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: echo}]
-"""
-
-
-# --- a raw TLS client that keeps its connection ---------------------------------------------
-
-
-class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hostname: str):
-        self.reader, self.writer, self.hostname = reader, writer, hostname
-
-    @classmethod
-    async def open(cls, address: tuple[str, int], context: ssl.SSLContext, hostname: str) -> "Connection":
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(address[0], address[1], ssl=context, server_hostname=hostname), STEP
-        )
-        return cls(reader, writer, hostname)
-
-    def peer_certificate(self) -> bytes:
-        return self.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-
-    async def get(self, path: str = "/") -> tuple[int, bytes]:
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.hostname}\r\n\r\n".encode())
-        await self.writer.drain()
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), STEP)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        length = next(int(l.split(":", 1)[1]) for l in lines[1:] if l.lower().startswith("content-length:"))
-        body = await asyncio.wait_for(self.reader.readexactly(length), STEP)
-        return status, body
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
+    return gateway_with(*lines) + backend("echo", port) + route_to("echo")
 
 
 @pytest.fixture
@@ -200,42 +149,42 @@ async def test_https_listener_serves_with_the_configured_certificate(upstream_po
                 assert echo["backend"] == "echo"
                 proto = [v for k, v in echo["headers"] if k.lower() == "x-forwarded-proto"]
                 assert proto == ["https"]
-        conn = await Connection.open(gw.addresses["https"], context, "site.example.test")
+        conn = await KeptConnection.open(gw.addresses["https"], "site.example.test", tls=context)
         try:
             assert conn.peer_certificate() == cert_der
         finally:
             await conn.close()
         # A client that does not trust the test CA is refused by its own verification.
         with pytest.raises(ssl.SSLCertVerificationError):
-            await Connection.open(gw.addresses["https"], ssl.create_default_context(), "site.example.test")
+            await KeptConnection.open(gw.addresses["https"], "site.example.test", tls=ssl.create_default_context())
 
 
 async def _rotation(gw, ca: Authority, tls_dir: Path, wait_for_reload) -> None:
     context = client_context(ca)
     address = gw.addresses["https"]
-    old = await Connection.open(address, context, "site.example.test")
+    old = await KeptConnection.open(address, "site.example.test", tls=context)
     try:
-        assert (await old.get("/before"))[0] == 200
+        assert (await old.get("/before")).status == 200
         new_pem, new_key, new_der = issue(ca, "site.example.test")
         install(tls_dir, "site", new_pem, new_key)
         await wait_for_reload()
 
         deadline = asyncio.get_running_loop().time() + 6.0
         while True:
-            fresh = await Connection.open(address, context, "site.example.test")
+            fresh = await KeptConnection.open(address, "site.example.test", tls=context)
             try:
                 served = fresh.peer_certificate()
                 if served == new_der:
-                    assert (await fresh.get("/after"))[0] == 200
+                    assert (await fresh.get("/after")).status == 200
                     break
             finally:
                 await fresh.close()
             assert asyncio.get_running_loop().time() < deadline, "new certificate not served without a restart"
             await asyncio.sleep(0.1)
         # The connection opened before the rotation keeps working on its old session.
-        status, body = await old.get("/still-open")
-        assert status == 200
-        assert b'"/still-open"' in body
+        still_open = await old.get("/still-open")
+        assert still_open.status == 200
+        assert b'"/still-open"' in still_open.body
     finally:
         await old.close()
 
@@ -279,11 +228,10 @@ async def test_two_https_listeners_on_one_port_choose_certificates_by_sni(upstre
         assert gw.addresses["https-a"] == gw.addresses["https-b"]
         context = client_context(ca)
         for hostname, expected in (("a.example.test", a_der), ("b.example.test", b_der), ("a.example.test", a_der)):
-            conn = await Connection.open(gw.addresses["https-a"], context, hostname)
+            conn = await KeptConnection.open(gw.addresses["https-a"], hostname, tls=context)
             try:
                 assert conn.peer_certificate() == expected, hostname
-                status, _ = await conn.get(f"/via/{hostname}")
-                assert status == 200
+                assert (await conn.get(f"/via/{hostname}")).status == 200
             finally:
                 await conn.close()
 

@@ -18,23 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.proxy.websocket import WebSocketLimits
 from gateway.server.handler import Settings
 from tests.support.echo import CLOSE_CODES
-from tests.support.harness import GATEWAY, admin_url, backend, running_gateway, url
+from tests.support.harness import GATEWAY, admin_url, backend, route_to, running_gateway, url
 
 ROUTE = "infra/echo"
 STEP = 5.0  # bound on any single wait; a healthy run needs milliseconds
 
 
 def routes(port: int) -> str:
-    return GATEWAY + backend("echo", port) + """\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: echo, namespace: infra}
-spec:
-  parentRefs: [{name: gw}]
-  rules:
-  - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: echo}]
-"""
+    return GATEWAY + backend("echo", port) + route_to("echo")
 
 
 @pytest.fixture

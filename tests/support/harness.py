@@ -62,15 +62,19 @@ def access_records(running) -> list[dict]:
     return [json.loads(line) for line in running.log_buffer.getvalue().splitlines() if line]
 
 
-GATEWAY = """\
+def gateway_with(*listeners: str) -> str:
+    """The Gateway `infra/gw` with these listeners, each a YAML flow mapping."""
+    return """\
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: gw, namespace: infra}
 spec:
   gatewayClassName: sandgate
   listeners:
-  - {name: http, port: 80, protocol: HTTP}
-"""
+""" + "".join(f"  - {listener}\n" for listener in listeners)
+
+
+GATEWAY = gateway_with("{name: http, port: 80, protocol: HTTP}")
 
 
 def backend(name: str, port: int, namespace: str = "infra") -> str:
@@ -82,4 +86,20 @@ metadata: {{name: {name}, namespace: {namespace}}}
 spec:
   endpoints:
   - ip: {{address: 127.0.0.1, port: {port}}}
+"""
+
+
+def route_to(backend_name: str, route_name: str | None = None, *, rule_name: str | None = None,
+             namespace: str = "infra") -> str:
+    """An HTTPRoute on `gw` sending every request to one Backend; the route is named after it unless told."""
+    rule = f"- name: {rule_name}\n    backendRefs" if rule_name else "- backendRefs"
+    return f"""\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {route_name or backend_name}, namespace: {namespace}}}
+spec:
+  parentRefs: [{{name: gw}}]
+  rules:
+  {rule}: [{{group: gateway.envoyproxy.io, kind: Backend, name: {backend_name}}}]
 """
