@@ -23,7 +23,7 @@ class Case:
 @dataclass(frozen=True)
 class Ratio:
     """numerator's metric / denominator's, from the medians: `rps` (higher is better) or
-    `proxy_cpu_us_per_request` (lower is better; meaningful even when the load side limited)."""
+    `proxy_us_per_request` (lower is better; meaningful even when the load side limited)."""
     numerator: str
     denominator: str
     target: float | None = None  # the ratio must be at least this
@@ -226,7 +226,7 @@ RATIOS = (
     Ratio("ws-bare", "ws-direct"),
     Ratio("ws-sandgate", "ws-direct"),
     Ratio("ws-sandgate", "ws-bare"),
-    Ratio("sandgate", "bare", metric="proxy_cpu_us_per_request"),
-    Ratio("sandgate-10k", "sandgate", metric="proxy_cpu_us_per_request"),
-    Ratio("ws-sandgate", "ws-bare", metric="proxy_cpu_us_per_request"),
+    Ratio("sandgate", "bare", metric="proxy_us_per_request"),
+    Ratio("sandgate-10k", "sandgate", metric="proxy_us_per_request"),
+    Ratio("ws-sandgate", "ws-bare", metric="proxy_us_per_request"),
 )

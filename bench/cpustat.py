@@ -1,10 +1,8 @@
-"""How busy each CPU was between two reads of /proc/stat. With the proxy alone on its CPU,
-that CPU's share tells whether the proxy or the load side limited a measurement, and its
-CPU time per request compares proxies even when the load side was the limit."""
+"""How busy each CPU was between two reads of /proc/stat."""
 
 from pathlib import Path
 
-Sample = dict[str, tuple[int, int]]  # cpu number -> (busy, total) jiffies
+Sample = dict[int, tuple[int, int]]  # cpu number -> (busy, total) jiffies
 
 
 def read() -> Sample:
@@ -14,11 +12,11 @@ def read() -> Sample:
         if name.startswith("cpu") and name != "cpu":
             user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
             total = user + nice + system + idle + iowait + irq + softirq + steal
-            sample[name[3:]] = (total - idle - iowait, total)
+            sample[int(name[3:])] = (total - idle - iowait, total)
     return sample
 
 
-def busy_since(before: Sample) -> dict[str, float]:
+def busy_since(before: Sample) -> dict[int, float]:
     after = read()
     return {cpu: round((after[cpu][0] - before[cpu][0]) / max(1, after[cpu][1] - before[cpu][1]), 3)
             for cpu in after}

@@ -1,6 +1,6 @@
 """The machinery of bench/run.py: pinned child processes that always die with the run, free
-loopback ports, readiness probes, and the two load generators (wrk for HTTP, ws_client.py for
-WebSocket echo), both reporting a Measurement."""
+loopback ports, readiness probes, the two load generators (wrk for HTTP, ws_client.py for
+WebSocket echo) and `measure`, which runs one of them and records where the CPU went."""
 
 import http.client
 import json
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -90,6 +90,7 @@ class Processes:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self._running: dict[str, subprocess.Popen] = {}
+        self._cpu: dict[str, int] = {}
         self._python: set[str] = set()
         self._stdout: dict[str, Path] = {}
 
@@ -105,6 +106,7 @@ class Processes:
             self._running[name] = subprocess.Popen(
                 pinned(cpu, argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 cwd=cwd, env=env, start_new_session=True)
+        self._cpu[name] = cpu
         if stdout:
             self._stdout[name] = stdout
 
@@ -132,7 +134,24 @@ class Processes:
         return name in self._running and self._running[name].poll() is None
 
     def event_loops(self) -> dict[str, str]:
-        return {name: event_loop_of(self._running[name].pid) for name in sorted(self._python) if self.alive(name)}
+        """'uvloop' for each Python process one of whose processes (a gateway may fork
+        workers) has uvloop's extension mapped, else 'asyncio'."""
+        loops = {}
+        for name in sorted(self._python):
+            if self.alive(name):
+                maps = (proc_dir / "maps" for proc_dir in session_members({self._running[name].pid}))
+                loops[name] = "uvloop" if any("uvloop" in read_proc(path) for path in maps) else "asyncio"
+        return loops
+
+    def cpu_seconds(self, cpu: int) -> float:
+        """CPU time used so far by the running processes started on `cpu`, children included."""
+        sessions = {proc.pid for name, proc in self._running.items() if self._cpu[name] == cpu}
+        ticks = 0
+        for proc_dir in session_members(sessions):
+            fields = read_proc(proc_dir / "stat").rpartition(")")[2].split()
+            if fields:
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stdout_lines(self) -> dict[str, int]:
         return {name: count_lines(path) for name, path in self._stdout.items() if self.alive(name)}
@@ -162,17 +181,25 @@ def signal_group(proc: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def event_loop_of(session_id: int) -> str:
-    """'uvloop' when a process of the session (a gateway may fork workers) has uvloop's
-    extension mapped, else 'asyncio'."""
+def session_members(sessions: set[int]) -> list[Path]:
+    """/proc directories of the processes in these sessions (our children lead one each)."""
+    members = []
     for proc_dir in Path("/proc").iterdir():
-        try:
-            if (proc_dir.name.isdigit() and os.getsid(int(proc_dir.name)) == session_id
-                    and "uvloop" in (proc_dir / "maps").read_text()):
-                return "uvloop"
-        except OSError:  # the process left while we looked
-            continue
-    return "asyncio"
+        if proc_dir.name.isdigit():
+            try:
+                if os.getsid(int(proc_dir.name)) in sessions:
+                    members.append(proc_dir)
+            except ProcessLookupError:
+                pass
+    return members
+
+
+def read_proc(path: Path) -> str:
+    """A /proc file, or "" when its process left meanwhile."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def count_lines(path: Path) -> int:
@@ -180,26 +207,13 @@ def count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-@dataclass(frozen=True)
-class Measurement:
-    requests: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: dict[str, int]
-    cpu_busy: dict[str, float]  # cpu number -> busy share during the measured time
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
-
 def pinned(cpu: int | None, argv: list[str]) -> list[str]:
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
 def run_load(name: str, argv: list[str], timeout: float) -> dict:
-    """Runs a load generator; returns the last JSON line it printed."""
+    """Runs a load generator; returns the last JSON line it printed: requests, rps, p50_ms,
+    p99_ms and errors by kind."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -224,17 +238,9 @@ class Wrk:
         if not 200 <= status < 300:
             raise CaseError(f"GET {url} answered {status}")
 
-    def measure(self, url: str, seconds: int, cpu: int) -> Measurement:
-        """Errors count from the start of the warm-up, as in ws_client.py; the rest only after it."""
-        warmup = self._wrk(url, WARMUP_SECONDS, cpu)
-        measured = self._wrk(url, seconds, cpu)
-        return replace(measured, errors={kind: n + warmup.errors[kind] for kind, n in measured.errors.items()})
-
-    def _wrk(self, url: str, seconds: int, cpu: int) -> Measurement:
+    def run(self, url: str, seconds: int, cpu: int) -> dict:
         argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{seconds}s", "--latency", "-s", str(self.script), url]
-        before = cpustat.read()
-        summary = run_load("wrk", pinned(cpu, argv), timeout=seconds + 30)
-        return Measurement(**summary, cpu_busy=cpustat.busy_since(before))
+        return run_load("wrk", pinned(cpu, argv), timeout=seconds + 30)
 
 
 @dataclass(frozen=True)
@@ -243,17 +249,55 @@ class WsEcho:
     connections: int = 16
 
     def check(self, url: str) -> None:
-        probe = self._client(url, connections=1, warmup=0, seconds=0.3, cpu=None)
-        if probe.error_count or not probe.requests:
-            raise CaseError(f"no WebSocket echo through {url}: errors {probe.errors}")
+        probe = self._client(url, connections=1, seconds=0.3, cpu=None)
+        if sum(probe["errors"].values()) or not probe["requests"]:
+            raise CaseError(f"no WebSocket echo through {url}: errors {probe['errors']}")
 
-    def measure(self, url: str, seconds: int, cpu: int) -> Measurement:
-        return self._client(url, self.connections, WARMUP_SECONDS, seconds, cpu)
+    def run(self, url: str, seconds: int, cpu: int) -> dict:
+        return self._client(url, self.connections, seconds, cpu)
 
-    def _client(self, url: str, connections: int, warmup: float, seconds: float, cpu: int | None) -> Measurement:
+    def _client(self, url: str, connections: int, seconds: float, cpu: int | None) -> dict:
         argv = [sys.executable, str(BENCH_DIR / "ws_client.py"), url,
-                f"--connections={connections}", f"--warmup={warmup}", f"--duration={seconds}"]
-        return Measurement(**run_load("ws_client.py", pinned(cpu, argv), timeout=warmup + seconds + 30))
+                f"--connections={connections}", f"--duration={seconds}"]
+        return run_load("ws_client.py", pinned(cpu, argv), timeout=seconds + 30)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One case in one round. CPU shares are of the measured time: `proxy_cpu` is what the
+    processes this run started on the proxy CPU used, `other_cpu` what anything else used
+    there (noise), `proxy_us_per_request` the former per request."""
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    load_cpu: float
+    proxy_cpu: float
+    other_cpu: float
+    proxy_us_per_request: float
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def measure(bench: "Bench", load: Wrk | WsEcho, url: str, seconds: int) -> Measurement:
+    """A warm-up run that is not measured (its errors count all the same), then the measured run."""
+    cpus = bench.cpus
+    warmup = load.run(url, WARMUP_SECONDS, cpus.load)
+    busy_before, proxy_before, start = cpustat.read(), bench.procs.cpu_seconds(cpus.proxy), time.monotonic()
+    report = load.run(url, seconds, cpus.load)
+    proxy_seconds = bench.procs.cpu_seconds(cpus.proxy) - proxy_before
+    busy = cpustat.busy_since(busy_before)
+    proxy_share = proxy_seconds / (time.monotonic() - start)
+    return Measurement(
+        **report | {"errors": {kind: n + warmup["errors"][kind] for kind, n in report["errors"].items()}},
+        load_cpu=busy[cpus.load],
+        proxy_cpu=round(proxy_share, 3),
+        other_cpu=round(max(0.0, busy[cpus.proxy] - proxy_share), 3),
+        proxy_us_per_request=round(proxy_seconds * 1e6 / report["requests"], 1) if report["requests"] else 0.0,
+    )
 
 
 class Bench:

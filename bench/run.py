@@ -23,10 +23,11 @@ from pathlib import Path
 import cpustat
 import loops
 from cases import CASES, RATIOS, Case, Ratio
-from harness import WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, find_tool
+from harness import WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, find_tool, measure
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "latest.json"
 IDLE_BUSY_LIMIT = 0.05
+MEDIANS = ("rps", "p50_ms", "p99_ms", "load_cpu", "proxy_cpu", "other_cpu", "proxy_us_per_request")
 
 
 @dataclass
@@ -40,20 +41,14 @@ class Result:
     def fail(self, note: str) -> None:
         self.status, self.note = "failed", note
 
-    def summary(self, proxy_cpu: int) -> dict | None:
+    def summary(self) -> dict | None:
         """Medians over the rounds; requests and errors are totals."""
         if not self.rounds:
             return None
-        rps = statistics.median(m.rps for m in self.rounds)
-        cpu_busy = {cpu: statistics.median(m.cpu_busy[cpu] for m in self.rounds) for cpu in self.rounds[0].cpu_busy}
-        return {
-            "rps": rps,
-            "p50_ms": statistics.median(m.p50_ms for m in self.rounds),
-            "p99_ms": statistics.median(m.p99_ms for m in self.rounds),
+        medians = {name: statistics.median(getattr(m, name) for m in self.rounds) for name in MEDIANS}
+        return medians | {
             "requests": sum(m.requests for m in self.rounds),
             "errors": {kind: sum(m.errors[kind] for m in self.rounds) for kind in self.rounds[0].errors},
-            "cpu_busy": cpu_busy,
-            "proxy_cpu_us_per_request": round(cpu_busy[str(proxy_cpu)] * 1e6 / rps, 1) if rps else None,
         }
 
     @property
@@ -86,11 +81,11 @@ def ensure_tools() -> None:
         sys.exit("wrk is not installed (apt-get install wrk)")
 
 
-def busy_before_start(cpus: Cpus) -> dict[str, float]:
+def busy_before_start(cpus: Cpus) -> dict[int, float]:
     """What else keeps the benchmark's CPUs busy: anything but ~0 makes every figure noisy."""
     before = cpustat.read()
     time.sleep(1)
-    busy = {cpu: share for cpu, share in cpustat.busy_since(before).items() if int(cpu) in (cpus.load, cpus.proxy)}
+    busy = {cpu: share for cpu, share in cpustat.busy_since(before).items() if cpu in (cpus.load, cpus.proxy)}
     if max(busy.values()) > IDLE_BUSY_LIMIT:
         print("warning: the machine is not idle before the run (" +
               ", ".join(f"cpu {cpu} {share:.0%} busy" for cpu, share in busy.items()) + "); figures will be noisy",
@@ -110,7 +105,7 @@ def set_up(case: Case, bench: Bench) -> Result:
     return result
 
 
-def measure(results: list[Result], rounds: int, duration: int, cpu: int) -> None:
+def run_rounds(results: list[Result], rounds: int, duration: int, bench: Bench) -> None:
     """Every case once per round, each round starting one case later, so that drift in the
     machine spreads over all cases instead of favouring the first."""
     ready = [result for result in results if result.status == "ok"]
@@ -120,13 +115,13 @@ def measure(results: list[Result], rounds: int, duration: int, cpu: int) -> None
             if result.status != "ok":
                 continue
             try:
-                m = result.case.load.measure(result.url, duration, cpu)
+                m = measure(bench, result.case.load, result.url, duration)
             except CaseError as e:
                 result.fail(str(e))
                 continue
             result.rounds.append(m)
-            print(f"  round {i + 1}/{rounds}  {result.case.name:<14} {m.rps:>10.1f}/s  "
-                  f"p99 {m.p99_ms:.2f} ms  errors {m.error_count}", flush=True)
+            print(f"  round {i + 1}/{rounds}  {result.case.name:<14} {m.rps:>10.1f}/s  p99 {m.p99_ms:.2f} ms  "
+                  f"proxy cpu {m.proxy_cpu:.0%} (other {m.other_cpu:.0%})  errors {m.error_count}", flush=True)
 
 
 def ratio_value(ratio: Ratio, summaries: dict[str, dict | None]) -> float | None:
@@ -136,9 +131,9 @@ def ratio_value(ratio: Ratio, summaries: dict[str, dict | None]) -> float | None
     return numerator[ratio.metric] / denominator[ratio.metric]
 
 
-def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_busy: dict[str, float],
-           event_loops: dict[str, str], output_lines: dict[str, int], started: datetime) -> dict:
-    summaries = {result.case.name: result.summary(cpus.proxy) for result in results}
+def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_busy: dict[int, float],
+           event_loops: dict[str, str], access_log_lines: dict[str, int], started: datetime) -> dict:
+    summaries = {result.case.name: result.summary() for result in results}
     ratios = {}
     for ratio in RATIOS:
         value = ratio_value(ratio, summaries)
@@ -154,7 +149,7 @@ def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_bus
                      "cpus": asdict(cpus)},
         "cpu_busy_before_start": idle_busy,
         "event_loops": event_loops,
-        "output_lines": output_lines,
+        "access_log_lines": access_log_lines,
         "cases": {
             result.case.name: {
                 "status": result.status, "note": result.note, "url": result.url,
@@ -173,23 +168,18 @@ def first_line(text: str) -> str:
 
 
 def print_table(data: dict) -> None:
-    cpus = data["settings"]["cpus"]
-    load_cpu, proxy_cpu = str(cpus["load"]), str(cpus["proxy"])
     print(f"\n{'case':<14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'load cpu':>9} {'proxy cpu':>9} "
-          f"{'proxy µs/req':>12}  errors")
+          f"{'other cpu':>9} {'proxy µs/req':>12}  errors")
     for name, case in data["cases"].items():
-        median = case["median"]
-        if median is None:
+        m = case["median"]
+        if m is None:
             print(f"{name:<14} {case['status'].upper():>10}  {first_line(case['note'])}")
             continue
-        errors = median["errors"]
-        detail = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n)
-        total = f"{sum(errors.values())}" + (f" ({detail})" if detail else "")
+        detail = ", ".join(f"{kind} {n}" for kind, n in m["errors"].items() if n)
+        errors = f"{sum(m['errors'].values())}" + (f" ({detail})" if detail else "")
         note = f"  {case['status'].upper()}: {first_line(case['note'])}" if case["status"] != "ok" else ""
-        busy = median["cpu_busy"]
-        cost = median["proxy_cpu_us_per_request"]
-        print(f"{name:<14} {median['rps']:>10.1f} {median['p50_ms']:>8.2f} {median['p99_ms']:>8.2f} "
-              f"{busy[load_cpu]:>9.0%} {busy[proxy_cpu]:>9.0%} {'-' if cost is None else cost:>12}  {total}{note}")
+        print(f"{name:<14} {m['rps']:>10.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {m['load_cpu']:>9.0%} "
+              f"{m['proxy_cpu']:>9.0%} {m['other_cpu']:>9.0%} {m['proxy_us_per_request']:>12.1f}  {errors}{note}")
 
     print("\nratios of medians")
     for name, ratio in data["ratios"].items():
@@ -223,12 +213,12 @@ def main() -> int:
                 print(f"  {result.case.name}: {result.status}: {result.note}", flush=True)
         event_loops = procs.event_loops() | {"ws_client.py": loops.NAME}
         print("event loops: " + ", ".join(f"{name} {loop}" for name, loop in event_loops.items()), flush=True)
-        measure(results, args.rounds, args.duration, cpus.load)
-        output_lines = procs.stdout_lines()
+        run_rounds(results, args.rounds, args.duration, bench)
+        access_log_lines = procs.stdout_lines()
 
-    data = report(results, args, cpus, idle_busy, event_loops, output_lines, started)
+    data = report(results, args, cpus, idle_busy, event_loops, access_log_lines, started)
     print_table(data)
-    for name, lines in output_lines.items():
+    for name, lines in access_log_lines.items():
         print(f"{name} wrote {lines} access log lines")
     RESULTS_FILE.parent.mkdir(exist_ok=True)
     RESULTS_FILE.write_text(json.dumps(data, indent=2, default=str) + "\n")

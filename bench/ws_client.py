@@ -1,7 +1,7 @@
 """WebSocket echo load: N connections, each sending a message and awaiting its echo back to
 back for a fixed time. Prints one JSON line shaped like wrk_report.lua's: round trips per
-second, latency p50/p99, errors (connect, read, write, status = bad handshake or wrong
-echo, timeout = no echo within 2 s) and the CPUs' busy shares. A connection that fails stops; the others go on."""
+second, latency p50/p99 and errors (connect, read, write, status = bad handshake or wrong
+echo, timeout = no echo within 2 s). A connection that fails stops; the others go on."""
 
 import argparse
 import asyncio
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from aiohttp import ClientError, ClientSession, WSMsgType, WSServerHandshakeError
 
-import cpustat
 from loops import new_event_loop
 
 PAYLOAD = "x" * 200
@@ -24,10 +23,9 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(
         default_factory=lambda: Counter(dict.fromkeys(("connect", "read", "write", "status", "timeout"), 0)))
-    cpu_busy: dict[str, float] = field(default_factory=dict)
 
 
-async def round_trips(session: ClientSession, url: str, start: float, end: float, tally: Tally) -> None:
+async def round_trips(session: ClientSession, url: str, end: float, tally: Tally) -> None:
     try:
         ws = await session.ws_connect(url)
     except WSServerHandshakeError:
@@ -53,20 +51,15 @@ async def round_trips(session: ClientSession, url: str, start: float, end: float
                 return
             if msg.data != PAYLOAD:
                 tally.errors["status"] += 1
-            elif sent >= start:
+            else:
                 tally.latencies.append(time.perf_counter() - sent)
 
 
-async def load(url: str, connections: int, warmup: float, duration: float) -> Tally:
+async def load(url: str, connections: int, duration: float) -> Tally:
     tally = Tally()
-    start = time.perf_counter() + warmup
+    end = time.perf_counter() + duration
     async with ClientSession() as session:
-        clients = asyncio.gather(*(round_trips(session, url, start, start + duration, tally)
-                                   for _ in range(connections)))
-        await asyncio.sleep(warmup)
-        before = cpustat.read()
-        await clients
-        tally.cpu_busy = cpustat.busy_since(before)
+        await asyncio.gather(*(round_trips(session, url, end, tally) for _ in range(connections)))
     return tally
 
 
@@ -78,12 +71,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("url", help="ws://HOST:PORT/PATH of an echo endpoint")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds not counted")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds counted")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds")
     args = parser.parse_args()
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        tally = runner.run(load(args.url, args.connections, args.warmup, args.duration))
+        tally = runner.run(load(args.url, args.connections, args.duration))
     ordered = sorted(tally.latencies)
     print(json.dumps({
         "requests": len(ordered),
@@ -91,7 +83,6 @@ def main() -> None:
         "p50_ms": round(percentile_ms(ordered, 0.50), 3),
         "p99_ms": round(percentile_ms(ordered, 0.99), 3),
         "errors": dict(tally.errors),
-        "cpu_busy": tally.cpu_busy,
     }))
 
 

@@ -8,6 +8,7 @@ in-flight requests finish within the drain time, logs are flushed, exit.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -170,6 +171,7 @@ class RunningGateway:
             event(log, "new listener ports need a restart", logging.WARNING,
                   ports=sorted(new_ports - self._bound_ports))
         self.gateway.table = compile_table(config)
+        _freeze_long_lived()
         event(log, "routes reloaded", routes=len(config.routes))
         return True
 
@@ -211,6 +213,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         await running.drain()
         raise
     access_log.start()
+    _freeze_long_lived()
     if options.reload_interval > 0:
         running._tasks.append(asyncio.ensure_future(running._watch_routes()))
         running._tasks.append(asyncio.ensure_future(running.certificates.watch(max(options.reload_interval, 1.0))))
@@ -229,6 +232,17 @@ async def serve(options: ServeOptions, on_ready=None) -> None:
     await stop.wait()
     await running.drain()
     event(log, "stopped")
+
+
+def _freeze_long_lived() -> None:
+    """Move the route table and everything else alive now out of the garbage collector's view.
+
+    A table of 10,000 routes is hundreds of thousands of objects that live until the next
+    reload; without this every full collection walks them all and shows up as p99 latency.
+    """
+    gc.unfreeze()  # what the previous table left in cycles can be collected now
+    gc.collect()
+    gc.freeze()
 
 
 def _bound_address(site: web.TCPSite) -> tuple[str, int]:

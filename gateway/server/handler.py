@@ -84,8 +84,10 @@ class Gateway:
             response = await self._route_and_forward(request, port, request_id, outcome)
         except ProxyError as e:
             response = self._error(request, e.status, e.code, e.message, request_id)
+            outcome.status = e.status
         except asyncio.CancelledError:
-            outcome.status = 499  # client went away; nginx's convention for the log
+            # The client went away (499, nginx's convention), or closed an upgraded WebSocket.
+            outcome.status = outcome.status or 499
             self._record(request, request_id, outcome, started)
             raise
         outcome.status = outcome.status or response.status
@@ -178,12 +180,11 @@ class Gateway:
     async def _websocket(self, request: web.BaseRequest, plan: ForwardPlan, outcome: "_Outcome"):
         plan.deadline = None  # a WebSocket lives by its own idle timeout and maximum lifetime
         self.metrics.websocket_opened(outcome.route)
+        outcome.status = 101  # replaced by the error status if the upgrade fails
         try:
-            response = await websocket.relay(request, plan, self.pool, self.settings.websocket, self.sockets)
+            return await websocket.relay(request, plan, self.pool, self.settings.websocket, self.sockets)
         finally:
             self.metrics.websocket_closed(outcome.route)
-        outcome.status = 101
-        return response
 
     def _redirect(self, request, found: Candidate, listener: Listener, host: str, path: str, query: str, request_id: str):
         redirect = found.rule.filters.redirect
