@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from gateway.commands.check import run_check
 
-        return run_check(args.routes, _load_options(args))
+        return run_check(args.routes, args.policies, _load_options(args))
     if args.command == "routes":
         from gateway.commands.show import run_routes
 

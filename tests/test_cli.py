@@ -51,7 +51,7 @@ def error_lines(result: subprocess.CompletedProcess, file: str = "routes.yaml") 
     found = []
     for text in (result.stdout + "\n" + result.stderr).splitlines():
         m = ERROR_LINE.match(text)
-        if m and m["file"] == file:
+        if m and m["file"] == file and not text.endswith("(warning)"):
             found.append((int(m["line"]), m["message"]))
     return found
 
@@ -95,6 +95,13 @@ def test_check_accepts_the_shipped_routes(tmp_path):
     result = sandgate(["check", "--routes", str(SHIPPED_ROUTES)], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert error_lines(result, str(SHIPPED_ROUTES)) == []
+
+
+def test_check_lists_public_routes_as_warnings(tmp_path):
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(tmp_path / "none")], tmp_path)
+    assert result.returncode == 0
+    public = [line for line in result.stdout.splitlines() if "is public" in line]
+    assert any("HTTPRoute platform/frontend is public" in line and line.endswith("(warning)") for line in public), result.stdout
 
 
 SCHEMA_ERROR = GATEWAY + """\

@@ -5,20 +5,22 @@ from __future__ import annotations
 import sys
 
 from gateway.config.loader import LoadOptions, load_routes
+from gateway.policy.loader import load_policies
 
 
-def run_check(routes_path: str, options: LoadOptions) -> int:
+def run_check(routes_path: str, policies_path: str, options: LoadOptions) -> int:
     config = load_routes(routes_path, options)
-    for line in config.errors:
+    policies = load_policies(policies_path, config)
+    errors = [*config.errors, *config.problems, *policies.errors, *policies.problems]
+    warnings = [*config.warnings, *policies.warnings]
+    for line in errors:
         print(line)
-    for line in config.problems:
-        print(line)
-    for line in config.warnings:
+    for line in warnings:
         print(f"{line} (warning)")
-    failed = bool(config.errors or config.problems)
+    failed = bool(errors)
     summary = (
         f"{routes_path}: {len(config.routes)} routes, {len(config.listeners)} listeners, "
-        f"{len(config.errors) + len(config.problems)} errors, {len(config.warnings)} warnings"
+        f"{len(policies.security)} security policies, {len(errors)} errors, {len(warnings)} warnings"
     )
     print(summary, file=sys.stderr)
     return 1 if failed else 0

@@ -19,7 +19,10 @@ from typing import TextIO
 from aiohttp import web
 
 from gateway.config.loader import LoadOptions, load_routes
+from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener
+from gateway.policy.loader import load_policies
+from gateway.policy.runtime import PolicyRuntime
 from gateway.routing.table import RouteTable, compile_table
 from gateway.server.accesslog import AccessLog
 from gateway.server.admin import make_admin_app
@@ -92,6 +95,7 @@ class RunningGateway:
         self._tasks: list[asyncio.Task] = []
         self._bound_ports: set[int] = set()
         self.ready = False
+        self.jwks_fetcher: JwksFetcher | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -100,7 +104,9 @@ class RunningGateway:
     def readiness(self) -> tuple[bool, dict]:
         if self.gateway.draining:
             return False, {"reason": "draining"}
-        return self.ready, {"routes": len(self.table.config.routes)}
+        keys = self.gateway.policies.keys_loaded()
+        details = {"routes": len(self.table.config.routes), "jwks_loaded": keys}
+        return self.ready and keys, details
 
     async def _bind(self, listeners: tuple[Listener, ...]) -> None:
         plan = bind_plan(listeners, self.options.listen)
@@ -146,22 +152,26 @@ class RunningGateway:
         self.admin_address = _bound_address(site)
         event(log, "admin listening", address=f"{self.admin_address[0]}:{self.admin_address[1]}")
 
+    def _config_stamp(self) -> tuple:
+        return _file_stamp(self.options.routes), _directory_stamp(self.options.policies)
+
     async def _watch_routes(self) -> None:
-        path = self.options.routes
-        last = _file_stamp(path)
+        last = self._config_stamp()
         while True:
             await asyncio.sleep(self.options.reload_interval)
-            stamp = _file_stamp(path)
+            stamp = self._config_stamp()
             if stamp == last:
                 continue
             last = stamp
             self.reload()
 
     def reload(self) -> bool:
-        """Load the routes file again; swap the table only when it is valid."""
+        """Load routes and policies again; swap them only when both are valid."""
         config = load_routes(self.options.routes, self.options.load)
-        if config.errors:
-            for line in config.errors:
+        policies = load_policies(self.options.policies, config) if not config.errors else None
+        errors = list(config.errors) + (policies.errors if policies else [])
+        if errors:
+            for line in errors:
                 event(log, "routes not reloaded", logging.ERROR, error=line)
             return False
         for line in config.problems:
@@ -170,7 +180,12 @@ class RunningGateway:
         if not new_ports <= self._bound_ports:
             event(log, "new listener ports need a restart", logging.WARNING,
                   ports=sorted(new_ports - self._bound_ports))
-        self.gateway.table = compile_table(config)
+        table = compile_table(config)
+        previous = self.gateway.policies
+        runtime = PolicyRuntime(policies, config, self.jwks_fetcher, previous=previous,
+                                on_refresh=self.gateway.metrics.observe_jwks_refresh)
+        self.gateway.table, self.gateway.policies = table, runtime  # no await between: one swap
+        asyncio.ensure_future(runtime.warm_up())
         _freeze_long_lived()
         event(log, "routes reloaded", routes=len(config.routes))
         return True
@@ -186,6 +201,7 @@ class RunningGateway:
         await asyncio.gather(*(runner.cleanup() for runner in self._runners), return_exceptions=True)
         self._runners.clear()
         await self.gateway.close()
+        await self.jwks_fetcher.close()
         await self.gateway.access_log.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -203,9 +219,18 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise StartupError(f"{options.routes}: no Gateway listener to serve")
     for line in config.problems:
         event(log, "route problem", logging.WARNING, problem=line)
+    policies = load_policies(options.policies, config)
+    if policies.errors:
+        raise StartupError("\n".join(policies.errors))
+    for line in policies.problems:
+        event(log, "policy problem", logging.WARNING, problem=line)
     access_log = AccessLog(options.access_log)
-    gateway = Gateway(compile_table(config), options.settings, Metrics(), access_log)
+    metrics = Metrics()
+    fetcher = JwksFetcher()
+    runtime = PolicyRuntime(policies, config, fetcher, on_refresh=metrics.observe_jwks_refresh)
+    gateway = Gateway(compile_table(config), runtime, options.settings, metrics, access_log)
     running = RunningGateway(options, gateway, CertificateStore(options.tls_dir))
+    running.jwks_fetcher = fetcher
     try:
         await running._bind(config.listeners)
         await running._start_admin()
@@ -214,6 +239,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise
     access_log.start()
     _freeze_long_lived()
+    running._tasks.append(asyncio.ensure_future(runtime.warm_up()))
     if options.reload_interval > 0:
         running._tasks.append(asyncio.ensure_future(running._watch_routes()))
         running._tasks.append(asyncio.ensure_future(running.certificates.watch(max(options.reload_interval, 1.0))))
@@ -250,6 +276,12 @@ def _bound_address(site: web.TCPSite) -> tuple[str, int]:
     sock: socket.socket = server.sockets[0]
     address = sock.getsockname()
     return address[0], address[1]
+
+
+def _directory_stamp(path: str | None) -> tuple:
+    if not path or not os.path.isdir(path):
+        return ()
+    return tuple(sorted((name, _file_stamp(os.path.join(path, name))) for name in os.listdir(path)))
 
 
 def _file_stamp(path: str) -> tuple | None:

@@ -21,11 +21,13 @@ from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
 from gateway.proxy.upstream import UpstreamPool
+from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import error_response
+from gateway.server.enforce import enforce, metadata_response
 from gateway.server.metrics import Metrics
 from gateway.server.protocol import HTTP09
 
@@ -57,8 +59,11 @@ class Settings:
 class Gateway:
     """Shared state of one process: the current route table and the long-lived clients."""
 
-    def __init__(self, table: RouteTable, settings: Settings, metrics: Metrics, access_log: AccessLog):
+    def __init__(
+        self, table: RouteTable, policies: PolicyRuntime, settings: Settings, metrics: Metrics, access_log: AccessLog
+    ):
         self.table = table
+        self.policies = policies  # swapped together with the table on reload
         self.settings = settings
         self.metrics = metrics
         self.access_log = access_log
@@ -108,6 +113,10 @@ class Gateway:
         if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
             # RFC 9112 §6.1: a coding we do not apply would change what the body means.
             return self._error(request, 501, "not_implemented", "Only chunked transfer coding is supported.", request_id)
+        if path.startswith(METADATA_PATH) and request.method in ("GET", "HEAD"):
+            metadata = metadata_response(self.policies, path, self._origin(request))
+            if metadata is not None:
+                return metadata
         table = self.table
         found = table.find(port, host, request.method, path, RequestView(headers, query))
         outcome.path = path
@@ -117,6 +126,18 @@ class Gateway:
         outcome.route = found.route.key
         rule = found.rule
         listener = found.listener
+        is_websocket = websocket.is_websocket_upgrade(headers)
+        allowed = None
+        policy = self.policies.security_for(found.route.key, rule.index, listener.gateway)
+        if policy is not None:
+            result = await enforce(
+                self.policies, policy, request, route_key=found.route.key, path=path, query=query,
+                origin=self._origin(request), is_websocket=is_websocket, request_id=request_id,
+                metrics=self.metrics, access_log=self.access_log,
+            )
+            if isinstance(result, web.StreamResponse):
+                return result
+            allowed = result
         if rule.filters.redirect is not None:
             return self._redirect(request, found, listener, host, path, query, request_id)
         if rule.invalid_reason:
@@ -142,11 +163,19 @@ class Gateway:
             trust_incoming=self.settings.trusted_hops > 0,
         )
         out_headers["X-Request-Id"] = request_id
+        if allowed is not None:
+            for name in allowed.strip_headers:
+                out_headers.popall(name, None)
+            for name, value in allowed.upstream_headers:
+                out_headers[name] = value
         apply_modifier(out_headers, rule.filters.request_headers)
         apply_modifier(out_headers, choice.filters.request_headers)
 
         def edit_response(response_headers: CIMultiDict) -> None:
             response_headers["X-Request-Id"] = request_id
+            if allowed is not None:
+                for name, value in allowed.response_headers:
+                    response_headers[name] = value
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)
 
@@ -167,7 +196,7 @@ class Gateway:
             body_limit=limit,
         )
         outcome.upstream = str(plan.endpoint)
-        if websocket.is_websocket_upgrade(headers):
+        if is_websocket:
             return await self._websocket(request, plan, outcome)
         if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -204,6 +233,15 @@ class Gateway:
         response = web.Response(status=redirect.status, headers={"Location": location, "X-Request-Id": request_id})
         apply_modifier(response.headers, found.rule.filters.response_headers)
         return response
+
+    def _origin(self, request: web.BaseRequest) -> str:
+        """The public origin clients use: --public-url, else what this request says."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        headers = request.headers
+        if self.settings.trusted_hops > 0 and "X-Forwarded-Proto" in headers:
+            return f"{headers['X-Forwarded-Proto']}://{headers.get('X-Forwarded-Host', headers.get('Host', ''))}"
+        return f"{request.scheme}://{headers.get('Host', '')}"
 
     def _error(self, request: web.BaseRequest, status: int, code: str, message: str, request_id: str) -> web.Response:
         return error_response(status, code, message, request_id, accept=request.headers.get("Accept", ""))

@@ -36,6 +36,12 @@ class Metrics:
             "sandgate_websocket_connections", "Open relayed WebSockets", ["route"], registry=r,
             multiprocess_mode="livesum",
         )
+        self.decisions = Counter(
+            "sandgate_policy_decisions", "Policy decisions", ["policy", "decision", "reason"], registry=r
+        )
+        self.jwks_refresh = Counter(
+            "sandgate_jwks_refresh", "JWKS key set refreshes", ["provider", "result"], registry=r
+        )
         self._request_children: dict[tuple[str, str, int], object] = {}
         self._duration_children: dict[str, object] = {}
         self._upstream_children: dict[str, object] = {}
@@ -56,6 +62,12 @@ class Metrics:
             if histogram is None:
                 histogram = self._upstream_children[route] = self.upstream.labels(route)
             histogram.observe(upstream_seconds)
+
+    def observe_decision(self, policy: str, allowed: bool, reason: str) -> None:
+        self.decisions.labels(policy, "allow" if allowed else "deny", reason).inc()
+
+    def observe_jwks_refresh(self, provider: str, result: str) -> None:
+        self.jwks_refresh.labels(provider, result).inc()
 
     def websocket_opened(self, route: str) -> None:
         self.websockets.labels(route).inc()

@@ -1,0 +1,1 @@
+"""Credentials: JWT verification against JWKS key sets."""

@@ -1,0 +1,131 @@
+"""JWT verification (SPEC §2.2): keys decide the algorithm, `exp` is required, results cached.
+
+A verified token is cached under the SHA-256 of the token (never the token itself) until its
+`exp` at the latest, so a repeated token costs a dictionary lookup, not a signature check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from time import time
+from typing import Callable
+
+import jwt as pyjwt
+from jwt import exceptions as jwt_errors
+
+from gateway.auth.jwks import KeySet
+from gateway.policy.model import JwtProvider
+
+ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "ES256K", "EdDSA"})
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+class TokenError(Exception):
+    """A token that must be refused; `reason` is a stable kebab-case code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    provider: str
+    claims: dict
+    expires_at: float
+    fingerprint: str  # first 16 hex chars of the token's SHA-256: safe to log and audit
+
+
+_ERRORS = (
+    (jwt_errors.ExpiredSignatureError, "token-expired", "The token has expired."),
+    (jwt_errors.ImmatureSignatureError, "token-not-yet-valid", "The token is not valid yet."),
+    (jwt_errors.InvalidAudienceError, "token-audience-mismatch", "The token is not meant for this audience."),
+    (jwt_errors.InvalidIssuerError, "token-issuer-mismatch", "The token's issuer is not trusted here."),
+    (jwt_errors.MissingRequiredClaimError, "token-claim-missing", "The token lacks a required claim."),
+    (jwt_errors.InvalidSignatureError, "token-signature-invalid", "The token's signature is invalid."),
+)
+
+
+class JwtVerifier:
+    def __init__(self, key_set_for: Callable[[JwtProvider], KeySet], *, leeway_seconds: float = 30.0, cache_size: int = 10_000):
+        self.key_set_for = key_set_for
+        self.leeway = leeway_seconds
+        self._cache: OrderedDict[tuple, VerifiedToken] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def verify(self, token: str, providers: tuple[JwtProvider, ...], required_audience: str | None = None) -> VerifiedToken:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise TokenError("token-too-large", "The token is too large.")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        key = (tuple(p.name for p in providers), required_audience, digest)
+        cached = self._cache.get(key)
+        now = time()
+        if cached is not None:
+            if cached.expires_at > now:
+                return cached
+            del self._cache[key]
+        verified = await self._verify(token, providers, required_audience, digest[:16])
+        if len(self._cache) >= self._cache_size:
+            self._cache.popitem(last=False)
+        self._cache[key] = verified
+        return verified
+
+    async def _verify(self, token, providers, required_audience, fingerprint) -> VerifiedToken:
+        try:
+            header = pyjwt.get_unverified_header(token)
+            unverified = pyjwt.decode(token, options={"verify_signature": False})
+        except jwt_errors.PyJWTError:
+            raise TokenError("token-malformed", "The token cannot be parsed.") from None
+        algorithm = header.get("alg")
+        if algorithm not in ASYMMETRIC:
+            raise TokenError("token-algorithm-refused", f"Tokens signed with {str(algorithm)[:16]!r} are refused.")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
+            raise TokenError("token-malformed", "The token's key id is invalid.")
+        issuer = unverified.get("iss")
+        candidates = [p for p in providers if p.issuer is None or p.issuer == issuer]
+        if not candidates:
+            raise TokenError("token-issuer-mismatch", "The token's issuer is not trusted here.")
+        last_error = TokenError("token-key-unknown", "No key of the issuer matches the token.")
+        for provider in candidates:
+            key_set = self.key_set_for(provider)
+            await key_set.ensure_fresh()
+            keys = key_set.find(kid, algorithm)
+            if not keys:
+                await key_set.refresh_for_unknown_kid()
+                keys = key_set.find(kid, algorithm)
+            for verification_key in keys:
+                try:
+                    claims = pyjwt.decode(
+                        token,
+                        key=verification_key.key,
+                        algorithms=[algorithm],
+                        audience=list(provider.audiences) or None,
+                        issuer=provider.issuer,
+                        leeway=self.leeway,
+                        options={"require": ["exp"], "verify_aud": bool(provider.audiences)},
+                    )
+                except jwt_errors.PyJWTError as e:
+                    last_error = _token_error(e)
+                    continue
+                if required_audience is not None and required_audience not in _audiences(claims):
+                    raise TokenError("token-audience-mismatch", "The token is not meant for this resource.")
+                return VerifiedToken(provider.name, claims, float(claims["exp"]), fingerprint)
+        raise last_error
+
+
+def _audiences(claims: dict) -> list[str]:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return [aud]
+    return [a for a in aud or [] if isinstance(a, str)]
+
+
+def _token_error(error: Exception) -> TokenError:
+    for kind, reason, message in _ERRORS:
+        if isinstance(error, kind):
+            return TokenError(reason, message)
+    return TokenError("token-invalid", "The token is invalid.")

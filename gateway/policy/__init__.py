@@ -1,0 +1,1 @@
+"""Policies (Envoy Gateway vocabulary): loading, attachment, and pure decision functions."""

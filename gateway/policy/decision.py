@@ -1,0 +1,173 @@
+"""One SecurityPolicy decision for one request: credentials, then authorization (SPEC §2.2, §3.4).
+
+The result is a Decision with stable kebab-case reasons: they pick the status (401 vs 403),
+land in the error body and the audit record. Nothing here touches sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from typing import Mapping
+from urllib.parse import parse_qsl
+
+from gateway.auth.jwt import JwtVerifier, TokenError, VerifiedToken
+from gateway.policy import authz
+from gateway.policy.model import JwtProvider, SecurityPolicy
+
+_MESSAGES = {
+    "credentials-missing": "This route requires a bearer token.",
+    "token-in-query": "Tokens are not accepted in the query string.",
+    "authorization-rule-denied": "An authorization rule denies this request.",
+    "authorization-default-deny": "No authorization rule allows this request.",
+    "insufficient-scope": "The token lacks a scope this request needs.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    code: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    status: int  # 200 when allowed, else 401 / 403 / 400
+    reasons: tuple[Violation, ...]
+    policy: SecurityPolicy
+    token: VerifiedToken | None = None
+    token_sent: bool = False
+    required_scopes: tuple[str, ...] = ()
+    upstream_headers: tuple[tuple[str, str], ...] = field(default=())  # claimToHeaders
+
+    @property
+    def principal(self) -> str | None:
+        if self.token is None:
+            return None
+        return str(self.token.claims.get("sub", ""))[:256] or None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    method: str
+    path: str
+    raw_query: str
+    headers: Mapping[str, str]  # case-insensitive multidict
+    client_ip: str
+    mcp_resource: str | None = None  # the public MCP URL when the route is an MCP route
+
+
+async def evaluate(policy: SecurityPolicy, facts: RequestFacts, verifier: JwtVerifier) -> Decision:
+    token: VerifiedToken | None = None
+    sent = False
+    jwt = policy.jwt
+    if facts.mcp_resource is not None and _query_has_token(facts.raw_query):
+        return _deny(policy, 400, "token-in-query", sent=True)
+    if jwt is not None:
+        raw = extract_token(jwt.providers, facts)
+        if raw is not None:
+            sent = True
+            try:
+                token = await verifier.verify(raw, jwt.providers, facts.mcp_resource)
+            except TokenError as e:
+                return Decision(False, 401, (Violation(e.reason, e.message),), policy, token_sent=True)
+        elif not jwt.optional:
+            return _deny(policy, 401, "credentials-missing")
+    if policy.authorization is not None:
+        facts_for_rules = authz.Facts(
+            method=facts.method,
+            path=facts.path,
+            headers=facts.headers,
+            client_ip=_ip(facts.client_ip),
+            provider=token.provider if token else None,
+            claims=token.claims if token else None,
+        )
+        verdict = authz.decide(policy.authorization, facts_for_rules)
+        if not verdict.allowed:
+            if token is None and jwt is not None:
+                return _deny(policy, 401, "credentials-missing")
+            scopes = authz.missing_scopes(policy.authorization, facts_for_rules) if token else ()
+            if scopes:
+                return _deny(policy, 403, "insufficient-scope", token=token, sent=sent, scopes=scopes)
+            return _deny(policy, 403, verdict.reason, token=token, sent=sent, rule=verdict.rule)
+    return Decision(True, 200, (), policy, token, sent, upstream_headers=_claim_headers(jwt.providers if jwt else (), token))
+
+
+def extract_token(providers: tuple[JwtProvider, ...], facts: RequestFacts) -> str | None:
+    for provider in providers:
+        source = provider.source
+        for name, prefix in source.headers:
+            for value in facts.headers.getall(name, ()):
+                if value[: len(prefix)].lower() == prefix.lower():
+                    return value[len(prefix):].strip() or None
+        if source.cookies:
+            jar = SimpleCookie()
+            try:
+                jar.load("; ".join(facts.headers.getall("Cookie", ())))
+            except CookieError:
+                jar = SimpleCookie()
+            for name in source.cookies:
+                if name in jar:
+                    return jar[name].value or None
+        if source.params:
+            params = dict(parse_qsl(facts.raw_query, keep_blank_values=False))
+            for name in source.params:
+                if params.get(name):
+                    return params[name]
+    return None
+
+
+def www_authenticate(decision: Decision, realm: str, resource_metadata: str | None) -> str:
+    """RFC 6750 §3 challenge, plus RFC 9728 `resource_metadata` on MCP routes."""
+    parts = [f'realm="{realm}"']
+    if decision.status == 403:
+        parts.append('error="insufficient_scope"')
+        if decision.required_scopes:
+            parts.append(f'scope="{" ".join(decision.required_scopes)}"')
+    elif decision.status == 400:
+        parts.append('error="invalid_request"')
+    elif decision.token_sent:
+        parts.append('error="invalid_token"')
+        parts.append(f'error_description="{decision.reasons[0].message}"')
+    if resource_metadata:
+        parts.append(f'resource_metadata="{resource_metadata}"')
+    return "Bearer " + ", ".join(parts)
+
+
+def _deny(policy, status, reason, *, token=None, sent=False, scopes=(), rule=None) -> Decision:
+    message = _MESSAGES.get(reason, reason)
+    if rule:
+        message = f"{message} (rule {rule})"
+    return Decision(False, status, (Violation(reason, message),), policy, token, sent, scopes)
+
+
+def _claim_headers(providers, token: VerifiedToken | None) -> tuple[tuple[str, str], ...]:
+    if token is None:
+        return ()
+    out = []
+    for provider in providers:
+        if provider.name != token.provider:
+            continue
+        for claim, header in provider.claim_to_headers:
+            value = authz.claim_value(token.claims, claim)
+            if isinstance(value, (str, int, float, bool)):
+                text = str(value)
+                if "\r" not in text and "\n" not in text:
+                    out.append((header, text))
+    return tuple(out)
+
+
+def _query_has_token(raw_query: str) -> bool:
+    return "access_token" in raw_query and any(k == "access_token" for k, _ in parse_qsl(raw_query, keep_blank_values=True))
+
+
+def _ip(text: str):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

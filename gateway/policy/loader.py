@@ -1,0 +1,296 @@
+"""policies/ → frozen policies attached to routes, rules and Gateways (SPEC §2.2).
+
+Precedence for one rule: a policy targeting the rule (HTTPRoute + sectionName) beats one on
+the route, which beats one on the Gateway; ties go to the oldest, then by name. The winner's
+spec replaces the parent's (no merging).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from gateway.config import schemas
+from gateway.config.durations import parse_duration
+from gateway.config.model import Config, Source
+from gateway.config.yamldoc import Document, YamlError, load_documents
+from gateway.policy.model import (
+    Authorization,
+    AuthorizationRule,
+    ClaimMatch,
+    Cors,
+    Jwt,
+    JwtProvider,
+    PathOperation,
+    Principal,
+    SecurityPolicy,
+    TargetRef,
+    TokenSource,
+)
+
+ENVOY = "gateway.envoyproxy.io/v1alpha1"
+DEFAULT_JWKS_CACHE = 300.0
+_IGNORED_KINDS = {("sandgate.dev/v1alpha1", "SandboxPolicy"), (ENVOY, "BackendTrafficPolicy"), (ENVOY, "ClientTrafficPolicy")}
+
+
+@dataclass
+class PolicySet:
+    """The loaded policies and, for every rule, the SecurityPolicy that governs it."""
+
+    security: tuple[SecurityPolicy, ...] = ()
+    by_rule: dict[tuple[str, int], SecurityPolicy] = field(default_factory=dict)  # (route key, rule index)
+    by_gateway: dict[str, SecurityPolicy] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def security_for(self, route_key: str, rule_index: int, gateway: str) -> SecurityPolicy | None:
+        found = self.by_rule.get((route_key, rule_index))
+        return found if found is not None else self.by_gateway.get(gateway)
+
+
+EMPTY = PolicySet()
+
+
+def load_policies(directory: str | None, config: Config) -> PolicySet:
+    result = PolicySet()
+    if not directory or not os.path.isdir(directory):
+        if directory and os.path.exists(directory):
+            result.errors.append(f"{directory}:1: not a directory")
+        _warn_public_routes(result, config)
+        return result
+    documents: list[Document] = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.yaml")) + glob.glob(os.path.join(directory, "*.yml"))):
+        try:
+            documents += load_documents(path)
+        except YamlError as e:
+            result.errors.append(str(e))
+    policies: list[SecurityPolicy] = []
+    seen: dict[str, Document] = {}
+    for order, doc in enumerate(documents):
+        errors = schemas.validate(doc.obj)
+        where = f"{doc.path}:{doc.line}"
+        label = f"{doc.obj.get('kind')} {_key(doc.obj)}"
+        if errors:
+            result.errors += [f"{doc.path}:{doc.line_of(e.json_path)}: {label}: {e.message}" for e in errors]
+            continue
+        kind = (doc.obj["apiVersion"], doc.obj["kind"])
+        if kind in _IGNORED_KINDS:
+            result.warnings.append(f"{where}: {label}: loaded but not enforced by this build")
+            continue
+        if kind != (ENVOY, "SecurityPolicy"):
+            result.errors.append(f"{where}: {label}: kind is not a policy")
+            continue
+        if _key(doc.obj) in seen:
+            result.errors.append(f"{where}: {label}: duplicate of the object at {seen[_key(doc.obj)].path}:{seen[_key(doc.obj)].line}")
+            continue
+        seen[_key(doc.obj)] = doc
+        try:
+            policies.append(_security_policy(doc, order))
+        except _Invalid as e:
+            result.errors.append(f"{doc.path}:{doc.line_of(e.json_path)}: {label}: {e}")
+    result.security = tuple(policies)
+    _attach(result, config)
+    _warn_public_routes(result, config)
+    return result
+
+
+class _Invalid(ValueError):
+    def __init__(self, json_path: tuple, message: str):
+        super().__init__(message)
+        self.json_path = json_path
+
+
+def _key(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+
+def _security_policy(doc: Document, order: int) -> SecurityPolicy:
+    obj = doc.obj
+    spec = obj["spec"]
+    namespace, name = _key(obj).split("/", 1)
+    targets = tuple(
+        TargetRef(ref["kind"], ref["name"], ref.get("sectionName"))
+        for ref in spec.get("targetRefs") or []
+    )
+    if not targets:
+        raise _Invalid(("spec",), "targetRefs is required (targetSelectors are not supported)")
+    for i, target in enumerate(targets):
+        if target.kind not in ("Gateway", "HTTPRoute"):
+            raise _Invalid(("spec", "targetRefs", i), f"cannot target kind {target.kind}")
+    for unsupported in ("apiKeyAuth", "basicAuth", "extAuth", "oidc"):
+        if spec.get(unsupported):
+            raise _Invalid(("spec", unsupported), f"{unsupported} is not supported by this build")
+    revision = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    stamp = (obj["metadata"].get("creationTimestamp") or "~")
+    return SecurityPolicy(
+        namespace=namespace,
+        name=name,
+        revision=revision,
+        targets=targets,
+        order=(str(stamp), order),
+        jwt=_jwt(spec.get("jwt")),
+        authorization=_authorization(spec.get("authorization")),
+        cors=_cors(spec.get("cors")),
+        source=Source(doc.path, doc.line),
+    )
+
+
+def _jwt(spec: dict | None) -> Jwt | None:
+    if not spec:
+        return None
+    providers = []
+    for i, p in enumerate(spec.get("providers") or []):
+        path = ("spec", "jwt", "providers", i)
+        remote = p.get("remoteJWKS") or {}
+        local = p.get("localJWKS") or {}
+        if local and local.get("type", "Inline") != "Inline":
+            raise _Invalid(path + ("localJWKS",), "only Inline localJWKS is supported")
+        if not remote.get("uri") and not local.get("inline"):
+            raise _Invalid(path, "a provider needs remoteJWKS.uri or localJWKS.inline")
+        try:
+            cache = parse_duration(remote["cacheDuration"]) if remote.get("cacheDuration") else DEFAULT_JWKS_CACHE
+        except ValueError as e:
+            raise _Invalid(path + ("remoteJWKS", "cacheDuration"), str(e)) from None
+        providers.append(
+            JwtProvider(
+                name=p["name"],
+                issuer=p.get("issuer"),
+                audiences=tuple(p.get("audiences") or ()),
+                jwks_uri=remote.get("uri"),
+                local_jwks=local.get("inline"),
+                cache_seconds=cache,
+                claim_to_headers=tuple((c["claim"], c["header"]) for c in p.get("claimToHeaders") or []),
+                source=_token_source(p.get("extractFrom")),
+            )
+        )
+    return Jwt(tuple(providers), bool(spec.get("optional", False)))
+
+
+def _token_source(spec: dict | None) -> TokenSource:
+    if not spec:
+        return TokenSource()
+    return TokenSource(
+        headers=tuple((h["name"], h.get("valuePrefix", "")) for h in spec.get("headers") or []),
+        cookies=tuple(spec.get("cookies") or ()),
+        params=tuple(spec.get("params") or ()),
+    )
+
+
+def _authorization(spec: dict | None) -> Authorization | None:
+    if not spec:
+        return None
+    rules = []
+    for i, r in enumerate(spec.get("rules") or []):
+        path = ("spec", "authorization", "rules", i)
+        if r.get("cel"):
+            raise _Invalid(path + ("cel",), "CEL authorization rules are not supported")
+        p = r.get("principal") or {}
+        if p.get("clientIPGeoLocations"):
+            raise _Invalid(path + ("principal",), "clientIPGeoLocations is not supported")
+        try:
+            cidrs = tuple(ipaddress.ip_network(c, strict=False) for c in p.get("clientCIDRs") or [])
+        except ValueError as e:
+            raise _Invalid(path + ("principal", "clientCIDRs"), str(e)) from None
+        jwt = p.get("jwt") or {}
+        principal = Principal(
+            client_cidrs=cidrs,
+            jwt_provider=jwt.get("provider"),
+            jwt_claims=tuple(ClaimMatch(c["name"], tuple(c["values"])) for c in jwt.get("claims") or []),
+            jwt_scopes=tuple(jwt.get("scopes") or ()),
+            headers=tuple((h["name"].lower(), tuple(h["values"])) for h in p.get("headers") or []),
+        )
+        operation = r.get("operation") or {}
+        path_spec = operation.get("path")
+        path_op = None
+        if path_spec:
+            pattern = None
+            if path_spec.get("type") == "RegularExpression":
+                try:
+                    pattern = re.compile(path_spec["value"])
+                except re.error as e:
+                    raise _Invalid(path + ("operation", "path"), f"invalid regular expression: {e}") from None
+            path_op = PathOperation(path_spec.get("type", "PathPrefix"), path_spec["value"], bool(path_spec.get("invert")), pattern)
+        rules.append(
+            AuthorizationRule(
+                name=r.get("name") or f"rule-{i}",
+                action=r["action"],
+                principal=principal,
+                methods=tuple(operation.get("methods") or ()),
+                path=path_op,
+            )
+        )
+    return Authorization(tuple(rules), spec.get("defaultAction", "Deny"))
+
+
+def _cors(spec: dict | None) -> Cors | None:
+    if not spec:
+        return None
+    max_age = None
+    if spec.get("maxAge"):
+        try:
+            max_age = int(parse_duration(spec["maxAge"]))
+        except ValueError as e:
+            raise _Invalid(("spec", "cors", "maxAge"), str(e)) from None
+    return Cors(
+        allow_origins=tuple(spec.get("allowOrigins") or ()),
+        allow_methods=tuple(spec.get("allowMethods") or ()),
+        allow_headers=tuple(spec.get("allowHeaders") or ()),
+        expose_headers=tuple(spec.get("exposeHeaders") or ()),
+        max_age=max_age,
+        allow_credentials=bool(spec.get("allowCredentials", False)),
+    )
+
+
+def _attach(result: PolicySet, config: Config) -> None:
+    routes = {r.key: r for r in config.routes}
+    gateways = {l.gateway for l in config.listeners}
+    ranked = sorted(result.security, key=lambda p: (p.order, p.key))
+    rule_level: dict[tuple[str, int], SecurityPolicy] = {}
+    route_level: dict[str, SecurityPolicy] = {}
+    for policy in ranked:
+        for target in policy.targets:
+            key = f"{policy.namespace}/{target.name}"
+            where = f"{policy.source}: SecurityPolicy {policy.key}"
+            if target.kind == "Gateway":
+                if key not in gateways:
+                    result.problems.append(f"{where}: target Gateway {key} does not exist")
+                else:
+                    result.by_gateway.setdefault(key, policy)
+                continue
+            route = routes.get(key)
+            if route is None:
+                result.problems.append(f"{where}: target HTTPRoute {key} does not exist")
+                continue
+            if target.section_name is None:
+                route_level.setdefault(key, policy)
+                continue
+            indexes = [r.index for r in route.rules if r.name == target.section_name]
+            if not indexes:
+                result.problems.append(f"{where}: HTTPRoute {key} has no rule named {target.section_name!r}")
+            for index in indexes:
+                rule_level.setdefault((key, index), policy)
+    for route in config.routes:
+        for rule in route.rules:
+            policy = rule_level.get((route.key, rule.index)) or route_level.get(route.key)
+            if policy is not None:
+                result.by_rule[(route.key, rule.index)] = policy
+
+
+def _warn_public_routes(result: PolicySet, config: Config) -> None:
+    for route in config.routes:
+        gateways = {p.gateway for p in route.parents}
+        public = [
+            rule for rule in route.rules
+            if (route.key, rule.index) not in result.by_rule and not any(g in result.by_gateway for g in gateways)
+        ]
+        if public:
+            names = ", ".join(rule.name or str(rule.index) for rule in public)
+            where = f"{route.source}: " if route.source else ""
+            result.warnings.append(f"{where}HTTPRoute {route.key} is public (no SecurityPolicy): rules {names}")

@@ -1,0 +1,116 @@
+"""Frozen policy objects, in Envoy Gateway's vocabulary (SecurityPolicy, BackendTrafficPolicy,
+ClientTrafficPolicy). Parsed once by the loader; evaluated by pure functions."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.config.model import Source
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class TargetRef:
+    kind: Literal["Gateway", "HTTPRoute"]
+    name: str
+    section_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSource:
+    """Where a JWT may be read from (extractFrom). Query parameters only when named."""
+
+    headers: tuple[tuple[str, str], ...] = (("Authorization", "Bearer "),)  # (name, value prefix)
+    cookies: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JwtProvider:
+    name: str
+    issuer: str | None
+    audiences: tuple[str, ...]
+    jwks_uri: str | None
+    local_jwks: str | None
+    cache_seconds: float
+    claim_to_headers: tuple[tuple[str, str], ...]  # (claim, header)
+    source: TokenSource
+
+
+@dataclass(frozen=True, slots=True)
+class Jwt:
+    providers: tuple[JwtProvider, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMatch:
+    name: str  # dotted path for nested claims
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    client_cidrs: tuple[IPNetwork, ...] = ()
+    jwt_provider: str | None = None
+    jwt_claims: tuple[ClaimMatch, ...] = ()
+    jwt_scopes: tuple[str, ...] = ()
+    headers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (lower-case name, accepted values)
+
+    @property
+    def uses_jwt(self) -> bool:
+        return self.jwt_provider is not None or bool(self.jwt_claims) or bool(self.jwt_scopes)
+
+
+@dataclass(frozen=True, slots=True)
+class PathOperation:
+    kind: Literal["Exact", "PathPrefix", "RegularExpression"]
+    value: str
+    invert: bool = False
+    pattern: re.Pattern[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationRule:
+    name: str
+    action: Literal["Allow", "Deny"]
+    principal: Principal
+    methods: tuple[str, ...] = ()
+    path: PathOperation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    rules: tuple[AuthorizationRule, ...]
+    default_action: Literal["Allow", "Deny"] = "Deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Cors:
+    allow_origins: tuple[str, ...]
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: int | None = None
+    allow_credentials: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityPolicy:
+    namespace: str
+    name: str
+    revision: str  # changes whenever the spec changes; recorded with every decision
+    targets: tuple[TargetRef, ...]
+    order: tuple[str, int]
+    jwt: Jwt | None = None
+    authorization: Authorization | None = None
+    cors: Cors | None = None
+    source: Source | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"

@@ -1,0 +1,138 @@
+"""Policies as the request path uses them: which policy governs a rule, JWKS key sets shared by
+URI (kept across reloads), the verifier with its token cache, MCP resources and CORS origins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from gateway.auth.jwks import Fetch, KeySet
+from gateway.auth.jwt import JwtVerifier
+from gateway.config.model import Config, Route
+from gateway.policy.loader import PolicySet
+from gateway.policy.model import Cors, JwtProvider, SecurityPolicy
+
+MCP_ANNOTATION = "sandgate.dev/mcp"
+METADATA_PATH = "/.well-known/oauth-protected-resource"
+
+
+@dataclass(frozen=True, slots=True)
+class McpResource:
+    route: Route
+    path: str  # the MCP endpoint's path, e.g. /mcp
+    policy: SecurityPolicy
+
+
+class PolicyRuntime:
+    def __init__(
+        self,
+        policies: PolicySet,
+        config: Config,
+        fetch: Fetch,
+        *,
+        previous: "PolicyRuntime | None" = None,
+        on_refresh: Callable[[str, str], None] | None = None,
+    ):
+        self.policies = policies
+        self._fetch = fetch
+        self._on_refresh = on_refresh
+        self._key_sets: dict[tuple, KeySet] = {}
+        if previous is not None:
+            self._key_sets = previous._key_sets  # keep fetched keys across a reload
+        self.verifier = JwtVerifier(self.key_set_for)
+        self.mcp_by_route: dict[str, McpResource] = {}
+        self.mcp_by_metadata_path: dict[str, McpResource] = {}
+        for route in config.routes:
+            resource = self._mcp_resource(route)
+            if resource is not None:
+                self.mcp_by_route[route.key] = resource
+                self.mcp_by_metadata_path.setdefault(METADATA_PATH + resource.path, resource)
+                self.mcp_by_metadata_path.setdefault(METADATA_PATH, resource)
+
+    def security_for(self, route_key: str, rule_index: int, gateway: str) -> SecurityPolicy | None:
+        return self.policies.security_for(route_key, rule_index, gateway)
+
+    def key_set_for(self, provider: JwtProvider) -> KeySet:
+        key = (provider.jwks_uri, provider.local_jwks, provider.cache_seconds)
+        key_set = self._key_sets.get(key)
+        if key_set is None:
+            key_set = self._key_sets[key] = KeySet(
+                provider.name,
+                provider.jwks_uri,
+                self._fetch,
+                cache_seconds=provider.cache_seconds,
+                inline=provider.local_jwks,
+                on_refresh=self._on_refresh,
+            )
+        return key_set
+
+    async def warm_up(self) -> bool:
+        """Fetch every remote key set once; True when all of them have keys (readiness)."""
+        for policy in self.policies.security:
+            for provider in policy.jwt.providers if policy.jwt else ():
+                await self.key_set_for(provider).ensure_fresh()
+        return self.keys_loaded()
+
+    def keys_loaded(self) -> bool:
+        return all(
+            self.key_set_for(p).loaded
+            for policy in self.policies.security
+            for p in (policy.jwt.providers if policy.jwt else ())
+        )
+
+    def _mcp_resource(self, route: Route) -> McpResource | None:
+        if dict(route.annotations).get(MCP_ANNOTATION) != "true":
+            return None
+        policy = next(
+            (self.policies.by_rule.get((route.key, rule.index)) for rule in route.rules
+             if self.policies.by_rule.get((route.key, rule.index)) is not None),
+            None,
+        )
+        if policy is None or policy.jwt is None:
+            return None
+        prefixes = [m.path.value for rule in route.rules for m in rule.matches if m.path.kind == "PathPrefix"]
+        path = (prefixes[0] if prefixes else "/mcp").rstrip("/") or "/"
+        return McpResource(route, path, policy)
+
+
+def metadata_document(resource: McpResource, origin: str) -> dict:
+    """RFC 9728 protected resource metadata for an MCP endpoint."""
+    policy = resource.policy
+    scopes = sorted({
+        scope
+        for rule in (policy.authorization.rules if policy.authorization else ())
+        for scope in rule.principal.jwt_scopes
+    })
+    document = {
+        "resource": origin + resource.path,
+        "authorization_servers": sorted({p.issuer for p in policy.jwt.providers if p.issuer}),
+        "bearer_methods_supported": ["header"],
+    }
+    if scopes:
+        document["scopes_supported"] = scopes
+    return document
+
+
+def origin_allowed(cors: Cors | None, origin: str, own_origin: str) -> bool:
+    """Whether a browser Origin may call: our own origin always, others per CORS allowOrigins
+    (exact, "*", "scheme://*", or "scheme://*.domain[:port]")."""
+    if origin == own_origin:
+        return True
+    if cors is None:
+        return False
+    origin_lower = origin.lower()
+    for allowed in cors.allow_origins:
+        allowed = allowed.lower()
+        if allowed in ("*", origin_lower):
+            return True
+        scheme, sep, rest = allowed.partition("://")
+        o_scheme, o_sep, o_rest = origin_lower.partition("://")
+        if not sep or not o_sep or scheme != o_scheme:
+            continue
+        if rest == "*":
+            return True
+        if rest.startswith("*."):
+            host_port = rest[1:]  # ".example.com[:port]"
+            if o_rest.endswith(host_port) and len(o_rest) > len(host_port):
+                return True
+    return False

@@ -1,0 +1,128 @@
+"""Applying the SecurityPolicy of a matched rule to a live request.
+
+The decision itself is pure (gateway.policy.decision); this module turns it into what HTTP
+needs: 401/403 with RFC 6750 / RFC 9728 challenges, CORS preflight answers and response
+headers, Origin checks for MCP and WebSocket, headers for the upstream, metrics and the
+decision log line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.policy.decision import Decision, RequestFacts, evaluate, www_authenticate
+from gateway.policy.model import Cors, SecurityPolicy
+from gateway.policy.runtime import METADATA_PATH, PolicyRuntime, metadata_document, origin_allowed
+from gateway.server.errors import error_response
+
+
+@dataclass(slots=True)
+class Allowed:
+    decision: Decision | None
+    upstream_headers: tuple[tuple[str, str], ...] = ()  # claimToHeaders values
+    strip_headers: tuple[str, ...] = ()  # every claimToHeaders name: never taken from the client
+    response_headers: tuple[tuple[str, str], ...] = ()  # CORS
+
+
+def metadata_response(policies: PolicyRuntime, path: str, origin: str) -> web.Response | None:
+    """RFC 9728 metadata for an MCP route protected by JWT, served by the gateway itself."""
+    resource = policies.mcp_by_metadata_path.get(path)
+    if resource is None:
+        return None
+    body = json.dumps(metadata_document(resource, origin)).encode()
+    return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "max-age=300"})
+
+
+async def enforce(
+    policies: PolicyRuntime,
+    policy: SecurityPolicy,
+    request: web.BaseRequest,
+    *,
+    route_key: str,
+    path: str,
+    query: str,
+    origin: str,
+    is_websocket: bool,
+    request_id: str,
+    metrics,
+    access_log,
+) -> Allowed | web.Response:
+    headers = request.headers
+    client_origin = headers.get("Origin")
+    cors = policy.cors
+    mcp = policies.mcp_by_route.get(route_key)
+    if cors is not None and client_origin and request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+        if origin_allowed(cors, client_origin, origin):
+            return _preflight(cors, client_origin, headers)
+    if client_origin and (mcp is not None or is_websocket) and not origin_allowed(cors, client_origin, origin):
+        metrics.observe_decision(policy.key, False, "origin-not-allowed")
+        return error_response(
+            403, "policy_violation", "This Origin may not call this route.", request_id,
+            accept=headers.get("Accept", ""),
+            violations=[{"code": "origin-not-allowed", "message": "This Origin may not call this route."}],
+        )
+    facts = RequestFacts(
+        method=request.method,
+        path=path,
+        raw_query=query,
+        headers=headers,
+        client_ip=request.remote or "",
+        mcp_resource=origin + mcp.path if mcp is not None else None,
+    )
+    decision = await evaluate(policy, facts, policies.verifier)
+    reason = decision.reasons[0].code if decision.reasons else "allowed"
+    metrics.observe_decision(policy.key, decision.allowed, reason)
+    access_log.write({
+        "type": "decision",
+        "request_id": request_id,
+        "policy": policy.key,
+        "revision": policy.revision,
+        "route": route_key,
+        "decision": "allow" if decision.allowed else "deny",
+        "reasons": [v.code for v in decision.reasons],
+        "principal": decision.principal,
+        "token": decision.token.fingerprint if decision.token else None,
+    })
+    if not decision.allowed:
+        challenge = None
+        if decision.status in (400, 401) or (decision.status == 403 and mcp is not None):
+            metadata = origin + METADATA_PATH + mcp.path if mcp is not None else None
+            challenge = www_authenticate(decision, "sandgate", metadata)
+        code = "unauthorized" if decision.status == 401 else ("bad_request" if decision.status == 400 else "policy_violation")
+        return error_response(
+            decision.status, code, decision.reasons[0].message, request_id,
+            accept=headers.get("Accept", ""),
+            violations=[v.as_dict() for v in decision.reasons],
+            headers={"WWW-Authenticate": challenge} if challenge else None,
+        )
+    response_headers = _cors_headers(cors, client_origin) if cors and client_origin and origin_allowed(cors, client_origin, origin) else ()
+    strip = tuple(h for p in (policy.jwt.providers if policy.jwt else ()) for _, h in p.claim_to_headers)
+    return Allowed(decision, decision.upstream_headers, strip, response_headers)
+
+
+def _preflight(cors: Cors, client_origin: str, headers) -> web.Response:
+    response = web.Response(status=204)
+    out = response.headers
+    out["Access-Control-Allow-Origin"] = client_origin
+    out["Vary"] = "Origin"
+    methods = cors.allow_methods or (headers.get("Access-Control-Request-Method", ""),)
+    out["Access-Control-Allow-Methods"] = ", ".join(methods)
+    if cors.allow_headers:
+        out["Access-Control-Allow-Headers"] = ", ".join(cors.allow_headers)
+    if cors.max_age is not None:
+        out["Access-Control-Max-Age"] = str(cors.max_age)
+    if cors.allow_credentials:
+        out["Access-Control-Allow-Credentials"] = "true"
+    return response
+
+
+def _cors_headers(cors: Cors, client_origin: str) -> tuple[tuple[str, str], ...]:
+    out = [("Access-Control-Allow-Origin", client_origin), ("Vary", "Origin")]
+    if cors.allow_credentials:
+        out.append(("Access-Control-Allow-Credentials", "true"))
+    if cors.expose_headers:
+        out.append(("Access-Control-Expose-Headers", ", ".join(cors.expose_headers)))
+    return tuple(out)
