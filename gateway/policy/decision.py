@@ -83,7 +83,7 @@ async def evaluate(policy: SecurityPolicy, facts: RequestFacts, verifier: JwtVer
             method=facts.method,
             path=facts.path,
             headers=facts.headers,
-            client_ip=_ip(facts.client_ip),
+            client_ip=parse_ip(facts.client_ip),
             provider=token.provider if token else None,
             claims=token.claims if token else None,
         )
@@ -166,7 +166,8 @@ def _query_has_token(raw_query: str) -> bool:
     return "access_token" in raw_query and any(k == "access_token" for k, _ in parse_qsl(raw_query, keep_blank_values=True))
 
 
-def _ip(text: str):
+def parse_ip(text: str):
+    """An ip_address, or None for anything that is not one (e.g. a unix-socket peer)."""
     try:
         return ipaddress.ip_address(text)
     except ValueError:

@@ -19,8 +19,11 @@ from gateway.config import schemas
 from gateway.config.durations import parse_duration
 from gateway.config.model import Config, Source
 from gateway.config.yamldoc import Document, YamlError, load_documents
+from gateway.policy.ratelimit import UNIT_SECONDS, HeaderSelector, RateLimitRule, SourceSelector
 from gateway.policy.model import (
     Authorization,
+    BackendTrafficPolicy,
+    ClientTrafficPolicy,
     AuthorizationRule,
     ClaimMatch,
     Cors,
@@ -35,23 +38,42 @@ from gateway.policy.model import (
 
 ENVOY = "gateway.envoyproxy.io/v1alpha1"
 DEFAULT_JWKS_CACHE = 300.0
-_IGNORED_KINDS = {("sandgate.dev/v1alpha1", "SandboxPolicy"), (ENVOY, "BackendTrafficPolicy"), (ENVOY, "ClientTrafficPolicy")}
+_IGNORED_KINDS = {("sandgate.dev/v1alpha1", "SandboxPolicy")}
+
+
+@dataclass
+class Attached:
+    """Which policy of one kind governs each rule: rule or route level, else the Gateway's."""
+
+    by_rule: dict[tuple[str, int], object] = field(default_factory=dict)  # (route key, rule index)
+    by_gateway: dict[str, object] = field(default_factory=dict)
+
+    def for_rule(self, route_key: str, rule_index: int, gateway: str):
+        found = self.by_rule.get((route_key, rule_index))
+        return found if found is not None else self.by_gateway.get(gateway)
 
 
 @dataclass
 class PolicySet:
-    """The loaded policies and, for every rule, the SecurityPolicy that governs it."""
-
     security: tuple[SecurityPolicy, ...] = ()
-    by_rule: dict[tuple[str, int], SecurityPolicy] = field(default_factory=dict)  # (route key, rule index)
-    by_gateway: dict[str, SecurityPolicy] = field(default_factory=dict)
+    traffic: tuple[BackendTrafficPolicy, ...] = ()
+    client: tuple[ClientTrafficPolicy, ...] = ()
+    security_attached: Attached = field(default_factory=Attached)
+    traffic_attached: Attached = field(default_factory=Attached)
+    client_by_gateway: dict[str, ClientTrafficPolicy] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def by_rule(self) -> dict:
+        return self.security_attached.by_rule
+
     def security_for(self, route_key: str, rule_index: int, gateway: str) -> SecurityPolicy | None:
-        found = self.by_rule.get((route_key, rule_index))
-        return found if found is not None else self.by_gateway.get(gateway)
+        return self.security_attached.for_rule(route_key, rule_index, gateway)
+
+    def traffic_for(self, route_key: str, rule_index: int, gateway: str) -> BackendTrafficPolicy | None:
+        return self.traffic_attached.for_rule(route_key, rule_index, gateway)
 
 
 EMPTY = PolicySet()
@@ -70,8 +92,8 @@ def load_policies(directory: str | None, config: Config) -> PolicySet:
             documents += load_documents(path)
         except YamlError as e:
             result.errors.append(str(e))
-    policies: list[SecurityPolicy] = []
-    seen: dict[str, Document] = {}
+    built: dict[str, list] = {"SecurityPolicy": [], "BackendTrafficPolicy": [], "ClientTrafficPolicy": []}
+    seen: dict[tuple[str, str], Document] = {}
     for order, doc in enumerate(documents):
         errors = schemas.validate(doc.obj)
         where = f"{doc.path}:{doc.line}"
@@ -83,19 +105,26 @@ def load_policies(directory: str | None, config: Config) -> PolicySet:
         if kind in _IGNORED_KINDS:
             result.warnings.append(f"{where}: {label}: loaded but not enforced by this build")
             continue
-        if kind != (ENVOY, "SecurityPolicy"):
+        builder = _BUILDERS.get(kind)
+        if builder is None:
             result.errors.append(f"{where}: {label}: kind is not a policy")
             continue
-        if _key(doc.obj) in seen:
-            result.errors.append(f"{where}: {label}: duplicate of the object at {seen[_key(doc.obj)].path}:{seen[_key(doc.obj)].line}")
+        identity = (doc.obj["kind"], _key(doc.obj))
+        if identity in seen:
+            result.errors.append(f"{where}: {label}: duplicate of the object at {seen[identity].path}:{seen[identity].line}")
             continue
-        seen[_key(doc.obj)] = doc
+        seen[identity] = doc
         try:
-            policies.append(_security_policy(doc, order))
+            built[doc.obj["kind"]].append(builder(doc, order))
         except _Invalid as e:
             result.errors.append(f"{doc.path}:{doc.line_of(e.json_path)}: {label}: {e}")
-    result.security = tuple(policies)
-    _attach(result, config)
+    result.security = tuple(built["SecurityPolicy"])
+    result.traffic = tuple(built["BackendTrafficPolicy"])
+    result.client = tuple(built["ClientTrafficPolicy"])
+    result.security_attached = _attach(result.security, "SecurityPolicy", config, result.problems)
+    result.traffic_attached = _attach(result.traffic, "BackendTrafficPolicy", config, result.problems)
+    client = _attach(result.client, "ClientTrafficPolicy", config, result.problems, gateways_only=True)
+    result.client_by_gateway = client.by_gateway
     _warn_public_routes(result, config)
     return result
 
@@ -111,7 +140,8 @@ def _key(obj: dict) -> str:
     return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
 
 
-def _security_policy(doc: Document, order: int) -> SecurityPolicy:
+def _common(doc: Document, order: int) -> dict:
+    """Identity, targets, revision and age: what every policy kind has."""
     obj = doc.obj
     spec = obj["spec"]
     namespace, name = _key(obj).split("/", 1)
@@ -124,22 +154,126 @@ def _security_policy(doc: Document, order: int) -> SecurityPolicy:
     for i, target in enumerate(targets):
         if target.kind not in ("Gateway", "HTTPRoute"):
             raise _Invalid(("spec", "targetRefs", i), f"cannot target kind {target.kind}")
+    revision = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    stamp = obj["metadata"].get("creationTimestamp") or "~"
+    return {
+        "namespace": namespace,
+        "name": name,
+        "revision": revision,
+        "targets": targets,
+        "order": (str(stamp), order),
+        "source": Source(doc.path, doc.line),
+    }
+
+
+def _security_policy(doc: Document, order: int) -> SecurityPolicy:
+    spec = doc.obj["spec"]
     for unsupported in ("apiKeyAuth", "basicAuth", "extAuth", "oidc"):
         if spec.get(unsupported):
             raise _Invalid(("spec", unsupported), f"{unsupported} is not supported by this build")
-    revision = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    stamp = (obj["metadata"].get("creationTimestamp") or "~")
     return SecurityPolicy(
-        namespace=namespace,
-        name=name,
-        revision=revision,
-        targets=targets,
-        order=(str(stamp), order),
+        **_common(doc, order),
         jwt=_jwt(spec.get("jwt")),
         authorization=_authorization(spec.get("authorization")),
         cors=_cors(spec.get("cors")),
-        source=Source(doc.path, doc.line),
     )
+
+
+def _backend_traffic_policy(doc: Document, order: int) -> BackendTrafficPolicy:
+    spec = doc.obj["spec"]
+    for unsupported in ("retry", "circuitBreaker", "healthCheck", "faultInjection", "loadBalancer"):
+        if spec.get(unsupported):
+            raise _Invalid(("spec", unsupported), f"{unsupported} is not supported by this build")
+    rate = spec.get("rateLimit") or {}
+    if rate.get("global") or rate.get("type") == "Global":
+        raise _Invalid(("spec", "rateLimit"), "global rate limits are not supported (use local)")
+    rules = tuple(_rate_rule(("spec", "rateLimit", "local", "rules", i), r)
+                  for i, r in enumerate((rate.get("local") or {}).get("rules") or []))
+    timeout = spec.get("timeout") or {}
+    try:
+        request_timeout = parse_duration(timeout["http"]["requestTimeout"]) if (timeout.get("http") or {}).get("requestTimeout") else None
+        connect_timeout = parse_duration(timeout["tcp"]["connectTimeout"]) if (timeout.get("tcp") or {}).get("connectTimeout") else None
+    except ValueError as e:
+        raise _Invalid(("spec", "timeout"), str(e)) from None
+    return BackendTrafficPolicy(
+        **_common(doc, order), rate_limits=rules, request_timeout=request_timeout or None, connect_timeout=connect_timeout
+    )
+
+
+def _rate_rule(path: tuple, spec: dict) -> RateLimitRule:
+    limit = spec["limit"]
+    if limit.get("fromMetadata") or spec.get("cost"):
+        raise _Invalid(path, "limits from metadata and request costs are not supported")
+    headers: list[HeaderSelector] = []
+    source = None
+    methods: tuple[str, ...] = ()
+    for j, selector in enumerate(spec.get("clientSelectors") or []):
+        where = path + ("clientSelectors", j)
+        if selector.get("path") or selector.get("queryParams"):
+            raise _Invalid(where, "path and queryParams selectors are not supported")
+        for h in selector.get("headers") or []:
+            kind = h.get("type", "Exact")
+            pattern = None
+            if kind == "RegularExpression":
+                try:
+                    pattern = re.compile(h.get("value", ""))
+                except re.error as e:
+                    raise _Invalid(where, f"invalid regular expression: {e}") from None
+            headers.append(HeaderSelector(h["name"].lower(), kind, h.get("value"), pattern, bool(h.get("invert"))))
+        cidr = selector.get("sourceCIDR")
+        if cidr:
+            try:
+                network = ipaddress.ip_network(cidr["value"], strict=False)
+            except ValueError as e:
+                raise _Invalid(where + ("sourceCIDR",), str(e)) from None
+            source = SourceSelector(network, cidr.get("type", "Exact") == "Distinct", bool(cidr.get("invert")))
+        if selector.get("methods"):
+            methods = tuple(m["value"] for m in selector["methods"] if not m.get("invert"))
+    return RateLimitRule(limit["requests"], UNIT_SECONDS[limit["unit"]], tuple(headers), source, methods)
+
+
+def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
+    spec = doc.obj["spec"]
+    xff = (spec.get("clientIPDetection") or {}).get("xForwardedFor") or {}
+    if xff.get("trustedCIDRs"):
+        raise _Invalid(("spec", "clientIPDetection"), "trustedCIDRs is not supported (use numTrustedHops)")
+    connection = spec.get("connection") or {}
+    headers = spec.get("headers") or {}
+    try:
+        max_headers = _quantity(headers.get("maxRequestHeaderLimit"))
+        max_body = _quantity(connection.get("bufferLimit"))
+    except ValueError as e:
+        raise _Invalid(("spec",), str(e)) from None
+    return ClientTrafficPolicy(
+        **_common(doc, order),
+        trusted_hops=int(xff.get("numTrustedHops") or 0),
+        max_header_bytes=max_headers,
+        max_body_bytes=max_body,
+        connection_limit=(connection.get("connectionLimit") or {}).get("value"),
+    )
+
+
+_QUANTITY = re.compile(r"^([0-9]+)([KMGTPE]i|[kMGTPE])?$")
+_FACTORS = {None: 1, "k": 1000, "K": 1000, "M": 10**6, "G": 10**9, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+
+
+def _quantity(value) -> int | None:
+    """A Kubernetes quantity of bytes ("64Ki", "1Mi", 1024)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    m = _QUANTITY.match(str(value))
+    if m is None or m.group(2) not in _FACTORS:
+        raise ValueError(f"invalid size {value!r} (e.g. 64Ki, 1Mi)")
+    return int(m.group(1)) * _FACTORS[m.group(2)]
+
+
+_BUILDERS = {
+    (ENVOY, "SecurityPolicy"): _security_policy,
+    (ENVOY, "BackendTrafficPolicy"): _backend_traffic_policy,
+    (ENVOY, "ClientTrafficPolicy"): _client_traffic_policy,
+}
 
 
 def _jwt(spec: dict | None) -> Jwt | None:
@@ -248,39 +382,43 @@ def _cors(spec: dict | None) -> Cors | None:
     )
 
 
-def _attach(result: PolicySet, config: Config) -> None:
+def _attach(policies, kind: str, config: Config, problems: list[str], *, gateways_only: bool = False) -> Attached:
+    attached = Attached()
     routes = {r.key: r for r in config.routes}
     gateways = {l.gateway for l in config.listeners}
-    ranked = sorted(result.security, key=lambda p: (p.order, p.key))
-    rule_level: dict[tuple[str, int], SecurityPolicy] = {}
-    route_level: dict[str, SecurityPolicy] = {}
-    for policy in ranked:
+    rule_level: dict[tuple[str, int], object] = {}
+    route_level: dict[str, object] = {}
+    for policy in sorted(policies, key=lambda p: (p.order, p.key)):
         for target in policy.targets:
             key = f"{policy.namespace}/{target.name}"
-            where = f"{policy.source}: SecurityPolicy {policy.key}"
+            where = f"{policy.source}: {kind} {policy.key}"
             if target.kind == "Gateway":
                 if key not in gateways:
-                    result.problems.append(f"{where}: target Gateway {key} does not exist")
+                    problems.append(f"{where}: target Gateway {key} does not exist")
                 else:
-                    result.by_gateway.setdefault(key, policy)
+                    attached.by_gateway.setdefault(key, policy)
+                continue
+            if gateways_only:
+                problems.append(f"{where}: a {kind} can only target a Gateway")
                 continue
             route = routes.get(key)
             if route is None:
-                result.problems.append(f"{where}: target HTTPRoute {key} does not exist")
+                problems.append(f"{where}: target HTTPRoute {key} does not exist")
                 continue
             if target.section_name is None:
                 route_level.setdefault(key, policy)
                 continue
             indexes = [r.index for r in route.rules if r.name == target.section_name]
             if not indexes:
-                result.problems.append(f"{where}: HTTPRoute {key} has no rule named {target.section_name!r}")
+                problems.append(f"{where}: HTTPRoute {key} has no rule named {target.section_name!r}")
             for index in indexes:
                 rule_level.setdefault((key, index), policy)
     for route in config.routes:
         for rule in route.rules:
             policy = rule_level.get((route.key, rule.index)) or route_level.get(route.key)
             if policy is not None:
-                result.by_rule[(route.key, rule.index)] = policy
+                attached.by_rule[(route.key, rule.index)] = policy
+    return attached
 
 
 def _warn_public_routes(result: PolicySet, config: Config) -> None:
@@ -288,7 +426,8 @@ def _warn_public_routes(result: PolicySet, config: Config) -> None:
         gateways = {p.gateway for p in route.parents}
         public = [
             rule for rule in route.rules
-            if (route.key, rule.index) not in result.by_rule and not any(g in result.by_gateway for g in gateways)
+            if (route.key, rule.index) not in result.security_attached.by_rule
+            and not any(g in result.security_attached.by_gateway for g in gateways)
         ]
         if public:
             names = ", ".join(rule.name or str(rule.index) for rule in public)

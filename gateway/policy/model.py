@@ -114,3 +114,40 @@ class SecurityPolicy:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTrafficPolicy:
+    namespace: str
+    name: str
+    revision: str
+    targets: tuple[TargetRef, ...]
+    order: tuple[str, int]
+    rate_limits: tuple = ()  # of ratelimit.RateLimitRule
+    request_timeout: float | None = None
+    connect_timeout: float | None = None
+    source: Source | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTrafficPolicy:
+    """Settings of the listeners of a Gateway; they apply to every request it receives."""
+
+    namespace: str
+    name: str
+    revision: str
+    targets: tuple[TargetRef, ...]
+    order: tuple[str, int]
+    trusted_hops: int = 0
+    max_header_bytes: int | None = None
+    max_body_bytes: int | None = None
+    connection_limit: int | None = None
+    source: Source | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"

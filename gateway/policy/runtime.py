@@ -10,7 +10,7 @@ from gateway.auth.jwks import Fetch, KeySet
 from gateway.auth.jwt import JwtVerifier
 from gateway.config.model import Config, Route
 from gateway.policy.loader import PolicySet
-from gateway.policy.model import Cors, JwtProvider, SecurityPolicy
+from gateway.policy.model import BackendTrafficPolicy, ClientTrafficPolicy, Cors, JwtProvider, SecurityPolicy
 
 MCP_ANNOTATION = "sandgate.dev/mcp"
 METADATA_PATH = "/.well-known/oauth-protected-resource"
@@ -51,6 +51,12 @@ class PolicyRuntime:
 
     def security_for(self, route_key: str, rule_index: int, gateway: str) -> SecurityPolicy | None:
         return self.policies.security_for(route_key, rule_index, gateway)
+
+    def traffic_for(self, route_key: str, rule_index: int, gateway: str) -> BackendTrafficPolicy | None:
+        return self.policies.traffic_for(route_key, rule_index, gateway)
+
+    def client_policy(self, gateway: str) -> ClientTrafficPolicy | None:
+        return self.policies.client_by_gateway.get(gateway)
 
     def key_set_for(self, provider: JwtProvider) -> KeySet:
         key = (provider.jwks_uri, provider.local_jwks, provider.cache_seconds)

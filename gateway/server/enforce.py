@@ -45,6 +45,7 @@ async def enforce(
     path: str,
     query: str,
     origin: str,
+    client_ip: str,
     is_websocket: bool,
     request_id: str,
     metrics,
@@ -69,7 +70,7 @@ async def enforce(
         path=path,
         raw_query=query,
         headers=headers,
-        client_ip=request.remote or "",
+        client_ip=client_ip,
         mcp_resource=origin + mcp.path if mcp is not None else None,
     )
     decision = await evaluate(policy, facts, policies.verifier)
@@ -126,3 +127,23 @@ def _cors_headers(cors: Cors, client_origin: str) -> tuple[tuple[str, str], ...]
     if cors.expose_headers:
         out.append(("Access-Control-Expose-Headers", ", ".join(cors.expose_headers)))
     return tuple(out)
+
+
+def client_address(request: web.BaseRequest, trusted_hops: int) -> str:
+    """The client's IP: the peer, or with N trusted proxy hops in front, the Nth address from
+    the right of X-Forwarded-For (what the outermost trusted proxy saw)."""
+    peer = request.remote or ""
+    if trusted_hops <= 0:
+        return peer
+    forwarded = [a.strip() for v in request.headers.getall("X-Forwarded-For", ()) for a in v.split(",") if a.strip()]
+    if len(forwarded) < trusted_hops:
+        return peer
+    return forwarded[-trusted_hops]
+
+
+def rate_limit_headers(verdict) -> tuple[tuple[str, str], ...]:
+    return (
+        ("X-RateLimit-Limit", str(verdict.limit)),
+        ("X-RateLimit-Remaining", str(verdict.remaining)),
+        ("X-RateLimit-Reset", str(verdict.reset_seconds)),
+    )

@@ -27,7 +27,9 @@ from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import error_response
-from gateway.server.enforce import enforce, metadata_response
+from gateway.policy.decision import parse_ip
+from gateway.policy.ratelimit import LocalRateLimiter
+from gateway.server.enforce import client_address, enforce, metadata_response, rate_limit_headers
 from gateway.server.metrics import Metrics
 from gateway.server.protocol import HTTP09
 
@@ -68,6 +70,7 @@ class Gateway:
         self.metrics = metrics
         self.access_log = access_log
         self.pool = UpstreamPool()
+        self.rate_limiter = LocalRateLimiter()  # outlives reloads; buckets are keyed by policy revision
         self.sockets = websocket.OpenSockets()
         self.draining = False
 
@@ -127,13 +130,18 @@ class Gateway:
         rule = found.rule
         listener = found.listener
         is_websocket = websocket.is_websocket_upgrade(headers)
+        client = self.policies.client_policy(listener.gateway)
+        trusted_hops = client.trusted_hops if client is not None else self.settings.trusted_hops
+        client_ip = outcome.client = client_address(request, trusted_hops)
+        if client is not None and client.max_header_bytes and _header_bytes(request) > client.max_header_bytes:
+            return self._error(request, 431, "headers_too_large", "The request headers are too large.", request_id)
         allowed = None
         policy = self.policies.security_for(found.route.key, rule.index, listener.gateway)
         if policy is not None:
             result = await enforce(
                 self.policies, policy, request, route_key=found.route.key, path=path, query=query,
-                origin=self._origin(request), is_websocket=is_websocket, request_id=request_id,
-                metrics=self.metrics, access_log=self.access_log,
+                origin=self._origin(request), client_ip=client_ip, is_websocket=is_websocket,
+                request_id=request_id, metrics=self.metrics, access_log=self.access_log,
             )
             if isinstance(result, web.StreamResponse):
                 return result
@@ -146,7 +154,7 @@ class Gateway:
         if choice is None or choice.upstream is None:
             return self._error(request, 500, "no_backend", "The matched rule has no valid backend.", request_id)
         length = request.content_length
-        limit = self.settings.max_body_bytes
+        limit = (client.max_body_bytes if client is not None else None) or self.settings.max_body_bytes
         if limit is not None and length is not None and length > limit:
             return self._error(request, 413, "body_too_large", "The request body is too large.", request_id)
 
@@ -160,7 +168,7 @@ class Gateway:
             client_ip=request.remote or "",
             proto=scheme,
             host=authority or headers.get("Host", host),
-            trust_incoming=self.settings.trusted_hops > 0,
+            trust_incoming=trusted_hops > 0,
         )
         out_headers["X-Request-Id"] = request_id
         if allowed is not None:
@@ -171,15 +179,34 @@ class Gateway:
         apply_modifier(out_headers, rule.filters.request_headers)
         apply_modifier(out_headers, choice.filters.request_headers)
 
+        traffic = self.policies.traffic_for(found.route.key, rule.index, listener.gateway)
+        rate_headers: tuple[tuple[str, str], ...] = ()
+        if traffic is not None and traffic.rate_limits:
+            # After claimToHeaders, so a Distinct header selector can limit per claim.
+            verdict = self.rate_limiter.check(
+                f"{traffic.key}@{traffic.revision}", traffic.rate_limits,
+                headers=out_headers, client_ip=parse_ip(client_ip), method=request.method,
+            )
+            if verdict is not None:
+                rate_headers = rate_limit_headers(verdict)
+                if not verdict.allowed:
+                    self.metrics.observe_ratelimited(found.route.key)
+                    response = self._error(request, 429, "rate_limited", "Too many requests; retry later.", request_id)
+                    response.headers.update(rate_headers)
+                    response.headers["Retry-After"] = str(max(1, verdict.retry_after))
+                    return response
+
         def edit_response(response_headers: CIMultiDict) -> None:
             response_headers["X-Request-Id"] = request_id
+            response_headers.update(rate_headers)
             if allowed is not None:
                 for name, value in allowed.response_headers:
                     response_headers[name] = value
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)
 
-        deadline = _deadline(rule.timeouts.request, rule.timeouts.backend_request)
+        request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
+        deadline = _deadline(request_timeout, rule.timeouts.backend_request)
         upstream = choice.upstream
         plan = ForwardPlan(
             endpoint=self.pool.pick(upstream),
@@ -187,7 +214,7 @@ class Gateway:
             method=request.method,
             path_and_query=f"{upstream_path}?{query}" if query else upstream_path,
             headers=out_headers,
-            connect_timeout=self.settings.connect_timeout,
+            connect_timeout=(traffic.connect_timeout if traffic is not None else None) or self.settings.connect_timeout,
             idle_timeout=self.settings.idle_timeout,
             deadline=deadline,
             edit_response_headers=edit_response,
@@ -254,6 +281,7 @@ class Gateway:
             {
                 "request_id": request_id,
                 "remote": request.remote,
+                "client": outcome.client,
                 "method": request.method,
                 "host": outcome.host,
                 "path": outcome.path,  # never the query: it can carry credentials
@@ -272,10 +300,11 @@ class Gateway:
 
 
 class _Outcome:
-    __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent")
+    __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent", "client")
 
     def __init__(self) -> None:
         self.status = 0
+        self.client = ""
         self.route = ""
         self.host = ""
         self.path = ""

@@ -42,6 +42,7 @@ class Metrics:
         self.jwks_refresh = Counter(
             "sandgate_jwks_refresh", "JWKS key set refreshes", ["provider", "result"], registry=r
         )
+        self.ratelimited = Counter("sandgate_ratelimited", "Requests refused by a rate limit", ["route"], registry=r)
         self._request_children: dict[tuple[str, str, int], object] = {}
         self._duration_children: dict[str, object] = {}
         self._upstream_children: dict[str, object] = {}
@@ -65,6 +66,9 @@ class Metrics:
 
     def observe_decision(self, policy: str, allowed: bool, reason: str) -> None:
         self.decisions.labels(policy, "allow" if allowed else "deny", reason).inc()
+
+    def observe_ratelimited(self, route: str) -> None:
+        self.ratelimited.labels(route).inc()
 
     def observe_jwks_refresh(self, provider: str, result: str) -> None:
         self.jwks_refresh.labels(provider, result).inc()

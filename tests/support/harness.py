@@ -23,12 +23,18 @@ async def running_gateway(
     tls_dir: str | None = None,
     reload_interval: float = 0,
     drain_seconds: float = 5.0,
+    policies_yaml: str | None = None,
 ):
     routes = tmp_path / "routes.yaml"
     routes.write_text(routes_yaml)
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    if policies_yaml is not None:
+        (policies / "policies.yaml").write_text(policies_yaml)
     log = io.StringIO()
     options = ServeOptions(
         routes=str(routes),
+        policies=str(policies),
         listen=listen if listen is not None else ["127.0.0.1:0"],
         admin="127.0.0.1:0",
         tls_dir=tls_dir or str(tmp_path / "tls"),

@@ -1,0 +1,156 @@
+"""BackendTrafficPolicy (local rate limits, timeouts) and ClientTrafficPolicy (trusted hops,
+header and body limits), through a running gateway to a real upstream."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import aiohttp
+import pytest
+
+from gateway.policy.ratelimit import LocalRateLimiter, RateLimitRule, SourceSelector
+from tests.support.harness import GATEWAY, admin_url, backend, running_gateway, route_to, url
+
+
+def traffic_policy(spec: str, name: str = "limits") -> str:
+    return f"""\
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {{name: {name}, namespace: infra}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}}]
+{spec}"""
+
+
+def client_policy(spec: str) -> str:
+    return f"""\
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {{name: edge, namespace: infra}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: gw}}]
+{spec}"""
+
+
+@pytest.fixture
+async def app(echo_servers):
+    servers = await echo_servers("app")
+    return GATEWAY + backend("app", servers["app"][1]) + route_to("app")
+
+
+async def get(session, gw, path="/", **kwargs):
+    async with session.get(url(gw, path), **kwargs) as resp:
+        return resp.status, resp.headers, await resp.read()
+
+
+async def test_route_limit_refuses_with_429_and_rate_headers(app, echo_servers, tmp_path):
+    policy = traffic_policy("""  rateLimit:
+    type: Local
+    local:
+      rules:
+      - limit: {requests: 3, unit: Minute}
+""")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw, aiohttp.ClientSession() as session:
+        statuses = []
+        for _ in range(3):
+            status, headers, _ = await get(session, gw)
+            statuses.append(status)
+            assert headers["X-RateLimit-Limit"] == "3"
+        assert statuses == [200, 200, 200]
+        assert headers["X-RateLimit-Remaining"] == "0"
+        status, headers, body = await get(session, gw)
+        assert status == 429
+        assert int(headers["Retry-After"]) >= 1
+        assert headers["X-RateLimit-Remaining"] == "0"
+        assert 0 < int(headers["X-RateLimit-Reset"]) <= 60
+        assert b'"rate_limited"' in body
+        async with session.get(admin_url(gw, "/metrics")) as m:
+            assert 'sandgate_ratelimited_total{route="infra/app"} 1.0' in await m.text()
+
+
+async def test_distinct_header_values_get_their_own_buckets(app, tmp_path):
+    policy = traffic_policy("""  rateLimit:
+    type: Local
+    local:
+      rules:
+      - clientSelectors:
+        - headers: [{name: X-User, type: Distinct}]
+        limit: {requests: 1, unit: Hour}
+""")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw, aiohttp.ClientSession() as session:
+        assert (await get(session, gw, headers={"X-User": "alice"}))[0] == 200
+        assert (await get(session, gw, headers={"X-User": "alice"}))[0] == 429
+        assert (await get(session, gw, headers={"X-User": "bob"}))[0] == 200
+        status, headers, _ = await get(session, gw)  # no X-User: the rule does not apply
+        assert status == 200 and "X-RateLimit-Limit" not in headers
+
+
+async def test_trusted_hops_pick_the_client_ip_for_distinct_source_limits(app, tmp_path):
+    policies = client_policy("""  clientIPDetection:
+    xForwardedFor: {numTrustedHops: 1}
+""") + traffic_policy("""  rateLimit:
+    type: Local
+    local:
+      rules:
+      - clientSelectors:
+        - sourceCIDR: {type: Distinct, value: 0.0.0.0/0}
+        limit: {requests: 1, unit: Hour}
+""")
+    async with running_gateway(tmp_path, app, policies_yaml=policies) as gw, aiohttp.ClientSession() as session:
+        first = {"X-Forwarded-For": "198.51.100.7"}
+        assert (await get(session, gw, headers=first))[0] == 200
+        assert (await get(session, gw, headers=first))[0] == 429
+        assert (await get(session, gw, headers={"X-Forwarded-For": "198.51.100.8"}))[0] == 200
+        # A forged leftmost entry does not help: the trusted hop's (rightmost) entry counts.
+        assert (await get(session, gw, headers={"X-Forwarded-For": "203.0.113.1, 198.51.100.7"}))[0] == 429
+
+
+async def test_client_policy_limits_headers_and_body(app, tmp_path):
+    policies = client_policy("""  headers: {maxRequestHeaderLimit: 2Ki}
+  connection: {bufferLimit: 1Ki}
+""")
+    async with running_gateway(tmp_path, app, policies_yaml=policies) as gw, aiohttp.ClientSession() as session:
+        assert (await get(session, gw, headers={"X-Big": "x" * 3000}))[0] == 431
+        async with session.post(url(gw, "/"), data=b"x" * 2048) as resp:
+            assert resp.status == 413
+        async with session.post(url(gw, "/"), data=b"x" * 512) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["body_length"] == 512
+
+
+async def test_traffic_policy_request_timeout_gives_504(app, tmp_path):
+    policy = traffic_policy("""  timeout:
+    http: {requestTimeout: 300ms}
+""")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw, aiohttp.ClientSession() as session:
+        assert (await get(session, gw, headers={"X-Echo-Delay": "1"}))[0] == 504
+        assert (await get(session, gw))[0] == 200
+
+
+def test_token_bucket_refills_at_the_configured_rate():
+    limiter = LocalRateLimiter()
+    rules = (RateLimitRule(requests=2, unit_seconds=60),)
+    check = lambda now: limiter.check("p", rules, headers={}, client_ip=None, method="GET", now=now)  # noqa: E731
+    assert check(0).allowed and check(0).allowed
+    refused = check(0)
+    assert not refused.allowed and refused.retry_after == 30
+    assert not check(29).allowed
+    assert check(30.5).allowed
+
+
+def test_distinct_buckets_are_bounded_by_forgetting_the_oldest():
+    limiter = LocalRateLimiter(max_buckets_per_rule=100)
+    rules = (RateLimitRule(1, 3600, source=SourceSelector(ipaddress.ip_network("0.0.0.0/0"), distinct=True)),)
+
+    def check(ip: str):
+        return limiter.check("p", rules, headers={}, client_ip=ipaddress.ip_address(ip), method="GET", now=0)
+
+    assert check("10.9.9.9").allowed and not check("10.9.9.9").allowed
+    for i in range(10_000):
+        check(f"10.0.{i // 256}.{i % 256}")
+    # The flood pushed the first client's bucket out: memory stayed bounded, at the cost of
+    # forgetting (never of refusing someone who was not limited).
+    assert check("10.9.9.9").allowed
+    assert not check("10.0.39.15").allowed  # a recent bucket is still remembered
