@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.commands.show import run_explain
 
         try:
-            return run_explain(args.routes, _load_options(args), args.method, args.url, args.header)
+            return run_explain(
+                args.routes, args.policies, _load_options(args), args.method, args.url, args.header, args.token
+            )
         except BadRequestTarget as e:
             print(f"sandgate: {e}", file=sys.stderr)
             return 2

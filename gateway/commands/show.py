@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.auth.fetch import JwksFetcher
 from gateway.config.loader import LoadOptions, load_routes
+from gateway.policy.decision import RequestFacts, evaluate
+from gateway.policy.loader import load_policies
+from gateway.policy.runtime import PolicyRuntime
 from gateway.config.model import Config, RouteMatch, Upstream
 from gateway.routing.paths import BadRequestTarget, normalize_host, normalize_path
 from gateway.routing.rewrite import modify_path, redirect_location
@@ -58,15 +63,30 @@ def run_routes(routes_path: str, options: LoadOptions) -> int:
     return 0
 
 
-def run_explain(routes_path: str, options: LoadOptions, method: str, url: str, header_args: list[str]) -> int:
+def run_explain(
+    routes_path: str,
+    policies_path: str,
+    options: LoadOptions,
+    method: str,
+    url: str,
+    header_args: list[str],
+    token: str | None = None,
+) -> int:
     loaded = _load(routes_path, options)
     if loaded is None:
         return 1
     config, table = loaded
+    policies = load_policies(policies_path, config)
+    if policies.errors:
+        for line in policies.errors:
+            print(line, file=sys.stderr)
+        return 1
     target = URL(url, encoded=True)
     if not target.is_absolute():
         raise BadRequestTarget("URL must be absolute, e.g. http://host/path")
     headers = CIMultiDict()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     for item in header_args:
         name, sep, value = item.partition(":")
         if not sep:
@@ -86,6 +106,26 @@ def run_explain(routes_path: str, options: LoadOptions, method: str, url: str, h
     print(f"listener: {found.listener.gateway} {found.listener.name} ({found.listener.protocol} :{found.listener.port})")
     print(f"route:    HTTPRoute {found.route.key} (hostname {found.host or '*'})")
     print(f"rule:     {rule.label}: {describe_match(found.match)}")
+    gateway = found.listener.gateway
+    traffic = policies.traffic_for(found.route.key, rule.index, gateway)
+    client = policies.client_by_gateway.get(gateway)
+    if traffic is not None:
+        print(f"traffic:  BackendTrafficPolicy {traffic.key} ({len(traffic.rate_limits)} rate-limit rules)")
+    if client is not None:
+        print(f"client:   ClientTrafficPolicy {client.key} (trusted hops {client.trusted_hops})")
+    security = policies.security_for(found.route.key, rule.index, gateway)
+    if security is None:
+        print("policy:   none: this route is public")
+    else:
+        print(f"policy:   SecurityPolicy {security.key} (revision {security.revision})")
+        decision = asyncio.run(_decide(policies, config, security, found, method, path, query, headers, target))
+        verdict = "allow" if decision.allowed else f"deny ({decision.status})"
+        reasons = ", ".join(f"{v.code}: {v.message}" for v in decision.reasons) or "every check passed"
+        print(f"decision: {verdict}: {reasons}")
+        if decision.token is not None:
+            print(f"principal: {decision.principal} (provider {decision.token.provider}, token {decision.token.fingerprint})")
+        if not decision.allowed:
+            return 0
     if rule.filters.redirect is not None:
         location = redirect_location(
             rule.filters.redirect, scheme=target.scheme, host=host, listener_port=found.listener.port,
@@ -115,8 +155,20 @@ def run_explain(routes_path: str, options: LoadOptions, method: str, url: str, h
         print(f"upstream: {method} {upstream_url} (Host: {host_header})")
     if rule.timeouts.request or rule.timeouts.backend_request:
         print(f"timeouts: request={rule.timeouts.request}s backendRequest={rule.timeouts.backend_request}s")
-    print("policies: none (policy enforcement is not configured in this build)")
     return 0
+
+
+async def _decide(policies, config, security, found, method, path, query, headers, target):
+    """The decision a running gateway would make; the only network call is a JWKS fetch."""
+    fetcher = JwksFetcher()
+    try:
+        runtime = PolicyRuntime(policies, config, fetcher)
+        mcp = runtime.mcp_by_route.get(found.route.key)
+        origin = f"{target.scheme}://{target.raw_authority}"
+        facts = RequestFacts(method, path, query, headers, "127.0.0.1", origin + mcp.path if mcp else None)
+        return await evaluate(security, facts, runtime.verifier)
+    finally:
+        await fetcher.close()
 
 
 def _listener_port(config: Config, target: URL) -> int:
