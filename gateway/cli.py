@@ -46,6 +46,12 @@ def _load_options(args) -> LoadOptions:
     return LoadOptions(cluster_domain=args.cluster_domain, overrides=overrides)
 
 
+def _add_store_flags(p: argparse.ArgumentParser) -> None:
+    # The database URL may carry a password: it is read from the environment only.
+    p.add_argument("--data-dir", default=_env("data-dir", "/tmp/sandgate"),
+                   help="embedded store and audit spool (default /tmp/sandgate)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sandgate", description="Edge gateway for AI-agent platforms.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=int(_env("max-body-bytes", "0")) or None,
                        help="refuse larger request bodies with 413 (default: no limit)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    _add_store_flags(serve)
 
     check = sub.add_parser("check", help="validate routes and policies")
     _add_config_flags(check)
@@ -76,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--token", default=None, help="a JWT to evaluate policies with")
     explain.add_argument("method")
     explain.add_argument("url")
+
+    keys = sub.add_parser("keys", help="manage API keys (only their SHA-256 is stored)")
+    _add_store_flags(keys)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="mint a key; the secret is printed once")
+    create.add_argument("--owner", required=True)
+    create.add_argument("--scope", action="append", default=[])
+    create.add_argument("--expires", default=None, help="lifetime, e.g. 30d, 12h (default: never)")
+    keys_sub.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
+
+    db = sub.add_parser("db", help="the store")
+    _add_store_flags(db)
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("migrate", help="create or upgrade the store schema (idempotent)")
 
     dev = sub.add_parser("dev", help="run the gateway on the shipped routes.yaml with local stand-in services")
     dev.add_argument("--routes", default="routes.yaml")
@@ -104,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         except BadRequestTarget as e:
             print(f"sandgate: {e}", file=sys.stderr)
             return 2
+    if args.command in ("keys", "db"):
+        from gateway.commands.store import run_store_command
+
+        return run_store_command(args)
     if args.command == "dev":
         from gateway.commands.dev import run_dev
 

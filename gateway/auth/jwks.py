@@ -119,6 +119,9 @@ class KeySet:
             await self.refresh()
 
     async def refresh_for_unknown_kid(self) -> None:
+        if self._inflight is not None:  # join the fetch under way (single flight)
+            await asyncio.shield(self._inflight)
+            return
         if self.uri is None or monotonic() - self._attempted_at < self.min_refetch_seconds:
             return
         await self.refresh()

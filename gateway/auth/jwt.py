@@ -60,7 +60,7 @@ class JwtVerifier:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("token-too-large", "The token is too large.")
         digest = hashlib.sha256(token.encode()).hexdigest()
-        key = (tuple(p.name for p in providers), required_audience, digest)
+        key = (providers, required_audience, digest)  # per provider settings, not just names
         cached = self._cache.get(key)
         now = time()
         if cached is not None:
@@ -81,7 +81,7 @@ class JwtVerifier:
             raise TokenError("token-malformed", "The token cannot be parsed.") from None
         algorithm = header.get("alg")
         if algorithm not in ASYMMETRIC:
-            raise TokenError("token-algorithm-refused", f"Tokens signed with {str(algorithm)[:16]!r} are refused.")
+            raise TokenError("token-algorithm-refused", "The token's signing algorithm is refused.")
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             raise TokenError("token-malformed", "The token's key id is invalid.")
@@ -111,6 +111,9 @@ class JwtVerifier:
                 except jwt_errors.PyJWTError as e:
                     last_error = _token_error(e)
                     continue
+                if float(claims["exp"]) <= time():
+                    # The leeway is for clock skew on nbf/iat; an expired token is expired.
+                    raise TokenError("token-expired", "The token has expired.")
                 if required_audience is not None and required_audience not in _audiences(claims):
                     raise TokenError("token-audience-mismatch", "The token is not meant for this resource.")
                 return VerifiedToken(provider.name, claims, float(claims["exp"]), fingerprint)

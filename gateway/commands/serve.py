@@ -51,6 +51,8 @@ def run_serve(args, load_options: LoadOptions) -> int:
         reuse_port=args.reuse_port or ready_fd is not None,
         drain_seconds=args.drain_seconds,
         load=load_options,
+        database_url=os.environ.get("SANDGATE_DATABASE_URL") or None,
+        data_dir=args.data_dir,
         settings=Settings(max_body_bytes=args.max_body_bytes, public_url=args.public_url),
     )
 

@@ -243,7 +243,7 @@ def _route(doc: Document, order: int, objects: _Objects, options: LoadOptions, f
         hostnames=tuple(sorted({h.lower() for h in spec.get("hostnames") or []})),
         parents=parents,
         rules=tuple(rules),
-        order=(_timestamp(meta.get("creationTimestamp")), order),
+        order=(age_key(meta.get("creationTimestamp")), order),
         annotations=tuple(sorted((meta.get("annotations") or {}).items())),
         source=Source(doc.path, doc.line),
     )
@@ -252,7 +252,7 @@ def _route(doc: Document, order: int, objects: _Objects, options: LoadOptions, f
     return route
 
 
-def _timestamp(value: Any) -> str:
+def age_key(value: Any) -> str:
     """Sortable age: RFC 3339 timestamps first (oldest first), then routes without one."""
     if value is None:
         return "~"

@@ -6,15 +6,17 @@ land in the error body and the audit record. Nothing here touches sockets.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Mapping
 from urllib.parse import parse_qsl
 
+from gateway.auth.apikeys import ApiKeyPrincipal, ApiKeyVerifier
 from gateway.auth.jwt import JwtVerifier, TokenError, VerifiedToken
 from gateway.policy import authz
-from gateway.policy.model import JwtProvider, SecurityPolicy
+from gateway.policy.model import ApiKeyAuth, JwtProvider, SecurityPolicy
 
 _MESSAGES = {
     "credentials-missing": "This route requires a bearer token.",
@@ -62,14 +64,28 @@ class RequestFacts:
     mcp_resource: str | None = None  # the public MCP URL when the route is an MCP route
 
 
-async def evaluate(policy: SecurityPolicy, facts: RequestFacts, verifier: JwtVerifier) -> Decision:
+async def evaluate(
+    policy: SecurityPolicy, facts: RequestFacts, verifier: JwtVerifier, api_keys: ApiKeyVerifier | None = None
+) -> Decision:
+    """Credentials first (a bearer JWT or, where the policy accepts them, an API key: either
+    one suffices), then authorization rules."""
     token: VerifiedToken | None = None
     sent = False
     jwt = policy.jwt
     if facts.mcp_resource is not None and _query_has_token(facts.raw_query):
         return _deny(policy, 400, "token-in-query", sent=True)
-    if jwt is not None:
-        raw = extract_token(jwt.providers, facts)
+    raw = extract_token(jwt.providers, facts) if jwt is not None else None
+    if raw is None and policy.api_key is not None:
+        key = extract_api_key(policy.api_key, facts)
+        if key is not None:
+            principal = await api_keys.verify(key) if api_keys is not None else None
+            if principal is None:
+                return Decision(False, 401, (Violation("api-key-invalid", "The API key is not valid."),), policy, token_sent=True)
+            token = _api_key_token(principal, key)
+            sent = True
+        elif jwt is None:
+            return _deny(policy, 401, "credentials-missing")
+    if jwt is not None and token is None:
         if raw is not None:
             sent = True
             try:
@@ -95,7 +111,46 @@ async def evaluate(policy: SecurityPolicy, facts: RequestFacts, verifier: JwtVer
             if scopes:
                 return _deny(policy, 403, "insufficient-scope", token=token, sent=sent, scopes=scopes)
             return _deny(policy, 403, verdict.reason, token=token, sent=sent, rule=verdict.rule)
-    return Decision(True, 200, (), policy, token, sent, upstream_headers=_claim_headers(jwt.providers if jwt else (), token))
+    upstream_headers = _claim_headers(jwt.providers if jwt else (), token)
+    if token is not None and token.provider == API_KEY_PROVIDER and policy.api_key.forward_client_id_header:
+        upstream_headers += ((policy.api_key.forward_client_id_header, token.claims["client_id"]),)
+    return Decision(True, 200, (), policy, token, sent, upstream_headers=upstream_headers)
+
+
+API_KEY_PROVIDER = "api-key"
+
+
+def _api_key_token(principal: ApiKeyPrincipal, key: str) -> VerifiedToken:
+    """An API key principal in the shape authorization rules read: its owner is `sub`, its
+    scopes are `scope`, and `jwt.provider: api-key` selects API-key callers."""
+    claims = {"sub": principal.owner, "scope": " ".join(principal.scopes), "client_id": principal.key_id}
+    return VerifiedToken(API_KEY_PROVIDER, claims, float("inf"), hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def extract_api_key(auth: ApiKeyAuth, facts: RequestFacts) -> str | None:
+    for name in auth.headers:
+        value = facts.headers.get(name)
+        if value:
+            return value.strip()
+    if auth.params:
+        params = dict(parse_qsl(facts.raw_query))
+        for name in auth.params:
+            if params.get(name):
+                return params[name]
+    for name in auth.cookies:
+        value = _cookie(facts.headers, name)
+        if value:
+            return value
+    return None
+
+
+def _cookie(headers, name: str) -> str | None:
+    jar = SimpleCookie()
+    try:
+        jar.load("; ".join(headers.getall("Cookie", ())))
+    except CookieError:
+        return None
+    return jar[name].value if name in jar else None
 
 
 def extract_token(providers: tuple[JwtProvider, ...], facts: RequestFacts) -> str | None:
@@ -105,15 +160,10 @@ def extract_token(providers: tuple[JwtProvider, ...], facts: RequestFacts) -> st
             for value in facts.headers.getall(name, ()):
                 if value[: len(prefix)].lower() == prefix.lower():
                     return value[len(prefix):].strip() or None
-        if source.cookies:
-            jar = SimpleCookie()
-            try:
-                jar.load("; ".join(facts.headers.getall("Cookie", ())))
-            except CookieError:
-                jar = SimpleCookie()
-            for name in source.cookies:
-                if name in jar:
-                    return jar[name].value or None
+        for name in source.cookies:
+            value = _cookie(facts.headers, name)
+            if value:
+                return value
         if source.params:
             params = dict(parse_qsl(facts.raw_query, keep_blank_values=False))
             for name in source.params:
@@ -133,10 +183,18 @@ def www_authenticate(decision: Decision, realm: str, resource_metadata: str | No
         parts.append('error="invalid_request"')
     elif decision.token_sent:
         parts.append('error="invalid_token"')
-        parts.append(f'error_description="{decision.reasons[0].message}"')
+        parts.append(f'error_description="{_quoted_string(decision.reasons[0].message)}"')
     if resource_metadata:
         parts.append(f'resource_metadata="{resource_metadata}"')
     return "Bearer " + ", ".join(parts)
+
+
+def _quoted_string(text: str) -> str:
+    """Only characters RFC 9110 allows in a quoted-string without escaping."""
+    return "".join(c for c in text if c in _QDTEXT)
+
+
+_QDTEXT = frozenset(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
 
 
 def _deny(policy, status, reason, *, token=None, sent=False, scopes=(), rule=None) -> Decision:

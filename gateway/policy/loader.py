@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 
 from gateway.config import schemas
 from gateway.config.durations import parse_duration
+from gateway.config.loader import age_key
 from gateway.config.model import Config, Source
 from gateway.config.yamldoc import Document, YamlError, load_documents
 from gateway.policy.ratelimit import UNIT_SECONDS, HeaderSelector, RateLimitRule, SourceSelector
 from gateway.policy.model import (
+    ApiKeyAuth,
     Authorization,
     BackendTrafficPolicy,
     ClientTrafficPolicy,
@@ -155,25 +157,26 @@ def _common(doc: Document, order: int) -> dict:
         if target.kind not in ("Gateway", "HTTPRoute"):
             raise _Invalid(("spec", "targetRefs", i), f"cannot target kind {target.kind}")
     revision = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    stamp = obj["metadata"].get("creationTimestamp") or "~"
+    stamp = age_key(obj["metadata"].get("creationTimestamp"))
     return {
         "namespace": namespace,
         "name": name,
         "revision": revision,
         "targets": targets,
-        "order": (str(stamp), order),
+        "order": (stamp, 0),  # ties between equally old policies go by name (SPEC §2.2)
         "source": Source(doc.path, doc.line),
     }
 
 
 def _security_policy(doc: Document, order: int) -> SecurityPolicy:
     spec = doc.obj["spec"]
-    for unsupported in ("apiKeyAuth", "basicAuth", "extAuth", "oidc"):
+    for unsupported in ("basicAuth", "extAuth", "oidc"):
         if spec.get(unsupported):
             raise _Invalid(("spec", unsupported), f"{unsupported} is not supported by this build")
     return SecurityPolicy(
         **_common(doc, order),
         jwt=_jwt(spec.get("jwt")),
+        api_key=_api_key(spec.get("apiKeyAuth")),
         authorization=_authorization(spec.get("authorization")),
         cors=_cors(spec.get("cors")),
     )
@@ -305,6 +308,25 @@ def _jwt(spec: dict | None) -> Jwt | None:
             )
         )
     return Jwt(tuple(providers), bool(spec.get("optional", False)))
+
+
+def _api_key(spec: dict | None) -> ApiKeyAuth | None:
+    if not spec:
+        return None
+    for i, ref in enumerate(spec.get("credentialRefs") or []):
+        if (ref.get("group"), ref.get("kind")) != ("sandgate.dev", "ApiKeyStore"):
+            raise _Invalid(
+                ("spec", "apiKeyAuth", "credentialRefs", i),
+                "keys come from Sandgate's store: use {group: sandgate.dev, kind: ApiKeyStore, name: default}",
+            )
+    headers: list[str] = []
+    params: list[str] = []
+    cookies: list[str] = []
+    for source in spec.get("extractFrom") or []:
+        headers += source.get("headers") or []
+        params += source.get("params") or []
+        cookies += source.get("cookies") or []
+    return ApiKeyAuth(tuple(headers), tuple(params), tuple(cookies), spec.get("forwardClientIDHeader"), bool(spec.get("sanitize")))
 
 
 def _token_source(spec: dict | None) -> TokenSource:

@@ -100,6 +100,18 @@ class Cors:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeyAuth:
+    """Keys from Sandgate's own store (`sandgate keys create`), read from the first source
+    that has one."""
+
+    headers: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    cookies: tuple[str, ...] = ()
+    forward_client_id_header: str | None = None
+    sanitize: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class SecurityPolicy:
     namespace: str
     name: str
@@ -107,6 +119,7 @@ class SecurityPolicy:
     targets: tuple[TargetRef, ...]
     order: tuple[str, int]
     jwt: Jwt | None = None
+    api_key: ApiKeyAuth | None = None
     authorization: Authorization | None = None
     cors: Cors | None = None
     source: Source | None = None

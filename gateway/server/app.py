@@ -19,6 +19,8 @@ from typing import TextIO
 from aiohttp import web
 
 from gateway.config.loader import LoadOptions, load_routes
+from gateway.audit import AuditLog
+from gateway.auth.apikeys import MissingSecret
 from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener
 from gateway.policy.loader import load_policies
@@ -31,6 +33,7 @@ from gateway.server.logs import event
 from gateway.server.metrics import Metrics
 from gateway.server.protocol import make_server
 from gateway.server.tls import CertificateStore
+from gateway.store import Store, open_store
 
 log = logging.getLogger("sandgate")
 
@@ -50,6 +53,8 @@ class ServeOptions:
     reload_interval: float = 1.0
     drain_seconds: float = 30.0
     load: LoadOptions = field(default_factory=LoadOptions)
+    database_url: str | None = None  # PostgreSQL; None = the embedded store in data_dir
+    data_dir: str = "/tmp/sandgate"  # embedded store and audit spool: mount a volume to keep them
     settings: Settings = field(default_factory=Settings)
     access_log: TextIO | None = None  # default stdout
 
@@ -96,6 +101,7 @@ class RunningGateway:
         self._bound_ports: set[int] = set()
         self.ready = False
         self.jwks_fetcher: JwksFetcher | None = None
+        self.store: Store | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -182,13 +188,27 @@ class RunningGateway:
                   ports=sorted(new_ports - self._bound_ports))
         table = compile_table(config)
         previous = self.gateway.policies
-        runtime = PolicyRuntime(policies, config, self.jwks_fetcher, previous=previous,
-                                on_refresh=self.gateway.metrics.observe_jwks_refresh)
+        try:
+            runtime = PolicyRuntime(policies, config, self.jwks_fetcher, previous=previous,
+                                    on_refresh=self.gateway.metrics.observe_jwks_refresh,
+                                    api_key_lookup=self.store.find_api_key)
+        except MissingSecret as e:
+            event(log, "routes not reloaded", logging.ERROR, error=str(e))
+            return False
         self.gateway.table, self.gateway.policies = table, runtime  # no await between: one swap
-        asyncio.ensure_future(runtime.warm_up())
         _freeze_long_lived()
         event(log, "routes reloaded", routes=len(config.routes))
         return True
+
+    async def _keep_keys_loaded(self) -> None:
+        """Fetch JWKS key sets until every provider has keys, and again after each reload.
+
+        A replica that is unready gets no traffic, so it must not wait for a request to retry.
+        The key sets' own back-off bounds how often this really fetches.
+        """
+        while True:
+            await self.gateway.policies.warm_up()
+            await asyncio.sleep(1.0)
 
     async def drain(self) -> None:
         """Readiness 503, stop accepting, close WebSockets with 1001, finish in-flight requests."""
@@ -202,6 +222,8 @@ class RunningGateway:
         self._runners.clear()
         await self.gateway.close()
         await self.jwks_fetcher.close()
+        await self.gateway.audit.stop()  # to the store, or to the spool if it is down
+        await self.store.close()
         await self.gateway.access_log.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -226,11 +248,24 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         event(log, "policy problem", logging.WARNING, problem=line)
     access_log = AccessLog(options.access_log)
     metrics = Metrics()
+    try:
+        store = await open_store(options.database_url, data_dir=options.data_dir)
+        await store.migrate()
+    except Exception as e:  # noqa: BLE001 - one clear line for the operator
+        raise StartupError(f"cannot open the store ({'PostgreSQL' if options.database_url else options.data_dir}): {e}") from e
+    audit = AuditLog(store, options.data_dir, on_depth=metrics.audit_queue_depth.set, on_spooled=metrics.audit_spooled.inc)
     fetcher = JwksFetcher()
-    runtime = PolicyRuntime(policies, config, fetcher, on_refresh=metrics.observe_jwks_refresh)
-    gateway = Gateway(compile_table(config), runtime, options.settings, metrics, access_log)
+    try:
+        runtime = PolicyRuntime(policies, config, fetcher, on_refresh=metrics.observe_jwks_refresh,
+                                api_key_lookup=store.find_api_key)
+    except MissingSecret as e:
+        await store.close()
+        raise StartupError(str(e)) from e
+    gateway = Gateway(compile_table(config), runtime, options.settings, metrics, access_log, audit)
     running = RunningGateway(options, gateway, CertificateStore(options.tls_dir))
     running.jwks_fetcher = fetcher
+    running.store = store
+    audit.start()
     try:
         await running._bind(config.listeners)
         await running._start_admin()
@@ -239,7 +274,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise
     access_log.start()
     _freeze_long_lived()
-    running._tasks.append(asyncio.ensure_future(runtime.warm_up()))
+    running._tasks.append(asyncio.ensure_future(running._keep_keys_loaded()))
     if options.reload_interval > 0:
         running._tasks.append(asyncio.ensure_future(running._watch_routes()))
         running._tasks.append(asyncio.ensure_future(running.certificates.watch(max(options.reload_interval, 1.0))))

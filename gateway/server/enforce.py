@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from time import monotonic
 
 from aiohttp import web
 
+from gateway.audit import AuditRecord
 from gateway.policy.decision import Decision, RequestFacts, evaluate, www_authenticate
 from gateway.policy.model import Cors, SecurityPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime, metadata_document, origin_allowed
@@ -48,8 +50,10 @@ async def enforce(
     client_ip: str,
     is_websocket: bool,
     request_id: str,
+    host: str,
     metrics,
     access_log,
+    audit,
 ) -> Allowed | web.Response:
     headers = request.headers
     client_origin = headers.get("Origin")
@@ -73,20 +77,28 @@ async def enforce(
         client_ip=client_ip,
         mcp_resource=origin + mcp.path if mcp is not None else None,
     )
-    decision = await evaluate(policy, facts, policies.verifier)
+    started = monotonic()
+    decision = await evaluate(policy, facts, policies.verifier, policies.api_keys)
     reason = decision.reasons[0].code if decision.reasons else "allowed"
     metrics.observe_decision(policy.key, decision.allowed, reason)
-    access_log.write({
-        "type": "decision",
-        "request_id": request_id,
-        "policy": policy.key,
-        "revision": policy.revision,
-        "route": route_key,
-        "decision": "allow" if decision.allowed else "deny",
-        "reasons": [v.code for v in decision.reasons],
-        "principal": decision.principal,
-        "token": decision.token.fingerprint if decision.token else None,
-    })
+    record = AuditRecord(
+        kind="decision",
+        request_id=request_id,
+        route=route_key,
+        policy=policy.key,
+        revision=policy.revision,
+        principal=decision.principal,
+        method=request.method,
+        host=host,
+        path=path,
+        decision="allow" if decision.allowed else "deny",
+        reasons=tuple(v.code for v in decision.reasons),
+        latency_ms=round((monotonic() - started) * 1000, 3),
+        # fingerprints only: a record never holds a token or an API key
+        detail={"credential": decision.token.fingerprint} if decision.token else {},
+    )
+    audit.record(record)
+    access_log.write({"type": "decision", **json.loads(record.to_json())})
     if not decision.allowed:
         challenge = None
         if decision.status in (400, 401) or (decision.status == 403 and mcp is not None):
@@ -101,6 +113,11 @@ async def enforce(
         )
     response_headers = _cors_headers(cors, client_origin) if cors and client_origin and origin_allowed(cors, client_origin, origin) else ()
     strip = tuple(h for p in (policy.jwt.providers if policy.jwt else ()) for _, h in p.claim_to_headers)
+    if policy.api_key is not None:
+        if policy.api_key.forward_client_id_header:
+            strip += (policy.api_key.forward_client_id_header,)
+        if policy.api_key.sanitize:
+            strip += policy.api_key.headers
     return Allowed(decision, decision.upstream_headers, strip, response_headers)
 
 

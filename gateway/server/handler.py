@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.audit import AuditLog
 from gateway.config.model import Filters, Listener
 from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
@@ -62,9 +63,16 @@ class Gateway:
     """Shared state of one process: the current route table and the long-lived clients."""
 
     def __init__(
-        self, table: RouteTable, policies: PolicyRuntime, settings: Settings, metrics: Metrics, access_log: AccessLog
+        self,
+        table: RouteTable,
+        policies: PolicyRuntime,
+        settings: Settings,
+        metrics: Metrics,
+        access_log: AccessLog,
+        audit: AuditLog,
     ):
         self.table = table
+        self.audit = audit
         self.policies = policies  # swapped together with the table on reload
         self.settings = settings
         self.metrics = metrics
@@ -141,7 +149,7 @@ class Gateway:
             result = await enforce(
                 self.policies, policy, request, route_key=found.route.key, path=path, query=query,
                 origin=self._origin(request), client_ip=client_ip, is_websocket=is_websocket,
-                request_id=request_id, metrics=self.metrics, access_log=self.access_log,
+                request_id=request_id, host=host, metrics=self.metrics, access_log=self.access_log, audit=self.audit,
             )
             if isinstance(result, web.StreamResponse):
                 return result
@@ -201,6 +209,8 @@ class Gateway:
             response_headers.update(rate_headers)
             if allowed is not None:
                 for name, value in allowed.response_headers:
+                    if name == "Vary":  # add to the upstream's Vary, never replace it
+                        value = ", ".join([*response_headers.popall("Vary", ()), value])
                     response_headers[name] = value
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)

@@ -43,6 +43,12 @@ class Metrics:
             "sandgate_jwks_refresh", "JWKS key set refreshes", ["provider", "result"], registry=r
         )
         self.ratelimited = Counter("sandgate_ratelimited", "Requests refused by a rate limit", ["route"], registry=r)
+        self.audit_queue_depth = Gauge(
+            "sandgate_audit_queue_depth", "Audit records waiting to be written", registry=r, multiprocess_mode="livesum"
+        )
+        self.audit_spooled = Counter(
+            "sandgate_audit_spooled", "Audit records written to the local spool while the store was down", registry=r
+        )
         self._request_children: dict[tuple[str, str, int], object] = {}
         self._duration_children: dict[str, object] = {}
         self._upstream_children: dict[str, object] = {}

@@ -38,6 +38,7 @@ async def running_gateway(
         listen=listen if listen is not None else ["127.0.0.1:0"],
         admin="127.0.0.1:0",
         tls_dir=tls_dir or str(tmp_path / "tls"),
+        data_dir=str(tmp_path / "data"),
         reload_interval=reload_interval,
         drain_seconds=drain_seconds,
         load=LoadOptions(overrides=overrides or {}),

@@ -1,0 +1,6 @@
+"""Audit: one record per decision or lifecycle event, batched into the store off the request path."""
+
+from gateway.audit.record import AuditRecord
+from gateway.audit.log import AuditLog
+
+__all__ = ["AuditLog", "AuditRecord"]

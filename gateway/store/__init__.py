@@ -1,0 +1,31 @@
+"""Persistence: audit events and API keys, behind one small interface (base.Store).
+
+PostgreSQL when a database URL is given (SANDGATE_DATABASE_URL), else an embedded SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from gateway.store.base import ApiKeyRecord, Store
+
+__all__ = ["ApiKeyRecord", "Store", "open_store", "SQLITE_FILE"]
+
+SQLITE_FILE = "sandgate.db"
+
+
+async def open_store(url: str | None, *, data_dir: str) -> Store:
+    if not url:  # unset or empty SANDGATE_DATABASE_URL: the embedded store
+        from gateway.store.sqlite import SqliteStore
+
+        os.makedirs(data_dir, exist_ok=True)
+        return await SqliteStore.open(os.path.join(data_dir, SQLITE_FILE))
+    scheme = urlsplit(url).scheme
+    if scheme in ("postgresql", "postgres"):
+        # Imported here so that a gateway on the embedded store does not need asyncpg.
+        from gateway.store.postgres import PostgresStore
+
+        return await PostgresStore.connect(url)
+    # Only the scheme is named: the rest of the URL may hold a password.
+    raise ValueError(f"unsupported database URL scheme {scheme!r} (use postgresql://)")

@@ -1,0 +1,88 @@
+"""Rows and filters, shared by both stores so that they store and select alike."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Callable, Mapping
+
+from gateway.audit.record import AuditRecord
+from gateway.store.base import ApiKeyRecord
+
+# Column order of audit_events, as both stores insert and select it.
+AUDIT_COLUMNS = (
+    "id", "at", "kind", "request_id", "route", "policy", "revision", "principal",
+    "method", "host", "path", "decision", "reasons", "latency_ms", "detail",
+)
+API_KEY_COLUMNS = "id, owner, scopes, created_at, expires_at, revoked_at"
+_EQUALITY_FILTERS = frozenset(AUDIT_COLUMNS) - {"id", "at", "reasons", "latency_ms", "detail"}
+
+DecodeAt = Callable[[Any], datetime | None]
+
+
+def clean(text: str) -> str:
+    """Text either database accepts: request data can hold NUL (PostgreSQL refuses it in text
+    and jsonb) or lone surrogates (neither driver can encode them), and one such record must not
+    make its whole batch unwritable forever."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+def _clean_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, Mapping):
+        return {clean(str(k)): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """JSON text for a json/jsonb column."""
+    return json.dumps(_clean_json(value), separators=(",", ":"), default=str)
+
+
+def audit_row(rec: AuditRecord) -> tuple:
+    """The record as column values in AUDIT_COLUMNS order; `reasons` and `detail` as JSON text."""
+    return (
+        rec.id, rec.at, clean(rec.kind),
+        *(None if v is None else clean(v) for v in (
+            rec.request_id, rec.route, rec.policy, rec.revision, rec.principal,
+            rec.method, rec.host, rec.path, rec.decision)),
+        dumps(rec.reasons), rec.latency_ms, dumps(rec.detail),
+    )
+
+
+def audit_from_row(row: Mapping[str, Any], decode_at: DecodeAt) -> AuditRecord:
+    values = {c: row[c] for c in AUDIT_COLUMNS}
+    values.update(id=str(row["id"]), at=decode_at(row["at"]), reasons=json.loads(row["reasons"]), detail=json.loads(row["detail"]))
+    return AuditRecord(**values)
+
+
+def api_key_from_row(row: Mapping[str, Any], decode_at: DecodeAt) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        row["id"], row["owner"], tuple(json.loads(row["scopes"])),
+        decode_at(row["created_at"]), decode_at(row["expires_at"]), decode_at(row["revoked_at"]),
+    )
+
+
+def audit_where(filters: Mapping[str, Any], placeholder: Callable[[int], str], encode_at: Callable[[datetime], Any]) -> tuple[str, list]:
+    """A WHERE clause (or "") and its arguments. Filters: any text column by equality (None
+    matches NULL), `since` (at >= since) and `until` (at < until)."""
+    terms: list[str] = []
+    args: list = []
+    for name, value in filters.items():
+        if name in ("since", "until"):
+            args.append(encode_at(value))
+            terms.append(f"at {'>=' if name == 'since' else '<'} {placeholder(len(args))}")
+        elif name in _EQUALITY_FILTERS:
+            if value is None:
+                terms.append(f"{name} IS NULL")
+            else:
+                args.append(value)
+                terms.append(f"{name} = {placeholder(len(args))}")
+        else:
+            raise TypeError(f"unknown audit filter {name!r}")
+    return (" WHERE " + " AND ".join(terms)) if terms else "", args

@@ -1,0 +1,38 @@
+"""The schema, written once for both stores; each store only names its column types."""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS sandgate_schema (version integer PRIMARY KEY, applied_at {time} NOT NULL)"
+
+# Append new versions; never edit one that has shipped.
+_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, (
+        """CREATE TABLE audit_events (
+            id {uuid} PRIMARY KEY,
+            at {time} NOT NULL,
+            kind text NOT NULL,
+            request_id text, route text, policy text, revision text, principal text,
+            method text, host text, path text, decision text,
+            reasons {json} NOT NULL DEFAULT '[]',
+            latency_ms {float},
+            detail {json} NOT NULL DEFAULT '{{}}')""",
+        "CREATE INDEX audit_events_at ON audit_events (at)",
+        """CREATE TABLE api_keys (
+            id text PRIMARY KEY,
+            key_hash text NOT NULL UNIQUE,
+            owner text NOT NULL,
+            scopes {json} NOT NULL DEFAULT '[]',
+            created_at {time} NOT NULL,
+            expires_at {time},
+            revoked_at {time})""",
+    )),
+)
+
+
+def pending(current: int, types: Mapping[str, str]) -> Iterator[tuple[int, list[str]]]:
+    """The migrations after version `current`, in order, as statements for these column types."""
+    for version, statements in _MIGRATIONS:
+        if version > current:
+            yield version, [sql.format(**types) for sql in statements]
