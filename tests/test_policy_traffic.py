@@ -154,3 +154,36 @@ def test_distinct_buckets_are_bounded_by_forgetting_the_oldest():
     # forgetting (never of refusing someone who was not limited).
     assert check("10.9.9.9").allowed
     assert not check("10.0.39.15").allowed  # a recent bucket is still remembered
+
+
+SANDBOX_POLICY = """\
+apiVersion: sandgate.dev/v1alpha1
+kind: SandboxPolicy
+metadata: {name: sandboxes, namespace: infra}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
+  adminGroups: [platform-admins]
+  preview:
+    approval: manual
+    maxPerSandbox: 3
+    ports: {min: 3000, max: 9000}
+"""
+
+
+def test_sandbox_policy_loads_and_attaches(tmp_path):
+    from gateway.config.loader import load_routes_from_string
+    from gateway.policy.loader import load_policies
+
+    config = load_routes_from_string(GATEWAY + backend("app", 1) + route_to("app"))
+    (tmp_path / "sandbox.yaml").write_text(SANDBOX_POLICY)
+    policies = load_policies(str(tmp_path), config)
+    assert not policies.errors and not policies.problems
+    policy = policies.sandbox_attached.for_rule("infra/app", 0, "infra/gw")
+    assert policy.admin_groups == ("platform-admins",)
+    assert (policy.preview_approval, policy.preview_max_per_sandbox, policy.preview_ports) == ("manual", 3, (3000, 9000))
+    assert policy.owner_label == "sandgate.dev/owner"
+
+    (tmp_path / "sandbox.yaml").write_text(SANDBOX_POLICY.replace("min: 3000", "min: 9500"))
+    errors = load_policies(str(tmp_path), config).errors
+    assert len(errors) == 1 and "ports.min 9500 is greater than ports.max 9000" in errors[0]
+    assert errors[0].startswith(f"{tmp_path / 'sandbox.yaml'}:")

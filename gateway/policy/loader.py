@@ -20,27 +20,27 @@ from gateway.config.durations import parse_duration
 from gateway.config.loader import age_key
 from gateway.config.model import Config, Source
 from gateway.config.yamldoc import Document, YamlError, load_documents
-from gateway.policy.ratelimit import UNIT_SECONDS, HeaderSelector, RateLimitRule, SourceSelector
 from gateway.policy.model import (
     ApiKeyAuth,
     Authorization,
-    BackendTrafficPolicy,
-    ClientTrafficPolicy,
     AuthorizationRule,
+    BackendTrafficPolicy,
     ClaimMatch,
+    ClientTrafficPolicy,
     Cors,
     Jwt,
     JwtProvider,
     PathOperation,
     Principal,
+    SandboxPolicy,
     SecurityPolicy,
     TargetRef,
     TokenSource,
 )
+from gateway.policy.ratelimit import UNIT_SECONDS, HeaderSelector, RateLimitRule, SourceSelector
 
 ENVOY = "gateway.envoyproxy.io/v1alpha1"
 DEFAULT_JWKS_CACHE = 300.0
-_IGNORED_KINDS = {("sandgate.dev/v1alpha1", "SandboxPolicy")}
 
 
 @dataclass
@@ -60,6 +60,8 @@ class PolicySet:
     security: tuple[SecurityPolicy, ...] = ()
     traffic: tuple[BackendTrafficPolicy, ...] = ()
     client: tuple[ClientTrafficPolicy, ...] = ()
+    sandbox: tuple[SandboxPolicy, ...] = ()
+    sandbox_attached: Attached = field(default_factory=Attached)
     security_attached: Attached = field(default_factory=Attached)
     traffic_attached: Attached = field(default_factory=Attached)
     client_by_gateway: dict[str, ClientTrafficPolicy] = field(default_factory=dict)
@@ -94,7 +96,7 @@ def load_policies(directory: str | None, config: Config) -> PolicySet:
             documents += load_documents(path)
         except YamlError as e:
             result.errors.append(str(e))
-    built: dict[str, list] = {"SecurityPolicy": [], "BackendTrafficPolicy": [], "ClientTrafficPolicy": []}
+    built: dict[str, list] = {kind: [] for _, kind in _BUILDERS}
     seen: dict[tuple[str, str], Document] = {}
     for order, doc in enumerate(documents):
         errors = schemas.validate(doc.obj)
@@ -104,9 +106,6 @@ def load_policies(directory: str | None, config: Config) -> PolicySet:
             result.errors += [f"{doc.path}:{doc.line_of(e.json_path)}: {label}: {e.message}" for e in errors]
             continue
         kind = (doc.obj["apiVersion"], doc.obj["kind"])
-        if kind in _IGNORED_KINDS:
-            result.warnings.append(f"{where}: {label}: loaded but not enforced by this build")
-            continue
         builder = _BUILDERS.get(kind)
         if builder is None:
             result.errors.append(f"{where}: {label}: kind is not a policy")
@@ -123,6 +122,8 @@ def load_policies(directory: str | None, config: Config) -> PolicySet:
     result.security = tuple(built["SecurityPolicy"])
     result.traffic = tuple(built["BackendTrafficPolicy"])
     result.client = tuple(built["ClientTrafficPolicy"])
+    result.sandbox = tuple(built["SandboxPolicy"])
+    result.sandbox_attached = _attach(result.sandbox, "SandboxPolicy", config, result.problems)
     result.security_attached = _attach(result.security, "SecurityPolicy", config, result.problems)
     result.traffic_attached = _attach(result.traffic, "BackendTrafficPolicy", config, result.problems)
     client = _attach(result.client, "ClientTrafficPolicy", config, result.problems, gateways_only=True)
@@ -272,7 +273,30 @@ def _quantity(value) -> int | None:
     return int(m.group(1)) * _FACTORS[m.group(2)]
 
 
+def _sandbox_policy(doc: Document, order: int) -> SandboxPolicy:
+    spec = doc.obj["spec"]
+    owner = spec.get("owner") or {}
+    preview = spec.get("preview") or {}
+    ports = preview.get("ports") or {}
+    low, high = ports.get("min", 1), ports.get("max", 65535)
+    if low > high:
+        raise _Invalid(("spec", "preview", "ports"), f"ports.min {low} is greater than ports.max {high}")
+    return SandboxPolicy(
+        **_common(doc, order),
+        owner_label=owner.get("label", "sandgate.dev/owner"),
+        owner_annotation=owner.get("annotation"),
+        shared_with_annotation=spec.get("sharedWithAnnotation", "sandgate.dev/shared-with"),
+        admin_groups=tuple(spec.get("adminGroups") or ()),
+        groups_claim=spec.get("groupsClaim", "groups"),
+        preview_ports=(low, high),
+        preview_max_per_sandbox=preview.get("maxPerSandbox"),
+        preview_max_total=preview.get("maxTotal"),
+        preview_approval=preview.get("approval", "auto"),
+    )
+
+
 _BUILDERS = {
+    ("sandgate.dev/v1alpha1", "SandboxPolicy"): _sandbox_policy,
     (ENVOY, "SecurityPolicy"): _security_policy,
     (ENVOY, "BackendTrafficPolicy"): _backend_traffic_policy,
     (ENVOY, "ClientTrafficPolicy"): _client_traffic_policy,

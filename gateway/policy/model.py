@@ -164,3 +164,30 @@ class ClientTrafficPolicy:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxPolicy:
+    """Who may reach which sandbox and its previews (sandgate.dev/v1alpha1 SandboxPolicy).
+
+    Loaded and attached now; enforced by the sandbox and preview layers."""
+
+    namespace: str
+    name: str
+    revision: str
+    targets: tuple[TargetRef, ...]
+    order: tuple[str, int]
+    owner_label: str = "sandgate.dev/owner"
+    owner_annotation: str | None = None
+    shared_with_annotation: str = "sandgate.dev/shared-with"
+    admin_groups: tuple[str, ...] = ()
+    groups_claim: str = "groups"
+    preview_ports: tuple[int, int] = (1, 65535)
+    preview_max_per_sandbox: int | None = None
+    preview_max_total: int | None = None
+    preview_approval: str = "auto"
+    source: Source | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"

@@ -102,6 +102,7 @@ class RunningGateway:
         self.ready = False
         self.jwks_fetcher: JwksFetcher | None = None
         self.store: Store | None = None
+        self.store_ok = True  # the audit spool covers outages; readiness still reports them
 
     @property
     def table(self) -> RouteTable:
@@ -111,8 +112,13 @@ class RunningGateway:
         if self.gateway.draining:
             return False, {"reason": "draining"}
         keys = self.gateway.policies.keys_loaded()
-        details = {"routes": len(self.table.config.routes), "jwks_loaded": keys}
-        return self.ready and keys, details
+        details = {"routes": len(self.table.config.routes), "jwks_loaded": keys, "store_reachable": self.store_ok}
+        return self.ready and keys and self.store_ok, details
+
+    async def _watch_store(self, interval: float = 2.0) -> None:
+        while True:
+            self.store_ok = await self.store.ping()
+            await asyncio.sleep(interval)
 
     async def _bind(self, listeners: tuple[Listener, ...]) -> None:
         plan = bind_plan(listeners, self.options.listen)
@@ -275,6 +281,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     access_log.start()
     _freeze_long_lived()
     running._tasks.append(asyncio.ensure_future(running._keep_keys_loaded()))
+    running._tasks.append(asyncio.ensure_future(running._watch_store()))
     if options.reload_interval > 0:
         running._tasks.append(asyncio.ensure_future(running._watch_routes()))
         running._tasks.append(asyncio.ensure_future(running.certificates.watch(max(options.reload_interval, 1.0))))
