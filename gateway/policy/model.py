@@ -21,6 +21,22 @@ class TargetRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Policy:
+    """What every policy kind has: identity, targets, a revision for audit, and an age."""
+
+    namespace: str
+    name: str
+    revision: str  # changes whenever the spec changes; recorded with every decision
+    targets: tuple[TargetRef, ...]
+    order: tuple[str, int]
+    source: Source | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class TokenSource:
     """Where a JWT may be read from (extractFrom). Query parameters only when named."""
 
@@ -112,71 +128,36 @@ class ApiKeyAuth:
 
 
 @dataclass(frozen=True, slots=True)
-class SecurityPolicy:
-    namespace: str
-    name: str
-    revision: str  # changes whenever the spec changes; recorded with every decision
-    targets: tuple[TargetRef, ...]
-    order: tuple[str, int]
+class SecurityPolicy(Policy):
     jwt: Jwt | None = None
     api_key: ApiKeyAuth | None = None
     authorization: Authorization | None = None
     cors: Cors | None = None
-    source: Source | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
-class BackendTrafficPolicy:
-    namespace: str
-    name: str
-    revision: str
-    targets: tuple[TargetRef, ...]
-    order: tuple[str, int]
+class BackendTrafficPolicy(Policy):
     rate_limits: tuple = ()  # of ratelimit.RateLimitRule
     request_timeout: float | None = None
     connect_timeout: float | None = None
-    source: Source | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
-class ClientTrafficPolicy:
+class ClientTrafficPolicy(Policy):
     """Settings of the listeners of a Gateway; they apply to every request it receives."""
 
-    namespace: str
-    name: str
-    revision: str
-    targets: tuple[TargetRef, ...]
-    order: tuple[str, int]
     trusted_hops: int = 0
     max_header_bytes: int | None = None
     max_body_bytes: int | None = None
     connection_limit: int | None = None
-    source: Source | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
-class SandboxPolicy:
+class SandboxPolicy(Policy):
     """Who may reach which sandbox and its previews (sandgate.dev/v1alpha1 SandboxPolicy).
 
     Loaded and attached now; enforced by the sandbox and preview layers."""
 
-    namespace: str
-    name: str
-    revision: str
-    targets: tuple[TargetRef, ...]
-    order: tuple[str, int]
     owner_label: str = "sandgate.dev/owner"
     owner_annotation: str | None = None
     shared_with_annotation: str = "sandgate.dev/shared-with"
@@ -186,8 +167,3 @@ class SandboxPolicy:
     preview_max_per_sandbox: int | None = None
     preview_max_total: int | None = None
     preview_approval: str = "auto"
-    source: Source | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
