@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.audit import AuditLog
-from gateway.config.model import Filters, Listener
+from gateway.config.model import Filters
 from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
@@ -111,40 +111,31 @@ class Gateway:
         return response
 
     async def _route_and_forward(self, request: web.BaseRequest, port: int, request_id: str, outcome: "_Outcome"):
-        headers = request.headers
-        if _header_bytes(request) > self.settings.max_header_bytes:
-            return self._error(request, 431, "headers_too_large", "The request headers are too large.", request_id)
-        if HTTP09 in request:
-            return self._error(request, 400, "bad_request", "HTTP/0.9 requests are not supported.", request_id)
-        try:
-            host, path, query, authority = _target(request)
-        except BadRequestTarget as e:
-            return self._error(request, 400, "bad_request", str(e), request_id)
-        transfer_encoding = headers.get("Transfer-Encoding")
-        if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
-            # RFC 9112 §6.1: a coding we do not apply would change what the body means.
-            return self._error(request, 501, "not_implemented", "Only chunked transfer coding is supported.", request_id)
+        parsed = self._parse(request, request_id)
+        if isinstance(parsed, web.StreamResponse):
+            return parsed
+        host, path, query, authority = parsed
         if path.startswith(METADATA_PATH) and request.method in ("GET", "HEAD"):
             metadata = metadata_response(self.policies, path, self._origin(request))
             if metadata is not None:
                 return metadata
-        table = self.table
-        found = table.find(port, host, request.method, path, RequestView(headers, query))
+        headers = request.headers
+        found = self.table.find(port, host, request.method, path, RequestView(headers, query))
         outcome.path = path
         outcome.host = host
         if found is None:
             return self._error(request, 404, "no_route", "No route matches this request.", request_id)
         outcome.route = found.route.key
         rule = found.rule
-        listener = found.listener
-        is_websocket = websocket.is_websocket_upgrade(headers)
-        client = self.policies.client_policy(listener.gateway)
+        gateway = found.listener.gateway
+        client = self.policies.client_policy(gateway)
         trusted_hops = client.trusted_hops if client is not None else self.settings.trusted_hops
         client_ip = outcome.client = client_address(request, trusted_hops)
         if client is not None and client.max_header_bytes and _header_bytes(request) > client.max_header_bytes:
             return self._error(request, 431, "headers_too_large", "The request headers are too large.", request_id)
+        is_websocket = websocket.is_websocket_upgrade(headers)
         allowed = None
-        policy = self.policies.security_for(found.route.key, rule.index, listener.gateway)
+        policy = self.policies.security_for(found.route.key, rule.index, gateway)
         if policy is not None:
             result = await enforce(
                 self.policies, policy, request, route_key=found.route.key, path=path, query=query,
@@ -155,54 +146,27 @@ class Gateway:
                 return result
             allowed = result
         if rule.filters.redirect is not None:
-            return self._redirect(request, found, listener, host, path, query, request_id)
-        if rule.invalid_reason:
-            return self._error(request, 500, "no_backend", "The matched rule has no valid backend.", request_id)
-        choice = found.backends.pick()
+            return self._redirect(request, found, host, path, query, request_id)
+        choice = found.backends.pick() if not rule.invalid_reason else None
         if choice is None or choice.upstream is None:
             return self._error(request, 500, "no_backend", "The matched rule has no valid backend.", request_id)
-        length = request.content_length
         limit = (client.max_body_bytes if client is not None else None) or self.settings.max_body_bytes
+        length = request.content_length
         if limit is not None and length is not None and length > limit:
             return self._error(request, 413, "body_too_large", "The request body is too large.", request_id)
 
-        upstream_path, upstream_host = _rewrite(found, rule.filters, choice.filters, path, headers)
-        out_headers = end_to_end(headers, _DROP_TO_UPSTREAM)
-        if upstream_host is not None or authority is not None:
-            out_headers["Host"] = upstream_host or authority
-        scheme = "https" if listener.protocol == "HTTPS" else "http"
-        append_forwarded(
-            out_headers,
-            client_ip=request.remote or "",
-            proto=scheme,
-            host=authority or headers.get("Host", host),
-            trust_incoming=trusted_hops > 0,
+        upstream_path, upstream_host = _rewrite(found, rule.filters, choice.filters, path)
+        out_headers = self._upstream_headers(
+            request, found, choice, allowed, request_id, host=upstream_host or authority,
+            forwarded_host=authority or headers.get("Host", host), trusted_hops=trusted_hops,
         )
-        out_headers["X-Request-Id"] = request_id
-        if allowed is not None:
-            for name in allowed.strip_headers:
-                out_headers.popall(name, None)
-            for name, value in allowed.upstream_headers:
-                out_headers[name] = value
-        apply_modifier(out_headers, rule.filters.request_headers)
-        apply_modifier(out_headers, choice.filters.request_headers)
-
-        traffic = self.policies.traffic_for(found.route.key, rule.index, listener.gateway)
+        traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
-            # After claimToHeaders, so a Distinct header selector can limit per claim.
-            verdict = self.rate_limiter.check(
-                f"{traffic.key}@{traffic.revision}", traffic.rate_limits,
-                headers=out_headers, client_ip=parse_ip(client_ip), method=request.method,
-            )
-            if verdict is not None:
-                rate_headers = rate_limit_headers(verdict)
-                if not verdict.allowed:
-                    self.metrics.observe_ratelimited(found.route.key)
-                    response = self._error(request, 429, "rate_limited", "Too many requests; retry later.", request_id)
-                    response.headers.update(rate_headers)
-                    response.headers["Retry-After"] = str(max(1, verdict.retry_after))
-                    return response
+            limited = self._rate_limit(request, traffic, out_headers, client_ip, found.route.key, request_id)
+            if isinstance(limited, web.StreamResponse):
+                return limited
+            rate_headers = limited
 
         def edit_response(response_headers: CIMultiDict) -> None:
             response_headers["X-Request-Id"] = request_id
@@ -216,7 +180,6 @@ class Gateway:
             apply_modifier(response_headers, choice.filters.response_headers)
 
         request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
-        deadline = _deadline(request_timeout, rule.timeouts.backend_request)
         upstream = choice.upstream
         plan = ForwardPlan(
             endpoint=self.pool.pick(upstream),
@@ -226,7 +189,7 @@ class Gateway:
             headers=out_headers,
             connect_timeout=(traffic.connect_timeout if traffic is not None else None) or self.settings.connect_timeout,
             idle_timeout=self.settings.idle_timeout,
-            deadline=deadline,
+            deadline=_deadline(request_timeout, rule.timeouts.backend_request),
             edit_response_headers=edit_response,
             verify_tls=upstream.verify_tls,
             server_hostname=upstream.sni,
@@ -243,6 +206,66 @@ class Gateway:
         outcome.bytes_sent = exchange.bytes_sent
         return response
 
+    def _parse(self, request: web.BaseRequest, request_id: str):
+        """(host, normalised path, raw query, absolute-form authority), or an error response
+        for what must be refused before any routing."""
+        if _header_bytes(request) > self.settings.max_header_bytes:
+            return self._error(request, 431, "headers_too_large", "The request headers are too large.", request_id)
+        if HTTP09 in request:
+            return self._error(request, 400, "bad_request", "HTTP/0.9 requests are not supported.", request_id)
+        try:
+            parsed = _target(request)
+        except BadRequestTarget as e:
+            return self._error(request, 400, "bad_request", str(e), request_id)
+        transfer_encoding = request.headers.get("Transfer-Encoding")
+        if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+            # RFC 9112 §6.1: a coding we do not apply would change what the body means.
+            return self._error(request, 501, "not_implemented", "Only chunked transfer coding is supported.", request_id)
+        return parsed
+
+    def _upstream_headers(self, request, found: Candidate, choice, allowed, request_id: str, *,
+                          host: str | None, forwarded_host: str, trusted_hops: int) -> CIMultiDict:
+        """The client's end-to-end headers, plus this hop's, policy and filter changes."""
+        out = end_to_end(request.headers, _DROP_TO_UPSTREAM)
+        if host is not None:
+            out["Host"] = host
+        append_forwarded(
+            out,
+            client_ip=request.remote or "",
+            proto="https" if found.listener.protocol == "HTTPS" else "http",
+            host=forwarded_host,
+            trust_incoming=trusted_hops > 0,
+        )
+        out["X-Request-Id"] = request_id
+        if allowed is not None:
+            for name in allowed.strip_headers:
+                out.popall(name, None)
+            for name, value in allowed.upstream_headers:
+                out[name] = value
+        apply_modifier(out, found.rule.filters.request_headers)
+        apply_modifier(out, choice.filters.request_headers)
+        return out
+
+    def _rate_limit(self, request, traffic, out_headers, client_ip: str, route_key: str, request_id: str):
+        """X-RateLimit-* headers for the response, or the 429 that refuses the request.
+
+        Evaluated on the upstream headers, after claimToHeaders, so a Distinct header
+        selector can limit per claim."""
+        verdict = self.rate_limiter.check(
+            f"{traffic.key}@{traffic.revision}", traffic.rate_limits,
+            headers=out_headers, client_ip=parse_ip(client_ip), method=request.method,
+        )
+        if verdict is None:
+            return ()
+        rate_headers = rate_limit_headers(verdict)
+        if verdict.allowed:
+            return rate_headers
+        self.metrics.observe_ratelimited(route_key)
+        response = self._error(request, 429, "rate_limited", "Too many requests; retry later.", request_id)
+        response.headers.update(rate_headers)
+        response.headers["Retry-After"] = str(max(1, verdict.retry_after))
+        return response
+
     async def _websocket(self, request: web.BaseRequest, plan: ForwardPlan, outcome: "_Outcome"):
         plan.deadline = None  # a WebSocket lives by its own idle timeout and maximum lifetime
         self.metrics.websocket_opened(outcome.route)
@@ -252,8 +275,9 @@ class Gateway:
         finally:
             self.metrics.websocket_closed(outcome.route)
 
-    def _redirect(self, request, found: Candidate, listener: Listener, host: str, path: str, query: str, request_id: str):
+    def _redirect(self, request, found: Candidate, host: str, path: str, query: str, request_id: str):
         redirect = found.rule.filters.redirect
+        listener = found.listener
         scheme, port = self.settings.public_origin(host) or (
             "https" if listener.protocol == "HTTPS" else "http",
             listener.port,
@@ -348,7 +372,7 @@ def _target(request: web.BaseRequest) -> tuple[str, str, str, str | None]:
     return normalize_host_cached(host_header), normalize_path(path), query, authority
 
 
-def _rewrite(found: Candidate, rule_filters: Filters, backend_filters: Filters, path: str, headers) -> tuple[str, str | None]:
+def _rewrite(found: Candidate, rule_filters: Filters, backend_filters: Filters, path: str) -> tuple[str, str | None]:
     """Upstream path and Host after URLRewrite filters (rule first, then the chosen backend's)."""
     host = None
     for filters in (rule_filters, backend_filters):
