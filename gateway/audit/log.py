@@ -35,7 +35,9 @@ class AuditLog:
         max_replay_interval: float = 10.0,
         on_depth: Callable[[int], None] | None = None,
         on_spooled: Callable[[int], None] | None = None,
+        stop_replay_seconds: float = 10.0,
     ):
+        self._stop_replay_seconds = stop_replay_seconds
         self._store = store
         self._spool = Spool(data_dir)
         self._batch_size = batch_size
@@ -80,6 +82,13 @@ class AuditLog:
         # Cancelling a replay is safe: the aside file stays and the next start replays it.
         self._replayer.cancel()
         await asyncio.gather(self._replayer, return_exceptions=True)
+        if self._spool.pending():
+            # The store may be back since the replay loop last looked: a pod's data dir may not
+            # outlive it, so write the spool now if the store answers (bounded: we are draining).
+            try:
+                await asyncio.wait_for(self._replay(), self._stop_replay_seconds)
+            except TimeoutError:
+                log.warning("audit: spool not written back before shutdown; the next start replays it")
         if self._queue:
             log.error("audit: %d records lost: neither the store nor the spool took them", len(self._queue))
 

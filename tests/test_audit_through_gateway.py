@@ -1,0 +1,255 @@
+"""Audit through a running gateway (SPEC §6): one record per decision, none lost, none twice,
+no credential in any of them — across a PostgreSQL outage in the middle of the traffic.
+
+The gateway runs in-process on loopback against a throwaway PostgreSQL cluster that the test
+stops (`pg_ctl stop -m fast`) and starts again while several clients keep sending requests.
+The route's SecurityPolicy is JWT with an inline JWKS, so decisions never depend on the
+database being up (API key lookups would). Records a drain leaves in the spool are replayed by
+a second start on the same data dir before the exactly-once checks, so those checks and the
+drain check (SPEC §6: the queue is flushed on SIGTERM) fail separately. The embedded default
+store is checked the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sqlite3
+import time
+from collections import Counter
+
+import aiohttp
+import asyncpg
+import pytest
+
+from gateway.audit.spool import SPOOL_FILE
+from gateway.store import SQLITE_FILE
+from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
+from tests.support.issuer import AUDIENCE, ISSUER, Issuer, claims
+from tests.support.policy_harness import metric_value, security_policy, wait_for
+from tests.support.postgres import throwaway_cluster
+from tests.support.store_gateway import running_gateway_on
+
+RATE = 500  # requests per second, from CLIENTS clients: ~1,500 requests over ~3 s
+CLIENTS = 6
+OUTAGE_AT = 0.8  # seconds into the traffic
+OUTAGE = 1.5  # seconds between the stop returning and the start beginning
+AFTER = 0.25  # seconds of traffic after the database is back, then the drain
+
+
+@pytest.fixture
+def cluster():
+    with throwaway_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def issuer():
+    return Issuer()  # keys and minting only: the gateway gets the JWKS inline
+
+
+@pytest.fixture
+async def upstream(echo_servers):
+    return (await echo_servers("echo"))["echo"]
+
+
+def policy(issuer: Issuer) -> str:
+    return security_policy("jwt-inline", {
+        "jwt": {"providers": [{
+            "name": "idp", "issuer": ISSUER, "audiences": [AUDIENCE],
+            "localJWKS": {"type": "Inline", "inline": json.dumps(issuer.jwks())},
+        }]},
+        "authorization": {"defaultAction": "Deny", "rules": [
+            {"name": "readers", "action": "Allow", "principal": {"jwt": {"provider": "idp", "scopes": ["echo:read"]}}},
+        ]},
+    })
+
+
+def routes(upstream) -> str:
+    return GATEWAY + backend("echo", upstream[1]) + route_to("echo")
+
+
+def credentials(issuer: Issuer) -> list[dict[str, str]]:
+    """The request mix: allowed, 403 (scope), 401 (forged signature), 401 (no token)."""
+    good = issuer.mint(claims(sub="reader", scope="echo:read"))
+    unscoped = issuer.mint(claims(sub="guest", scope="profile"))
+    forged = issuer.mint(claims(sub="admin", scope="echo:read"), key=issuer.attacker, kid="rsa-1")
+    return [{"Authorization": f"Bearer {t}"} for t in (good, unscoped, forged)] + [{}]
+
+
+def secrets_of(mix: list[dict[str, str]]) -> list[str]:
+    """Each token whole and its signature alone: neither may appear in a record."""
+    tokens = [h["Authorization"].removeprefix("Bearer ") for h in mix if h]
+    return tokens + [t.rsplit(".", 1)[1] for t in tokens]
+
+
+async def send_load(running, mix, seen: dict[str, int], times: dict[str, float], errors: list[str], *,
+                    total: int | None = None, until: asyncio.Event | None = None) -> int:
+    """Requests at RATE per second from CLIENTS clients, `total` of them or until `until` is set;
+    returns how many were sent. Request i is due at i/RATE seconds."""
+    start = time.monotonic()
+    counter = iter(range(total) if total is not None else itertools.count())
+    sent = 0
+
+    async def client():
+        nonlocal sent
+        async with aiohttp.ClientSession() as session:
+            for i in counter:
+                delay = start + i / RATE - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if until is not None and until.is_set():
+                    return
+                sent += 1
+                try:
+                    async with session.get(url(running, f"/item/{i}"), headers=mix[i % len(mix)]) as response:
+                        await response.read()
+                        request_id = response.headers["X-Request-Id"]
+                        assert request_id not in seen, "the gateway reused a request id"
+                        seen[request_id] = response.status
+                        times[request_id] = time.monotonic()
+                except (aiohttp.ClientError, KeyError, asyncio.TimeoutError) as e:
+                    errors.append(f"request {i}: {e!r}")
+
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    return sent
+
+
+async def decision_count(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM audit_events WHERE kind = 'decision'")
+    finally:
+        await conn.close()
+
+
+async def metric_above(running, name: str, floor: float) -> bool:
+    return await metric_value(running, name) > floor
+
+
+def spooled_lines(data_dir) -> int:
+    return sum(len(p.read_text().splitlines()) for p in data_dir.glob(SPOOL_FILE + "*"))
+
+
+async def test_a_database_outage_under_load_loses_duplicates_and_leaks_nothing(cluster, issuer, upstream, tmp_path):
+    mix = credentials(issuer)
+    seen: dict[str, int] = {}
+    times: dict[str, float] = {}
+    errors: list[str] = []
+    outage: list[float] = []
+    spooled_max = 0.0
+
+    done = asyncio.Event()
+    async with running_gateway_on(tmp_path, routes(upstream), policy(issuer), database_url=cluster.url) as running:
+        traffic = asyncio.ensure_future(send_load(running, mix, seen, times, errors, until=done))
+
+        async def outage_then_recovery():
+            await asyncio.sleep(OUTAGE_AT)
+            await cluster.stop()
+            outage.append(time.monotonic())
+            await asyncio.sleep(OUTAGE)
+            outage.append(time.monotonic())
+            await cluster.start()
+            outage.append(time.monotonic())
+            await asyncio.sleep(AFTER)
+            done.set()
+
+        async def scrape():
+            nonlocal spooled_max
+            while not traffic.done():
+                spooled_max = max(spooled_max, await metric_value(running, "sandgate_audit_spooled_total"))
+                await asyncio.sleep(0.1)
+
+        total = (await asyncio.gather(traffic, outage_then_recovery(), scrape()))[0]
+        spooled_max = max(spooled_max, await metric_value(running, "sandgate_audit_spooled_total"))
+        drained_at = time.monotonic()
+        await running.drain()
+
+    assert errors == [], errors[:5]
+    assert len(seen) == total > 1000, (len(seen), total)
+    statuses = Counter(seen.values())
+    assert set(statuses) <= {200, 401, 403}, statuses
+    down, up, back = outage
+    during = sum(1 for t in times.values() if down <= t <= up)
+    assert during > 100, f"only {during} requests were answered while the database was down"
+    assert spooled_max > 0, "sandgate_audit_spooled_total never rose during the outage"
+
+    after_drain = await decision_count(cluster.url)
+    left = spooled_lines(tmp_path / "data")
+    if left:
+        # What a graceful restart does with them: the next start on the same data dir replays.
+        async with running_gateway_on(tmp_path, routes(upstream), policy(issuer), database_url=cluster.url) as again:
+            deadline = time.monotonic() + 5
+            while spooled_lines(tmp_path / "data") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await again.drain()
+
+    conn = await asyncpg.connect(cluster.url)
+    try:
+        rows = await conn.fetch("SELECT request_id, decision FROM audit_events WHERE kind = 'decision'")
+        stored_total, distinct_requests, distinct_ids = await conn.fetchrow(
+            "SELECT count(*), count(DISTINCT request_id), count(DISTINCT id) FROM audit_events WHERE kind = 'decision'")
+        leaks = {s[:12]: await conn.fetchval(
+            "SELECT count(*) FROM audit_events WHERE strpos(row_to_json(audit_events)::text, $1) > 0", s)
+            for s in secrets_of(mix)}
+    finally:
+        await conn.close()
+
+    assert stored_total == total, f"{stored_total} decisions stored for {total} requests, even after a restart replayed the spool"
+    assert distinct_requests == total and distinct_ids == total, "a decision was stored twice"
+    stored = {r["request_id"]: r["decision"] for r in rows}
+    assert stored.keys() == seen.keys(), "stored request ids differ from the ones the clients saw"
+    wrong = [(rid, status, stored[rid]) for rid, status in seen.items() if (status == 200) != (stored[rid] == "allow")]
+    assert wrong == [], f"{len(wrong)} records disagree with what the client saw, e.g. {wrong[:3]}"
+    decisions = Counter(stored.values())
+    assert decisions == {"allow": statuses[200], "deny": statuses[401] + statuses[403]}, (decisions, statuses)
+    assert all(v == 0 for v in leaks.values()), f"records hold a token: {leaks}"
+    # SPEC §6: on drain the audit queue is flushed, and the database was up again by then
+    assert after_drain == total and left == 0, (
+        f"after the drain only {after_drain} of {total} decisions were in the database and {left} were "
+        f"still in the spool, though the database had been up for {drained_at - back:.1f} s")
+
+
+async def test_a_drain_right_after_the_database_returns_writes_the_spool_to_it(cluster, issuer, upstream, tmp_path):
+    """The same drain without the race: nothing is sent after the restart, so the replay loop's
+    own probe (1 s, backing off to 10 s) cannot have emptied the spool before the drain."""
+    mix = credentials(issuer)
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    async with running_gateway_on(tmp_path, routes(upstream), policy(issuer), database_url=cluster.url) as running:
+        await send_load(running, mix, seen, {}, errors, total=40)
+        await cluster.stop()
+        await send_load(running, mix, seen, {}, errors, total=40)
+        assert await wait_for(lambda: metric_above(running, "sandgate_audit_spooled_total", 0)), "nothing was spooled"
+        await cluster.start()
+        await running.drain()
+    assert errors == [] and len(seen) == 80
+    stored, left = await decision_count(cluster.url), spooled_lines(tmp_path / "data")
+    assert (stored, left) == (80, 0), f"after the drain {stored} of 80 decisions were stored, {left} left in the spool"
+
+
+async def test_the_embedded_default_stores_decisions_in_the_data_dir(issuer, upstream, tmp_path):
+    mix = credentials(issuer)
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    async with running_gateway(tmp_path, routes(upstream), policies_yaml=policy(issuer)) as running:
+        assert running.options.database_url is None
+        await send_load(running, mix, seen, {}, errors, total=80)
+        await running.drain()
+    assert errors == [] and len(seen) == 80
+
+    data = tmp_path / "data"
+    with sqlite3.connect(data / SQLITE_FILE) as conn:
+        rows = conn.execute("SELECT request_id, decision FROM audit_events WHERE kind = 'decision'").fetchall()
+    stored = dict(rows)
+    assert len(rows) == len(stored) == 80, f"{len(rows)} records, {len(stored)} distinct request ids"
+    assert stored.keys() == seen.keys()
+    assert all((status == 200) == (stored[rid] == "allow") for rid, status in seen.items())
+    assert Counter(seen.values()) == {200: 20, 403: 20, 401: 40}
+    files = [p for p in data.iterdir() if p.is_file()]
+    assert not any(p.name.startswith(SPOOL_FILE) for p in files), "the embedded store was never down: nothing to spool"
+    for path in files:
+        content = path.read_bytes()
+        for secret in secrets_of(mix):
+            assert secret.encode() not in content, f"{path.name} holds a token"
