@@ -8,10 +8,13 @@ import json
 import logging
 import socket
 import time
+from pathlib import Path
 
 import aiohttp
 import httpx2
+import jwt as pyjwt
 import pytest
+import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthMetadata, ProtectedResourceMetadata
@@ -19,8 +22,21 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSI
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.devstack import API_SERVICE, FRONTEND_SERVICE, MCP_SERVICE, start_devstack, try_urls
+from gateway.config.loader import LoadOptions, load_routes
+from gateway.devstack import (
+    API_SERVICE,
+    FRONTEND_SERVICE,
+    MCP_SCOPE,
+    MCP_SERVICE,
+    start_devstack,
+    try_commands,
+    try_urls,
+)
+from gateway.devstack.policy import mcp_security_policy, write_policies
 from gateway.devstack.urls import public_origin
+from gateway.policy.loader import load_policies
+
+REPO = Path(__file__).resolve().parents[1]
 
 PUBLIC = "http://127.0.0.1:8080"
 MODES = ["legacy", "auto"]  # the initialize-handshake era and the 2026 stateless era
@@ -91,6 +107,18 @@ def test_try_urls_cover_each_stand_in_under_the_public_origin():
     assert "/.well-known/oauth-protected-resource/mcp" in paths
 
 
+def test_try_commands_curl_every_url_then_get_a_token_and_use_it():
+    commands = try_commands("https://agents.example.com/")
+    assert len(commands) == len(try_urls("https://agents.example.com")) + 2
+    *plain, get_token, use_token = commands
+    assert all(c.startswith("curl -i ") for c in plain)
+    assert plain[-1] == "curl -i https://agents.example.com/mcp"  # the 401 comes first
+    assert get_token.startswith("TOKEN=$(curl -s -X POST -d grant_type=client_credentials ")
+    assert "https://agents.example.com/oauth/token |" in get_token
+    assert '-H "Authorization: Bearer $TOKEN"' in use_token
+    assert use_token.endswith(" https://agents.example.com/mcp")
+
+
 # --- API stand-in ---------------------------------------------------------------------------
 
 
@@ -113,7 +141,7 @@ async def test_api_echo_reports_the_request_exactly_as_received(stack, http):
     assert seen["remote"] == "127.0.0.1"
 
 
-@pytest.mark.parametrize("path", ["/api", "/auth/login", "/oauth/token", "/oauth/authorize?client_id=c"])
+@pytest.mark.parametrize("path", ["/api", "/auth/login", "/oauth/userinfo", "/oauth/authorize?client_id=c"])
 async def test_api_auth_and_oauth_prefixes_echo(stack, http, path):
     async with http.get(url(stack, API_SERVICE, path)) as resp:
         assert resp.status == 200
@@ -136,6 +164,8 @@ async def test_authorization_server_metadata_names_the_public_origin(stack, http
     assert doc["code_challenge_methods_supported"] == ["S256"]
     assert "code" in doc["response_types_supported"]
     assert "authorization_code" in doc["grant_types_supported"]
+    assert "client_credentials" in doc["grant_types_supported"]
+    assert MCP_SCOPE in doc["scopes_supported"]
     parsed = OAuthMetadata.model_validate(doc)  # as the MCP SDK's OAuth client reads it
     assert str(parsed.token_endpoint) == PUBLIC + "/oauth/token"
 
@@ -158,11 +188,91 @@ async def test_openid_configuration_has_the_required_oidc_fields(stack, http, su
     assert all(doc[k].startswith(PUBLIC + "/") for k in ("authorization_endpoint", "token_endpoint", "jwks_uri"))
 
 
-async def test_jwks_is_empty_but_valid(stack, http):
+async def test_jwks_serves_one_public_rsa_key(stack, http):
     async with http.get(url(stack, API_SERVICE, "/oauth/jwks")) as resp:
         assert resp.status == 200
         assert resp.content_type == "application/json"
-        assert await resp.json() == {"keys": []}
+        jwks = await resp.json()
+    (key,) = jwks["keys"]
+    assert (key["kty"], key["kid"], key["use"], key["alg"]) == ("RSA", "dev-1", "sig", "RS256")
+    assert not {"d", "p", "q", "dp", "dq", "qi"} & key.keys(), "private key material in the JWKS"
+    assert len(pyjwt.PyJWK(key).key.public_numbers().n.to_bytes(256, "big")) == 256  # RSA 2048
+
+
+async def test_every_start_has_its_own_key(stack, http):
+    other = await start_devstack(PUBLIC)
+    try:
+        keys = []
+        for s in (stack, other):
+            async with http.get(url(s, API_SERVICE, "/oauth/jwks")) as resp:
+                keys.append((await resp.json())["keys"][0]["n"])
+    finally:
+        await other.stop()
+    assert keys[0] != keys[1]
+
+
+async def request_token(stack, http, data) -> tuple[int, dict, dict]:
+    async with http.post(url(stack, API_SERVICE, "/oauth/token"), data=data) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def verify(stack, http, token: str, audience: str) -> dict:
+    """The token's claims, checked with pyjwt against the JWKS the stand-in serves."""
+    async with http.get(url(stack, API_SERVICE, "/oauth/jwks")) as resp:
+        key_set = pyjwt.PyJWKSet.from_dict(await resp.json())
+    header = pyjwt.get_unverified_header(token)
+    return pyjwt.decode(token, key_set[header["kid"]].key, algorithms=["RS256"], audience=audience, issuer=PUBLIC,
+                        options={"require": ["exp", "iat", "sub"]})
+
+
+async def test_client_credentials_token_verifies_against_the_served_jwks(stack, http):
+    status, headers, body = await request_token(stack, http, {"grant_type": "client_credentials"})
+    assert status == 200, body
+    assert headers["Cache-Control"] == "no-store"
+    assert body.keys() == {"access_token", "token_type", "expires_in", "scope"}
+    assert (body["token_type"], body["expires_in"], body["scope"]) == ("Bearer", 3600, MCP_SCOPE)
+    header = pyjwt.get_unverified_header(body["access_token"])
+    assert (header["alg"], header["kid"], header["typ"]) == ("RS256", "dev-1", "at+jwt")
+    claims = await verify(stack, http, body["access_token"], PUBLIC + "/mcp")
+    assert claims["iss"] == PUBLIC  # the issuer the discovery documents advertise
+    assert claims["aud"] == PUBLIC + "/mcp"
+    assert (claims["sub"], claims["scope"]) == ("dev-user", MCP_SCOPE)
+    assert claims["exp"] - claims["iat"] == 3600
+    assert abs(claims["iat"] - time.time()) < 60
+
+
+async def test_token_audience_is_the_resource_parameter_and_scope_as_asked(stack, http):
+    data = {"grant_type": "client_credentials", "resource": PUBLIC + "/api", "scope": "openid email openid"}
+    status, _, body = await request_token(stack, http, data)
+    assert status == 200, body
+    assert body["scope"] == "openid email"
+    claims = await verify(stack, http, body["access_token"], PUBLIC + "/api")
+    assert claims["aud"] == PUBLIC + "/api"
+    assert claims["scope"] == "openid email"
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({}, "invalid_request"),
+        ([("grant_type", "client_credentials"), ("grant_type", "client_credentials")], "invalid_request"),
+        ({"grant_type": "password", "username": "u", "password": "p"}, "unsupported_grant_type"),
+        ({"grant_type": "client_credentials", "scope": "admin"}, "invalid_scope"),
+        ({"grant_type": "client_credentials", "resource": "/mcp"}, "invalid_target"),
+        ({"grant_type": "client_credentials", "resource": PUBLIC + "/mcp#x"}, "invalid_target"),
+    ],
+)
+async def test_token_errors_follow_rfc_6749(stack, http, data, error):
+    status, headers, body = await request_token(stack, http, data)
+    assert status == 400
+    assert headers["Cache-Control"] == "no-store"
+    assert body["error"] == error and body["error_description"]
+
+
+async def test_token_endpoint_takes_only_post(stack, http):
+    async with http.get(url(stack, API_SERVICE, "/oauth/token")) as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
 
 
 async def test_events_arrive_one_at_a_time(stack, http):
@@ -294,6 +404,7 @@ async def test_mcp_health_and_protected_resource_metadata(stack, http):
         assert doc["resource"] == PUBLIC + "/mcp"
         assert doc["authorization_servers"] == [PUBLIC]
         assert doc["bearer_methods_supported"] == ["header"]
+        assert doc["scopes_supported"] == [MCP_SCOPE]
         ProtectedResourceMetadata.model_validate(doc)  # as the MCP SDK's OAuth client reads it
 
 
@@ -337,6 +448,7 @@ async def test_frontend_index_lists_the_urls_to_try(stack, http):
         page = await resp.text()
     for try_url in try_urls(PUBLIC):
         assert f'href="{try_url}"' in page
+    assert "grant_type=client_credentials" in page
     assert '<script src="/assets/app.js">' in page
 
 
@@ -356,3 +468,27 @@ async def test_frontend_answers_any_other_path_with_the_index(stack, http, path)
     async with http.get(url(stack, FRONTEND_SERVICE, path)) as resp:
         assert resp.status == 200
         assert await resp.text() == index
+
+
+# --- the dev policy and its example for a cluster -------------------------------------------
+
+
+def test_the_example_policy_is_the_dev_policy_for_a_public_origin():
+    example = yaml.safe_load((REPO / "policies/examples/platform.yaml").read_text())
+    assert example == mcp_security_policy("https://agents.example.com", "https://agents.example.com/oauth/jwks")
+
+
+@pytest.mark.parametrize("policies", ["examples", "written"])
+def test_the_policy_loads_on_the_shipped_routes_and_covers_only_the_mcp_rule(tmp_path, policies):
+    if policies == "examples":
+        directory = REPO / "policies/examples"
+    else:
+        directory = tmp_path
+        write_policies(directory, PUBLIC, "http://127.0.0.1:9/oauth/jwks")
+    config = load_routes(str(REPO / "routes.yaml"), LoadOptions())
+    loaded = load_policies(str(directory), config)
+    assert not config.errors and not loaded.errors and not loaded.problems, (config.errors, loaded.errors, loaded.problems)
+    (policy,) = loaded.security
+    mcp = next(r for r in config.routes if r.key == "platform/mcp")
+    covered = {rule.name for rule in mcp.rules if loaded.security_for(mcp.key, rule.index, config.listeners[0].gateway)}
+    assert covered == {"mcp"}  # /mcp/health and the metadata stay public

@@ -1,17 +1,68 @@
 """`sandgate dev`: the shipped routes.yaml served against local stand-ins of the platform.
 
-The stand-ins (platform API with OAuth metadata, an MCP server built on the official SDK, a
+The stand-ins (platform API with a real OAuth issuer, an MCP server built on the official SDK, a
 frontend) listen on free loopback ports; `--resolve`-style overrides send each Service of the
-routes file to its stand-in, so the routing under test is exactly what a cluster would run.
+routes file to its stand-in, so the routing under test is exactly what a cluster would run. A
+SecurityPolicy written to a temporary policies directory puts the MCP route behind JWTs from
+the API stand-in (gateway/devstack/policy.py), so the policy layer is on show too.
+
+`dev_environment` is the whole setup; the command and tests/test_dev_oauth.py both use it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from gateway.config.loader import LoadOptions
+from gateway.devstack import API_SERVICE, Devstack, start_devstack, try_commands
+from gateway.devstack.policy import write_policies
+from gateway.server.app import ServeOptions, StartupError, serve
+from gateway.server.handler import Settings
 from gateway.server.logs import setup_logging
+
+
+@dataclass(frozen=True)
+class DevEnvironment:
+    public_url: str
+    stack: Devstack
+    options: ServeOptions  # what to serve: start_gateway(options) or serve(options)
+
+
+@asynccontextmanager
+async def dev_environment(
+    routes: str, listen: str, admin: str | None, *, data_dir: str | None = None
+) -> AsyncIterator[DevEnvironment]:
+    """Start the stand-ins, write the dev policies, and yield the gateway's ServeOptions.
+
+    On exit the stand-ins stop and the policies directory is removed; stop the gateway first.
+    `data_dir` (the embedded store) defaults to serve's.
+    """
+    public_url = f"http://{listen}"
+    stack = await start_devstack(public_url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sandgate-dev-policies-") as policies:
+            # The gateway fetches keys straight from the stand-in, not through itself: at
+            # startup its own listener may not be up yet, and readiness waits for the keys.
+            host, port = stack.services[API_SERVICE]
+            write_policies(policies, stack.public_url, f"http://{host}:{port}/oauth/jwks")
+            extra = {"data_dir": data_dir} if data_dir is not None else {}
+            options = ServeOptions(
+                routes=routes,
+                policies=policies,
+                listen=[listen],
+                admin=admin,
+                load=LoadOptions(overrides=dict(stack.services)),
+                settings=Settings(public_url=stack.public_url),
+                **extra,
+            )
+            yield DevEnvironment(stack.public_url, stack, options)
+    finally:
+        await stack.stop()
 
 
 def run_dev(args) -> int:
@@ -23,34 +74,21 @@ def run_dev(args) -> int:
 
 
 async def _dev(args) -> int:
-    from gateway.devstack import start_devstack, try_urls
-    from gateway.server.app import ServeOptions, StartupError, serve
-    from gateway.server.handler import Settings
+    async with dev_environment(args.routes, args.listen, args.admin) as dev:
 
-    public_url = f"http://{args.listen}"
-    stack = await start_devstack(public_url)
-    options = ServeOptions(
-        routes=args.routes,
-        listen=[args.listen],
-        admin=args.admin,
-        load=LoadOptions(overrides=dict(stack.services)),
-        settings=Settings(public_url=public_url),
-    )
+        def announce(running) -> None:
+            print(f"Sandgate is serving {args.routes} on {dev.public_url} (admin: http://{args.admin})", file=sys.stderr)
+            for name, (host, port) in sorted(dev.stack.services.items()):
+                print(f"  stand-in {name:<45} -> {host}:{port}", file=sys.stderr)
+            print(f"  policies {dev.options.policies} (the MCP route needs a token)", file=sys.stderr)
+            print("Try:", file=sys.stderr)
+            for command in try_commands(dev.public_url):
+                print(f"  {command}", file=sys.stderr)
+            print("Ctrl-C stops everything.", file=sys.stderr)
 
-    def announce(running) -> None:
-        print(f"Sandgate is serving {args.routes} on {public_url} (admin: http://{args.admin})", file=sys.stderr)
-        for name, (host, port) in sorted(stack.services.items()):
-            print(f"  stand-in {name:<45} -> {host}:{port}", file=sys.stderr)
-        print("Try:", file=sys.stderr)
-        for url in try_urls(public_url):
-            print(f"  curl -i {url}", file=sys.stderr)
-        print("Ctrl-C stops everything.", file=sys.stderr)
-
-    try:
-        await serve(options, announce)
-    except StartupError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    finally:
-        await stack.stop()
+        try:
+            await serve(dev.options, announce)
+        except StartupError as e:
+            print(str(e), file=sys.stderr)
+            return 1
     return 0

@@ -14,6 +14,15 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(f"the dev stack needs the 'dev' extra: pip install 'sandgate[dev]' ({exc})") from exc
 
 from gateway.devstack.runner import Devstack, start_devstack
-from gateway.devstack.urls import API_SERVICE, FRONTEND_SERVICE, MCP_SERVICE, try_urls
+from gateway.devstack.urls import API_SERVICE, FRONTEND_SERVICE, MCP_SCOPE, MCP_SERVICE, try_commands, try_urls
 
-__all__ = ["API_SERVICE", "FRONTEND_SERVICE", "MCP_SERVICE", "Devstack", "start_devstack", "try_urls"]
+__all__ = [
+    "API_SERVICE",
+    "FRONTEND_SERVICE",
+    "MCP_SCOPE",
+    "MCP_SERVICE",
+    "Devstack",
+    "start_devstack",
+    "try_commands",
+    "try_urls",
+]

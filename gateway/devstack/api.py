@@ -7,7 +7,12 @@
   `/.well-known/openid-configuration[/mcp]` (OIDC discovery): metadata whose issuer is the
   public origin. The `/mcp` forms answer with the same document: clients that treat the MCP URL
   as the authorization server's URL probe them, and the seed platform served them this way.
-- `/oauth/jwks`: an empty but valid JWKS (no signing keys yet).
+- `POST /oauth/token`: a real issuer for the `client_credentials` grant (RFC 6749 §4.4): an
+  RS256 JWT access token (RFC 9068 shape) for subject `dev-user`, audience the RFC 8707
+  `resource` parameter or else the public MCP URL, scope `mcp:tools` unless `scope` asks for
+  others it supports, valid for an hour. The other grants in the metadata are not implemented.
+- `/oauth/jwks`: the public half of the signing key (RSA 2048, kid `dev-1`), generated when the
+  app is made, so every run has a fresh key and nothing secret is ever written to disk.
 - `/api/events`: Server-Sent Events, one every 0.5 s (`?count=N`, 1..100, default 5).
 - `/api/ws`: WebSocket echo (text and binary); the first offered subprotocol is accepted; the
   text message `close CODE` makes the server close with CODE (1000 or 3000-4999).
@@ -18,14 +23,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
+import uuid
 import weakref
 
+import jwt as pyjwt
 from aiohttp import WSCloseCode, WSMsgType, web
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from yarl import URL
 
-from gateway.devstack.urls import public_origin
+from gateway.devstack.urls import MCP_SCOPE, public_origin
 
 ISSUER = web.AppKey("issuer", str)
+SIGNING_KEY = web.AppKey("signing_key", rsa.RSAPrivateKey)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
+
+KEY_ID = "dev-1"
+TOKEN_LIFETIME = 3600
+SUBJECT = "dev-user"
+DEFAULT_CLIENT_ID = "sandgate-dev"
+SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access", MCP_SCOPE)
+# RFC 6749 §5.1: token responses (and their errors) must not be cached.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 EVENT_INTERVAL = 0.5
 MAX_EVENTS = 100
@@ -40,7 +60,7 @@ def authorization_server_metadata(issuer: str) -> dict:
         "registration_endpoint": f"{issuer}/oauth/register",
         "revocation_endpoint": f"{issuer}/oauth/revoke",
         "jwks_uri": f"{issuer}/oauth/jwks",
-        "scopes_supported": ["openid", "profile", "email", "offline_access", "mcp"],
+        "scopes_supported": list(SCOPES_SUPPORTED),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
@@ -89,8 +109,83 @@ async def oidc_metadata(request: web.Request) -> web.Response:
     return web.json_response(openid_configuration(request.app[ISSUER]))
 
 
+def public_jwks(key: rsa.RSAPrivateKey) -> dict:
+    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return {"keys": [{**jwk, "kid": KEY_ID, "use": "sig", "alg": "RS256"}]}
+
+
 async def jwks(request: web.Request) -> web.Response:
-    return web.json_response({"keys": []})
+    return web.json_response(public_jwks(request.app[SIGNING_KEY]), headers={"Cache-Control": "max-age=300"})
+
+
+class _TokenError(Exception):
+    """An RFC 6749 §5.2 error response: `error` code and a human description."""
+
+    def __init__(self, error: str, description: str):
+        super().__init__(description)
+        self.error, self.description = error, description
+
+
+def _single(form, name: str) -> str | None:
+    values = form.getall(name, [])
+    if len(values) > 1:  # RFC 6749 §3.2: parameters must not be repeated
+        raise _TokenError("invalid_request", f"{name} must not be repeated")
+    return values[0] if values else None
+
+
+def _audience(form, public: str) -> str | list[str]:
+    resources = form.getall("resource", [])
+    for resource in resources:  # RFC 8707 §2: an absolute URI without a fragment
+        url = URL(resource)
+        if not url.absolute or url.raw_fragment:
+            raise _TokenError("invalid_target", f"resource must be an absolute URI without a fragment: {resource!r}")
+    if not resources:
+        return f"{public}/mcp"
+    return resources[0] if len(resources) == 1 else resources
+
+
+def _scope(form) -> str:
+    requested = (_single(form, "scope") or "").split()
+    unknown = [s for s in requested if s not in SCOPES_SUPPORTED]
+    if unknown:
+        raise _TokenError("invalid_scope", f"unsupported scope: {' '.join(unknown)}")
+    return " ".join(dict.fromkeys(requested)) or MCP_SCOPE
+
+
+def issue_token(form, issuer: str, key: rsa.RSAPrivateKey) -> dict:
+    """The RFC 6749 §5.1 response for a client_credentials request, or raises _TokenError."""
+    grant_type = _single(form, "grant_type")
+    if grant_type is None:
+        raise _TokenError("invalid_request", "grant_type is required")
+    if grant_type != "client_credentials":
+        raise _TokenError("unsupported_grant_type", "only grant_type=client_credentials is implemented here")
+    scope, audience = _scope(form), _audience(form, issuer)
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "sub": SUBJECT,
+        "aud": audience,
+        "client_id": _single(form, "client_id") or DEFAULT_CLIENT_ID,
+        "scope": scope,
+        "iat": now,
+        "exp": now + TOKEN_LIFETIME,
+        "jti": uuid.uuid4().hex,
+    }
+    token = pyjwt.encode(claims, key, algorithm="RS256", headers={"kid": KEY_ID, "typ": "at+jwt"})
+    return {"access_token": token, "token_type": "Bearer", "expires_in": TOKEN_LIFETIME, "scope": scope}
+
+
+async def token(request: web.Request) -> web.Response:
+    # No client authentication: this is a local development issuer, and anyone who can reach
+    # the loopback port may have a token. A real authorization server authenticates the client.
+    if request.method != "POST":
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+    form = await request.post()
+    try:
+        body = issue_token(form, request.app[ISSUER], request.app[SIGNING_KEY])
+    except _TokenError as e:
+        return web.json_response({"error": e.error, "error_description": e.description}, status=400, headers=NO_STORE)
+    return web.json_response(body, headers=NO_STORE)
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -153,6 +248,7 @@ async def _close_websockets(app: web.Application) -> None:
 def make_app(public_url: str) -> web.Application:
     app = web.Application()
     app[ISSUER] = public_origin(public_url)
+    app[SIGNING_KEY] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     app[WEBSOCKETS] = weakref.WeakSet()
     app.on_shutdown.append(_close_websockets)
     for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-authorization-server/mcp"):
@@ -160,6 +256,7 @@ def make_app(public_url: str) -> web.Application:
     for path in ("/.well-known/openid-configuration", "/.well-known/openid-configuration/mcp"):
         app.router.add_get(path, oidc_metadata)
     app.router.add_get("/oauth/jwks", jwks)
+    app.router.add_route("*", "/oauth/token", token)
     app.router.add_get("/api/events", events)
     app.router.add_get("/api/ws", websocket)
     # `{tail:(/.*)?}` takes `/api` and `/api/...` but not `/apix`: prefixes are path elements.

@@ -12,7 +12,7 @@ import html
 
 from aiohttp import web
 
-from gateway.devstack.urls import try_urls
+from gateway.devstack.urls import try_commands, try_urls
 
 INDEX = web.AppKey("index", str)
 
@@ -40,6 +40,7 @@ def render_index(public_url: str) -> str:
     links = "\n".join(
         f'      <li><a href="{html.escape(url)}">{html.escape(url)}</a></li>' for url in try_urls(public_url)
     )
+    commands = html.escape("\n".join(try_commands(public_url)))
     return f"""<!doctype html>
 <html lang="en">
   <head>
@@ -52,6 +53,8 @@ def render_index(public_url: str) -> str:
     <ul>
 {links}
     </ul>
+    <p>From a shell, including the OAuth tour of <code>/mcp</code>:</p>
+    <pre id="commands">{commands}</pre>
     <h2>/api/hello</h2><pre id="api"></pre>
     <h2>/api/events</h2><pre id="events"></pre>
     <h2>/api/ws</h2><pre id="ws"></pre>

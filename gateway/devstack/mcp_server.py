@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from yarl import URL
 
-from gateway.devstack.urls import MCP_SERVICE, public_origin
+from gateway.devstack.urls import MCP_SCOPE, MCP_SERVICE, public_origin
 
 MCP_PATH = "/mcp"
 MAX_COUNT = 50
@@ -44,7 +44,7 @@ def protected_resource_metadata(origin: str) -> dict:
         "resource": f"{origin}{MCP_PATH}",
         "authorization_servers": [origin],
         "bearer_methods_supported": ["header"],
-        "scopes_supported": ["mcp"],
+        "scopes_supported": [MCP_SCOPE],
         "resource_name": "Sandgate dev MCP server",
     }
 
