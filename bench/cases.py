@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from harness import BENCH_DIR, REPO_DIR, Bench, Skip, WsEcho, Wrk, accepts, answers_200, find_tool, free_port
+from harness import (BENCH_DIR, REPO_DIR, Bench, BearerToken, CaseError, Skip, WsEcho, Wrk, accepts, answers_200,
+                     find_tool, free_port, http_status)
 
 BODY_BYTES = 200
 SANDGATE_READY_TIMEOUT = 20.0
@@ -117,21 +118,25 @@ def bare_proxy(bench: Bench, name: str, upstream: str) -> str:
     return bench.shared(name, start)
 
 
-def sandgate(bench: Bench, name: str, extra_routes: int) -> str:
+def sandgate(bench: Bench, name: str, extra_routes: int, policies_yaml: str | None = None) -> str:
     """`sandgate serve` on a generated routes file: `/` goes to the HTTP origin, `/ws` to the
-    echo origin, plus `extra_routes` routes that the benchmarked requests never match."""
+    echo origin, plus `extra_routes` routes that the benchmarked requests never match; its
+    --policies directory holds `policies_yaml` (empty without it)."""
     def start() -> str:
         run_dir = bench.workdir / name
         policies = run_dir / "policies"
         policies.mkdir(parents=True)
+        if policies_yaml:
+            (policies / "policies.yaml").write_text(policies_yaml)
         routes = run_dir / "routes.yaml"
         routes.write_text(routes_yaml(urlsplit(origin(bench)).port, urlsplit(aiohttp_origin(bench)).port,
                                       extra_routes))
         port, admin = free_port(), free_port()
-        # The access log (stdout) goes to a file: writing it is part of the measured cost.
+        # The access log (stdout) goes to a file: writing it is part of the measured cost. The
+        # embedded store (the audit log of policy decisions) lives in the run's scratch directory.
         bench.procs.start_python(
             name, ["-m", "gateway", "serve", f"--routes={routes}", f"--policies={policies}",
-                   f"--listen=127.0.0.1:{port}", f"--admin=127.0.0.1:{admin}"],
+                   f"--listen=127.0.0.1:{port}", f"--admin=127.0.0.1:{admin}", f"--data-dir={run_dir / 'data'}"],
             bench.cpus.proxy, stdout=run_dir / "access.log", cwd=run_dir, env=sandgate_env())
         bench.procs.wait_ready(name, lambda: answers_200(f"http://127.0.0.1:{admin}/readyz"),
                                SANDGATE_READY_TIMEOUT)
@@ -197,11 +202,54 @@ def routes_yaml(origin_port: int, echo_port: int, extra_routes: int) -> str:
     return "---\n".join(documents)
 
 
+JWT_POLICY = """\
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {{name: jwt, namespace: bench}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: main}}]
+  jwt:
+    providers:
+    - name: bench
+      issuer: {issuer}
+      audiences: [{audience}]
+      localJWKS: {{type: Inline, inline: '{jwks}'}}
+  authorization:
+    defaultAction: Deny
+    rules:
+    - name: bench-users
+      action: Allow
+      principal:
+        jwt:
+          provider: bench
+          scopes: [{scope}]
+"""
+
+BEARER = BearerToken()
+
+
+def sandgate_jwt(bench: Bench) -> str:
+    """sandgate with a SecurityPolicy on the `main` route: a JWT provider whose inline JWKS
+    holds BEARER's key, and an authorization rule that allows its `read` scope only. A request
+    without the token must be refused, so that the case cannot pass by not checking at all."""
+    policy = JWT_POLICY.format(issuer=BEARER.issuer, audience=BEARER.audience, scope=BEARER.scope,
+                               jwks=BEARER.jwks)
+    url = sandgate(bench, "sandgate-jwt", extra_routes=0, policies_yaml=policy) + "/"
+    try:
+        status = http_status(url, timeout=5)
+    except OSError as e:
+        raise CaseError(f"GET {url} without a token failed: {e}") from None
+    if status != 401:
+        raise CaseError(f"GET {url} without a token answered {status}, not 401: the policy is not enforced")
+    return url
+
+
 def ws_url(base: str) -> str:
     return base.replace("http://", "ws://", 1) + "/ws"
 
 
 HTTP = Wrk(connections=64)
+HTTP_JWT = Wrk(connections=64, bearer=BEARER)
 WS = WsEcho(connections=16)
 
 CASES = (
@@ -210,6 +258,7 @@ CASES = (
     Case("bare", lambda b: bare_proxy(b, "bare", origin(b)) + "/", HTTP),
     Case("sandgate", lambda b: sandgate(b, "sandgate", extra_routes=0) + "/", HTTP),
     Case("sandgate-10k", lambda b: sandgate(b, "sandgate-10k", extra_routes=10_000) + "/", HTTP),
+    Case("sandgate-jwt", sandgate_jwt, HTTP_JWT),
     Case("ws-direct", lambda b: ws_url(aiohttp_origin(b)), WS),
     Case("ws-bare", lambda b: ws_url(bare_proxy(b, "bare-ws", aiohttp_origin(b))), WS),
     Case("ws-sandgate", lambda b: ws_url(sandgate(b, "sandgate", extra_routes=0)), WS),
@@ -223,10 +272,17 @@ RATIOS = (
     Ratio("sandgate", "nginx"),
     Ratio("sandgate", "bare", target=0.9),
     Ratio("sandgate-10k", "sandgate", target=0.9),
+    Ratio("sandgate-jwt", "sandgate", target=0.9),
     Ratio("ws-bare", "ws-direct"),
     Ratio("ws-sandgate", "ws-direct"),
     Ratio("ws-sandgate", "ws-bare"),
     Ratio("sandgate", "bare", metric="proxy_us_per_request"),
     Ratio("sandgate-10k", "sandgate", metric="proxy_us_per_request"),
+    Ratio("sandgate-jwt", "sandgate", metric="proxy_us_per_request"),
     Ratio("ws-sandgate", "ws-bare", metric="proxy_us_per_request"),
+)
+
+# Printed after the targets, for information: (case, median metric).
+SHOWN = (
+    ("sandgate-jwt", "p99_ms"),
 )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import cpustat
 import loops
-from cases import CASES, RATIOS, Case, Ratio
+from cases import CASES, RATIOS, SHOWN, Case, Ratio
 from harness import WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, find_tool, measure
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -160,6 +160,7 @@ def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_bus
             for result in results
         },
         "ratios": ratios,
+        "shown": {f"{name} {metric}": (summaries.get(name) or {}).get(metric) for name, metric in SHOWN},
     }
 
 
@@ -192,6 +193,11 @@ def print_table(data: dict) -> None:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[ratio["pass"]]
             value = "not measured" if ratio["value"] is None else f"{ratio['value']:.2f}"
             print(f"  {verdict}  {name} >= {ratio['target']}  ({value})")
+
+    if data["shown"]:
+        print("\nfor information")
+        for name, value in data["shown"].items():
+            print(f"  {name:<48} " + ("not measured" if value is None else f"{value:>5.2f}"))
 
 
 def main() -> int:

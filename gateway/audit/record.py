@@ -7,14 +7,18 @@ to local disk and kept for a long time, so a raw secret here would leak in two p
 from __future__ import annotations
 
 import json
+import random
+import re
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
 
 def _new_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits in a uuid's shape; an id needs uniqueness, not secrecy, and a system
+    # call per record is measurable at thousands of decisions per second.
+    return f"{random.getrandbits(128):032x}"
 
 
 def _now() -> datetime:
@@ -42,20 +46,27 @@ class AuditRecord:
     def __post_init__(self) -> None:
         # The id is the store's primary key (a uuid column in PostgreSQL): a malformed id must
         # fail here, where it is made, not later as a batch the store refuses over and over.
-        object.__setattr__(self, "id", uuid.UUID(self.id).hex)
+        if _HEX_ID.fullmatch(self.id) is None:
+            object.__setattr__(self, "id", uuid.UUID(self.id).hex)
         # Stored timestamps are UTC; a naive one is taken as UTC rather than local time.
-        at = self.at if self.at.tzinfo else self.at.replace(tzinfo=timezone.utc)
-        object.__setattr__(self, "at", at.astimezone(timezone.utc))
-        object.__setattr__(self, "reasons", tuple(self.reasons))
+        if self.at.tzinfo is not timezone.utc:
+            at = self.at if self.at.tzinfo else self.at.replace(tzinfo=timezone.utc)
+            object.__setattr__(self, "at", at.astimezone(timezone.utc))
+        if type(self.reasons) is not tuple:
+            object.__setattr__(self, "reasons", tuple(self.reasons))
+
+    def as_dict(self) -> dict:
+        """Plain JSON-ready values (the spool's line, the access log's decision fields)."""
+        out = {name: getattr(self, name) for name in _NAMES}
+        out["at"] = self.at.isoformat()
+        out["reasons"] = list(self.reasons)
+        out["detail"] = dict(self.detail)
+        return out
 
     def to_json(self) -> str:
         """One line of JSON (no newline inside), as the spool stores it."""
-        out = asdict(self)
-        out["at"] = self.at.isoformat()
-        out["detail"] = dict(self.detail)
-        out["reasons"] = list(self.reasons)
         # default=str: a stray non-JSON value in `detail` must not make the record unspoolable.
-        return json.dumps(out, separators=(",", ":"), default=str)
+        return json.dumps(self.as_dict(), separators=(",", ":"), default=str)
 
     @classmethod
     def from_json(cls, line: str) -> AuditRecord:
@@ -65,4 +76,6 @@ class AuditRecord:
         return cls(**{k: v for k, v in data.items() if k in _FIELDS})
 
 
-_FIELDS = frozenset(f.name for f in fields(AuditRecord))
+_NAMES = tuple(f.name for f in fields(AuditRecord))
+_FIELDS = frozenset(_NAMES)
+_HEX_ID = re.compile(r"[0-9a-f]{32}")

@@ -4,6 +4,7 @@ no match → defaultAction. Pure functions of the request facts and the verified
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -17,7 +18,7 @@ class Facts:
     method: str
     path: str
     headers: Mapping[str, str]
-    client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    client_ip: str  # parsed only when a rule names client CIDRs
     provider: str | None = None  # the JWT provider that verified the token
     claims: Mapping | None = None
 
@@ -56,7 +57,8 @@ def missing_scopes(authorization: Authorization, facts: Facts) -> tuple[str, ...
 
 def _principal_matches(principal: Principal, facts: Facts) -> bool:
     if principal.client_cidrs:
-        if facts.client_ip is None or not any(facts.client_ip in net for net in principal.client_cidrs):
+        ip = parse_ip(facts.client_ip)
+        if ip is None or not any(ip in net for net in principal.client_cidrs):
             return False
     if principal.uses_jwt:
         if facts.claims is None:
@@ -90,6 +92,15 @@ def _path_matches(op: PathOperation, path: str) -> bool:
         prefix = op.value.rstrip("/")
         hit = path == prefix or path.startswith(prefix + "/") or prefix == ""
     return hit != op.invert
+
+
+@lru_cache(maxsize=4096)
+def parse_ip(text: str):
+    """An ip_address, or None for anything that is not one (e.g. a unix-socket peer)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def claim_value(claims: Mapping, dotted: str):

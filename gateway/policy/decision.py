@@ -7,7 +7,6 @@ land in the error body and the audit record. Nothing here touches sockets.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Mapping
@@ -99,7 +98,7 @@ async def evaluate(
             method=facts.method,
             path=facts.path,
             headers=facts.headers,
-            client_ip=parse_ip(facts.client_ip),
+            client_ip=facts.client_ip,
             provider=token.provider if token else None,
             claims=token.claims if token else None,
         )
@@ -222,11 +221,3 @@ def _claim_headers(providers, token: VerifiedToken | None) -> tuple[tuple[str, s
 
 def _query_has_token(raw_query: str) -> bool:
     return "access_token" in raw_query and any(k == "access_token" for k, _ in parse_qsl(raw_query, keep_blank_values=True))
-
-
-def parse_ip(text: str):
-    """An ip_address, or None for anything that is not one (e.g. a unix-socket peer)."""
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None

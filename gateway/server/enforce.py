@@ -52,8 +52,8 @@ async def enforce(
     request_id: str,
     host: str,
     metrics,
-    access_log,
     audit,
+    outcome,
 ) -> Allowed | web.Response:
     headers = request.headers
     client_origin = headers.get("Origin")
@@ -98,7 +98,7 @@ async def enforce(
         detail={"credential": decision.token.fingerprint} if decision.token else {},
     )
     audit.record(record)
-    access_log.write({"type": "decision", **json.loads(record.to_json())})
+    outcome.decision = record  # the access log line of this request carries the decision
     if not decision.allowed:
         challenge = None
         if decision.status in (400, 401) or (decision.status == 403 and mcp is not None):

@@ -7,7 +7,7 @@ glue between them and the only place that turns their outcomes into statuses.
 from __future__ import annotations
 
 import asyncio
-import os
+from random import getrandbits
 import re
 from dataclasses import dataclass, field
 from time import monotonic
@@ -28,7 +28,7 @@ from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import error_response
-from gateway.policy.decision import parse_ip
+from gateway.policy.authz import parse_ip
 from gateway.policy.ratelimit import LocalRateLimiter
 from gateway.server.enforce import client_address, enforce, metadata_response, rate_limit_headers
 from gateway.server.metrics import Metrics
@@ -94,7 +94,7 @@ class Gateway:
         started = monotonic()
         headers = request.headers
         incoming_id = headers.get("X-Request-Id")
-        request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else os.urandom(16).hex()
+        request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else f"{getrandbits(128):032x}"
         outcome = _Outcome()
         try:
             response = await self._route_and_forward(request, port, request_id, outcome)
@@ -140,7 +140,7 @@ class Gateway:
             result = await enforce(
                 self.policies, policy, request, route_key=found.route.key, path=path, query=query,
                 origin=self._origin(request), client_ip=client_ip, is_websocket=is_websocket,
-                request_id=request_id, host=host, metrics=self.metrics, access_log=self.access_log, audit=self.audit,
+                request_id=request_id, host=host, metrics=self.metrics, audit=self.audit, outcome=outcome,
             )
             if isinstance(result, web.StreamResponse):
                 return result
@@ -311,6 +311,7 @@ class Gateway:
         seconds = monotonic() - started
         route = outcome.route or UNMATCHED
         self.metrics.observe_request(route, request.method, outcome.status, seconds, outcome.upstream_seconds)
+        decision = outcome.decision
         self.access_log.write(
             {
                 "request_id": request_id,
@@ -325,6 +326,7 @@ class Gateway:
                 "duration_ms": round(seconds * 1000, 3),
                 "upstream_ms": round(outcome.upstream_seconds * 1000, 3),
                 "bytes": outcome.bytes_sent,
+                **(_decision_fields(decision) if decision is not None else {}),
             }
         )
 
@@ -333,12 +335,26 @@ class Gateway:
         await self.pool.close()
 
 
+def _decision_fields(record) -> dict:
+    """The policy decision of a request, for its access log line (credentials as fingerprints)."""
+    return {
+        "policy": record.policy,
+        "revision": record.revision,
+        "decision": record.decision,
+        "reasons": list(record.reasons),
+        "principal": record.principal,
+        "credential": record.detail.get("credential"),
+        "audit_id": record.id,
+    }
+
+
 class _Outcome:
-    __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent", "client")
+    __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent", "client", "decision")
 
     def __init__(self) -> None:
         self.status = 0
         self.client = ""
+        self.decision = None  # the AuditRecord of the policy decision, if a policy applied
         self.route = ""
         self.host = ""
         self.path = ""

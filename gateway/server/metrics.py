@@ -51,6 +51,7 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, str, int], object] = {}
         self._duration_children: dict[str, object] = {}
+        self._decision_children: dict[tuple, object] = {}
         self._upstream_children: dict[str, object] = {}
 
     def observe_request(self, route: str, method: str, code: int, seconds: float, upstream_seconds: float) -> None:
@@ -71,7 +72,11 @@ class Metrics:
             histogram.observe(upstream_seconds)
 
     def observe_decision(self, policy: str, allowed: bool, reason: str) -> None:
-        self.decisions.labels(policy, "allow" if allowed else "deny", reason).inc()
+        key = (policy, allowed, reason)
+        counter = self._decision_children.get(key)
+        if counter is None:
+            counter = self._decision_children[key] = self.decisions.labels(policy, "allow" if allowed else "deny", reason)
+        counter.inc()
 
     def observe_ratelimited(self, route: str) -> None:
         self.ratelimited.labels(route).inc()

@@ -41,16 +41,20 @@ def _clean_json(value: Any) -> Any:
 
 def dumps(value: Any) -> str:
     """JSON text for a json/jsonb column."""
+    if value == () or value == []:  # the common case, without a round through json
+        return "[]"
+    if value == {}:
+        return "{}"
     return json.dumps(_clean_json(value), separators=(",", ":"), default=str)
 
 
 def audit_row(rec: AuditRecord) -> tuple:
     """The record as column values in AUDIT_COLUMNS order; `reasons` and `detail` as JSON text."""
+    texts = (rec.kind, rec.request_id, rec.route, rec.policy, rec.revision, rec.principal,
+             rec.method, rec.host, rec.path, rec.decision)
     return (
-        rec.id, rec.at, clean(rec.kind),
-        *(None if v is None else clean(v) for v in (
-            rec.request_id, rec.route, rec.policy, rec.revision, rec.principal,
-            rec.method, rec.host, rec.path, rec.decision)),
+        rec.id, rec.at,
+        *(None if v is None else clean(v) for v in texts),
         dumps(rec.reasons), rec.latency_ms, dumps(rec.detail),
     )
 
