@@ -28,7 +28,8 @@ import pytest
 
 from gateway.server.app import StartupError
 from gateway.store import SQLITE_FILE, open_store
-from tests.support.harness import GATEWAY, access_records, backend, route_to, running_gateway, url
+from tests.support.fixtures import recording_echo  # noqa: F401 (fixture)
+from tests.support.harness import access_records, echo_routes, running_gateway, url
 from tests.support.policy_harness import (
     assert_denied,
     assert_missing,
@@ -37,7 +38,6 @@ from tests.support.policy_harness import (
     security_policy,
 )
 from tests.support.postgres import fresh_database
-from tests.support.recording import start_recording_echo
 from tests.support.store_gateway import sandgate_cli
 
 KEY = re.compile(r"sgk_(?P<id>[a-z2-7]{8})_(?P<secret>[A-Za-z0-9_-]{43})")
@@ -215,15 +215,9 @@ POLICY = security_policy("api-keys", {
 
 
 @pytest.fixture
-async def upstream(aiohttp_server):
-    return await start_recording_echo(aiohttp_server)
-
-
-@pytest.fixture
 async def gateway(tmp_path, pepper_file, upstream, monkeypatch):
     monkeypatch.setenv("SANDGATE_API_KEY_PEPPER_FILE", str(pepper_file))
-    routes = GATEWAY + backend("echo", upstream.port) + route_to("echo")
-    async with running_gateway(tmp_path, routes, policies_yaml=POLICY) as running:
+    async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=POLICY) as running:
         yield running
 
 
@@ -245,7 +239,7 @@ async def test_a_key_from_the_command_reaches_the_upstream_as_its_id(gateway, tm
     assert upstream.headers(0, "X-Client-Id") == [key_id]
     assert upstream.headers(0, "X-API-Key") == [], "sanitize: the key header must not be forwarded"
     assert not any(key in v or KEY.fullmatch(key)["secret"] in v for _, v in upstream.requests[0][2])
-    decisions = [r for r in access_records(gateway) if r.get("type") == "decision"]
+    decisions = [r for r in access_records(gateway) if "decision" in r]
     assert [(d["decision"], d["principal"]) for d in decisions] == [("allow", "alice")]
     assert KEY.fullmatch(key)["secret"] not in gateway.log_buffer.getvalue(), "the key is in the logs"
 
@@ -339,9 +333,8 @@ async def test_an_api_key_policy_without_a_pepper_stops_startup_naming_the_file(
         monkeypatch.delenv("SANDGATE_API_KEY_PEPPER_FILE", raising=False)
         if os.path.exists(expected):
             pytest.skip(f"{expected} exists on this machine")
-    routes = GATEWAY + backend("echo", upstream.port) + route_to("echo")
     with pytest.raises(StartupError) as failure:
-        async with running_gateway(tmp_path, routes, policies_yaml=POLICY):
+        async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=POLICY):
             pass
     message = str(failure.value)
     assert len(message.splitlines()) == 1 and expected in message, message

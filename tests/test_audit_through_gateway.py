@@ -25,11 +25,11 @@ import pytest
 
 from gateway.audit.spool import SPOOL_FILE
 from gateway.store import SQLITE_FILE
-from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
+from tests.support.fixtures import upstream_port  # noqa: F401 (fixture)
+from tests.support.harness import echo_routes, running_gateway, url
 from tests.support.issuer import AUDIENCE, ISSUER, Issuer, claims
 from tests.support.policy_harness import metric_value, security_policy, wait_for
 from tests.support.postgres import throwaway_cluster
-from tests.support.store_gateway import running_gateway_on
 
 RATE = 500  # requests per second, from CLIENTS clients: ~1,500 requests over ~3 s
 CLIENTS = 6
@@ -49,11 +49,6 @@ def issuer():
     return Issuer()  # keys and minting only: the gateway gets the JWKS inline
 
 
-@pytest.fixture
-async def upstream(echo_servers):
-    return (await echo_servers("echo"))["echo"]
-
-
 def policy(issuer: Issuer) -> str:
     return security_policy("jwt-inline", {
         "jwt": {"providers": [{
@@ -64,10 +59,6 @@ def policy(issuer: Issuer) -> str:
             {"name": "readers", "action": "Allow", "principal": {"jwt": {"provider": "idp", "scopes": ["echo:read"]}}},
         ]},
     })
-
-
-def routes(upstream) -> str:
-    return GATEWAY + backend("echo", upstream[1]) + route_to("echo")
 
 
 def credentials(issuer: Issuer) -> list[dict[str, str]]:
@@ -132,7 +123,7 @@ def spooled_lines(data_dir) -> int:
     return sum(len(p.read_text().splitlines()) for p in data_dir.glob(SPOOL_FILE + "*"))
 
 
-async def test_a_database_outage_under_load_loses_duplicates_and_leaks_nothing(cluster, issuer, upstream, tmp_path):
+async def test_a_database_outage_under_load_loses_duplicates_and_leaks_nothing(cluster, issuer, upstream_port, tmp_path):
     mix = credentials(issuer)
     seen: dict[str, int] = {}
     times: dict[str, float] = {}
@@ -141,7 +132,8 @@ async def test_a_database_outage_under_load_loses_duplicates_and_leaks_nothing(c
     spooled_max = 0.0
 
     done = asyncio.Event()
-    async with running_gateway_on(tmp_path, routes(upstream), policy(issuer), database_url=cluster.url) as running:
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer),
+                               database_url=cluster.url) as running:
         traffic = asyncio.ensure_future(send_load(running, mix, seen, times, errors, until=done))
 
         async def outage_then_recovery():
@@ -179,7 +171,8 @@ async def test_a_database_outage_under_load_loses_duplicates_and_leaks_nothing(c
     left = spooled_lines(tmp_path / "data")
     if left:
         # What a graceful restart does with them: the next start on the same data dir replays.
-        async with running_gateway_on(tmp_path, routes(upstream), policy(issuer), database_url=cluster.url) as again:
+        async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer),
+                                   database_url=cluster.url) as again:
             deadline = time.monotonic() + 5
             while spooled_lines(tmp_path / "data") and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
@@ -211,13 +204,14 @@ async def test_a_database_outage_under_load_loses_duplicates_and_leaks_nothing(c
         f"still in the spool, though the database had been up for {drained_at - back:.1f} s")
 
 
-async def test_a_drain_right_after_the_database_returns_writes_the_spool_to_it(cluster, issuer, upstream, tmp_path):
+async def test_a_drain_right_after_the_database_returns_writes_the_spool_to_it(cluster, issuer, upstream_port, tmp_path):
     """The same drain without the race: nothing is sent after the restart, so the replay loop's
     own probe (1 s, backing off to 10 s) cannot have emptied the spool before the drain."""
     mix = credentials(issuer)
     seen: dict[str, int] = {}
     errors: list[str] = []
-    async with running_gateway_on(tmp_path, routes(upstream), policy(issuer), database_url=cluster.url) as running:
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer),
+                               database_url=cluster.url) as running:
         await send_load(running, mix, seen, {}, errors, total=40)
         await cluster.stop()
         await send_load(running, mix, seen, {}, errors, total=40)
@@ -229,11 +223,11 @@ async def test_a_drain_right_after_the_database_returns_writes_the_spool_to_it(c
     assert (stored, left) == (80, 0), f"after the drain {stored} of 80 decisions were stored, {left} left in the spool"
 
 
-async def test_the_embedded_default_stores_decisions_in_the_data_dir(issuer, upstream, tmp_path):
+async def test_the_embedded_default_stores_decisions_in_the_data_dir(issuer, upstream_port, tmp_path):
     mix = credentials(issuer)
     seen: dict[str, int] = {}
     errors: list[str] = []
-    async with running_gateway(tmp_path, routes(upstream), policies_yaml=policy(issuer)) as running:
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer)) as running:
         assert running.options.database_url is None
         await send_load(running, mix, seen, {}, errors, total=80)
         await running.drain()

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gated import start_gated
-from tests.support.harness import GATEWAY, backend, route_to
+from tests.support.harness import GATEWAY, backend, free_port, route_to
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_ROUTES = REPO / "routes.yaml"
@@ -76,12 +75,6 @@ def operator_lines(stderr: str) -> list[str]:
         if not isinstance(entry, dict) or entry.get("level") not in ("debug", "info"):
             out.append(line)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def route_file(port: int) -> str:

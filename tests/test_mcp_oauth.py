@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from contextlib import asynccontextmanager
 from time import monotonic
 from urllib.parse import parse_qs, urlsplit
@@ -29,37 +28,15 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAu
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from gateway.server.handler import Settings
-from tests.support.harness import GATEWAY, backend, running_gateway
+from tests.support.fixtures import issuer, recording_mcp  # noqa: F401 (fixtures)
+from tests.support.harness import free_port, mcp_routes, running_gateway
 from tests.support.issuer import Issuer, claims
-from tests.support.mcp_upstream import RecordingASGI, RecordingTransport, make_mcp_app, serve_asgi
+from tests.support.mcp_upstream import RecordingASGI, RecordingTransport
 from tests.support.policy_harness import challenge_params, route_target, security_policy, wait_ready
 
 MODES = ["legacy", "auto"]  # the session era and the stateless era of streamable HTTP
 SCOPE = "mcp:tools"
 LIVE = 0.5  # max upstream→client lag of one SSE event that still counts as "relayed at once"
-
-
-def routes(port: int) -> str:
-    return GATEWAY + backend("mcp", port) + """\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: mcp
-  namespace: infra
-  annotations: {sandgate.dev/mcp: "true"}
-spec:
-  parentRefs: [{name: gw}]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /mcp}}]
-    backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: mcp}]
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Env:
@@ -77,23 +54,8 @@ class Env:
 
 
 @pytest.fixture
-async def issuer():
-    issuer = await Issuer().start()
-    yield issuer
-    await issuer.stop()
-
-
-@pytest.fixture
-async def upstream():
-    app = RecordingASGI(make_mcp_app())
-    async with serve_asgi(app) as port:
-        app.port = port
-        yield app
-
-
-@pytest.fixture
 async def env(tmp_path, issuer, upstream):
-    port = _free_port()
+    port = free_port()
     public = f"http://127.0.0.1:{port}"
     iss = f"http://127.0.0.1:{issuer.port}"
     spec = {
@@ -102,7 +64,7 @@ async def env(tmp_path, issuer, upstream):
         "authorization": {"rules": [{"action": "Allow", "principal": {"jwt": {"provider": "idp", "scopes": [SCOPE]}}}]},
     }
     policy = security_policy("mcp", spec, targets=[route_target("mcp")])
-    async with running_gateway(tmp_path, routes(upstream.port), policies_yaml=policy, listen=[f"127.0.0.1:{port}"],
+    async with running_gateway(tmp_path, mcp_routes(upstream.port), policies_yaml=policy, listen=[f"127.0.0.1:{port}"],
                                settings=Settings(public_url=public)) as gw:
         assert await wait_ready(gw)
         yield Env(gw, issuer, upstream, public)

@@ -29,8 +29,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from sse_starlette import EventSourceResponse
 
-from tests.support.harness import GATEWAY, backend, running_gateway, url
-from tests.support.mcp_upstream import Exchange, RecordingASGI, RecordingTransport, make_mcp_app, serve_asgi
+from tests.support.fixtures import recording_mcp  # noqa: F401 (fixture)
+from tests.support.harness import mcp_routes, running_gateway, url
+from tests.support.mcp_upstream import Exchange, RecordingTransport
 
 MODES = ["legacy", "auto"]  # the session (initialize handshake) era and the 2026 stateless era
 
@@ -44,34 +45,9 @@ ADDED_BY_UVICORN = {"date", "server"}
 LIVE = 0.5
 
 
-def routes(port: int) -> str:
-    return GATEWAY + backend("mcp", port) + """\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: mcp
-  namespace: infra
-  annotations: {sandgate.dev/mcp: "true"}
-spec:
-  parentRefs: [{name: gw}]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /mcp}}]
-    backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: mcp}]
-"""
-
-
-@pytest.fixture
-async def upstream():
-    app = RecordingASGI(make_mcp_app())
-    async with serve_asgi(app) as port:
-        app.port = port
-        yield app
-
-
 @pytest.fixture
 async def gw(tmp_path, upstream):
-    async with running_gateway(tmp_path, routes(upstream.port)) as running:
+    async with running_gateway(tmp_path, mcp_routes(upstream.port)) as running:
         yield running
 
 

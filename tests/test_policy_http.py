@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 
 from gateway.server.handler import Settings
-from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
-from tests.support.issuer import ISSUER, Issuer, claims
+from tests.support.fixtures import issuer, recording_echo  # noqa: F401 (fixtures)
+from tests.support.harness import GATEWAY, backend, echo_routes, mcp_routes, route_to, running_gateway, url
+from tests.support.issuer import ISSUER, claims
 from tests.support.policy_harness import (
     assert_denied,
     assert_error_body,
@@ -33,25 +34,8 @@ from tests.support.policy_harness import (
     security_policy,
     wait_ready,
 )
-from tests.support.recording import start_recording_echo
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def issuer():
-    issuer = await Issuer().start()
-    yield issuer
-    await issuer.stop()
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    return await start_recording_echo(aiohttp_server)
-
-
-def routes(port: int) -> str:
-    return GATEWAY + backend("echo", port) + route_to("echo")
 
 
 def authorization(rules: list[dict], default: str | None = None) -> dict:
@@ -69,7 +53,7 @@ def jwt_spec(issuer, **provider_fields) -> dict:
 async def gateway(tmp_path, upstream, spec: dict, *, settings: Settings | None = None):
     """A gateway with SecurityPolicy `p` on route `echo`, once its key sets are loaded."""
     policy = security_policy("p", spec)
-    async with running_gateway(tmp_path, routes(upstream.port), policies_yaml=policy, settings=settings) as gw:
+    async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=policy, settings=settings) as gw:
         assert await wait_ready(gw)
         yield gw
 
@@ -387,7 +371,7 @@ async def test_check_reports_unknown_targets_and_schema_errors_with_file_and_lin
 
 
 async def test_check_accepts_valid_policies_and_lists_public_routes(tmp_path):
-    (tmp_path / "routes.yaml").write_text(GATEWAY + backend("echo", 9) + route_to("echo") + prefix_route("public-one", "/pub"))
+    (tmp_path / "routes.yaml").write_text(echo_routes(9) + prefix_route("public-one", "/pub"))
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "ok.yaml").write_text(security_policy("ok", authorization([ALLOW_ALL])))
     result = run_check(tmp_path)
@@ -472,24 +456,6 @@ MCP_URL = PUBLIC + "/mcp"
 METADATA_URL = PUBLIC + "/.well-known/oauth-protected-resource/mcp"
 
 
-def mcp_routes(port: int) -> str:
-    return GATEWAY + backend("echo", port) + """\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: mcp
-  namespace: infra
-  annotations:
-    sandgate.dev/mcp: "true"
-spec:
-  parentRefs: [{name: gw}]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /mcp}}]
-    backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: echo}]
-"""
-
-
 @asynccontextmanager
 async def mcp_gateway(tmp_path, issuer, upstream):
     rules = [
@@ -499,7 +465,7 @@ async def mcp_gateway(tmp_path, issuer, upstream):
     ]
     text = security_policy("mcp", {**jwt_spec(issuer, audiences=["api", MCP_URL]), **authorization(rules),
                                    "cors": {"allowOrigins": [APP]}}, targets=[route_target("mcp")])
-    async with running_gateway(tmp_path, mcp_routes(upstream.port), policies_yaml=text,
+    async with running_gateway(tmp_path, mcp_routes(upstream.port, "echo"), policies_yaml=text,
                                settings=Settings(public_url=PUBLIC)) as gw:
         assert await wait_ready(gw)
         yield gw

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import random
 import re
-import socket
 from contextlib import asynccontextmanager
 from time import monotonic
 
@@ -24,7 +23,7 @@ from yarl import URL
 
 from gateway.server.handler import Settings
 from tests.support.echo import make_echo_app
-from tests.support.harness import GATEWAY, backend, running_gateway, url
+from tests.support.harness import GATEWAY, backend, free_port, running_gateway, url
 from tests.support.rawhttp import raw_connection, read_response, request, send
 
 MiB = 1024 * 1024
@@ -137,12 +136,6 @@ async def bad_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Stack:
     def __init__(self, tmp_path, ports, probe):
         self.tmp_path = tmp_path
@@ -166,7 +159,7 @@ async def stack(aiohttp_server, tmp_path):
     probe_server = await aiohttp_server(probe.app, host="127.0.0.1")  # test servers cancel handlers
     bad = await asyncio.start_server(bad_upstream, "127.0.0.1", 0)
     ports = {"echo": echo.port, "probe": probe_server.port, "bad": bad.sockets[0].getsockname()[1],
-             "refused": closed_port()}
+             "refused": free_port()}
     yield Stack(tmp_path, ports, probe)
     bad.close()
     await bad.wait_closed()

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.server.app import StartupError
+from tests.support.fixtures import upstream_port  # noqa: F401 (fixture)
 from tests.support.harness import backend, gateway_with, route_to, running_gateway, url
 from tests.support.rawhttp import KeptConnection
 
@@ -118,11 +119,6 @@ def routes(port: int, listeners: list[tuple[str, str | None, str]]) -> str:
             f"tls: {{mode: Terminate, certificateRefs: [{{name: {cert}}}]}}}}"
         )
     return gateway_with(*lines) + backend("echo", port) + route_to("echo")
-
-
-@pytest.fixture
-async def upstream_port(echo_servers) -> int:
-    return (await echo_servers("echo"))["echo"][1]
 
 
 @pytest.fixture

@@ -18,14 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.proxy.websocket import WebSocketLimits
 from gateway.server.handler import Settings
 from tests.support.echo import CLOSE_CODES
-from tests.support.harness import GATEWAY, admin_url, backend, route_to, running_gateway, url
+from tests.support.harness import admin_url, echo_routes, running_gateway, url
 
 ROUTE = "infra/echo"
 STEP = 5.0  # bound on any single wait; a healthy run needs milliseconds
-
-
-def routes(port: int) -> str:
-    return GATEWAY + backend("echo", port) + route_to("echo")
 
 
 @pytest.fixture
@@ -55,7 +51,7 @@ async def wait_until(predicate, timeout: float = STEP, what: str = "condition"):
 
 async def test_text_and_binary_frames_both_ways(upstream, tmp_path):
     port, _ = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(gw, "/ws")) as ws:
             assert (await hello(ws))["backend"] == "echo"
             await ws.send_str("héllo wörld")
@@ -77,7 +73,7 @@ async def test_text_and_binary_frames_both_ways(upstream, tmp_path):
 )
 async def test_subprotocol_negotiated_end_to_end(upstream, tmp_path, offered, expected):
     port, _ = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(gw, "/ws"), protocols=offered) as ws:
             assert ws.protocol == expected  # what the gateway answered the client
             assert (await hello(ws))["protocol"] == expected  # what the upstream chose
@@ -85,7 +81,7 @@ async def test_subprotocol_negotiated_end_to_end(upstream, tmp_path, offered, ex
 
 async def test_upstream_close_code_and_reason_reach_the_client(upstream, tmp_path):
     port, _ = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(gw, "/ws"), autoclose=False) as ws:
             await hello(ws)
             await ws.send_str("close:4001:bye")
@@ -96,7 +92,7 @@ async def test_upstream_close_code_and_reason_reach_the_client(upstream, tmp_pat
 
 async def test_client_close_code_reaches_the_upstream(upstream, tmp_path):
     port, close_codes = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
         ws = await session.ws_connect(url(gw, "/ws"))
         await hello(ws)
         await asyncio.wait_for(ws.close(code=4002, message=b"client leaving"), STEP)
@@ -106,7 +102,7 @@ async def test_client_close_code_reaches_the_upstream(upstream, tmp_path):
 
 async def test_ping_from_client_comes_back_as_relayed_pong(upstream, tmp_path):
     port, _ = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(gw, "/ws"), autoping=False) as ws:
             await hello(ws)
             await ws.ping(b"are-you-there")
@@ -118,7 +114,7 @@ async def test_ping_from_client_comes_back_as_relayed_pong(upstream, tmp_path):
 async def test_idle_timeout_closes_both_sides_but_activity_keeps_it_open(upstream, tmp_path):
     port, close_codes = upstream
     settings = Settings(websocket=WebSocketLimits(idle_timeout=0.5))
-    async with running_gateway(tmp_path, routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(gw, "/ws")) as ws:
             await hello(ws)
             loop = asyncio.get_running_loop()
@@ -139,7 +135,7 @@ async def test_idle_timeout_closes_both_sides_but_activity_keeps_it_open(upstrea
 async def test_max_lifetime_closes_an_active_socket(upstream, tmp_path):
     port, close_codes = upstream
     settings = Settings(websocket=WebSocketLimits(idle_timeout=60, max_lifetime=1.0))
-    async with running_gateway(tmp_path, routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(gw, "/ws")) as ws:
             loop = asyncio.get_running_loop()
             opened = loop.time()
@@ -174,7 +170,7 @@ async def test_max_lifetime_closes_an_active_socket(upstream, tmp_path):
 
 async def test_drain_sends_going_away_to_open_sockets(upstream, tmp_path):
     port, close_codes = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
         sockets = [await session.ws_connect(url(gw, "/ws"), autoclose=False) for _ in range(2)]
         for ws in sockets:
             await hello(ws)
@@ -191,7 +187,7 @@ async def test_drain_sends_going_away_to_open_sockets(upstream, tmp_path):
 
 async def test_upstream_refusing_the_upgrade_gives_its_status(upstream, tmp_path):
     port, _ = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(url(gw, "/status/403"))
         assert refused.value.status == 403
@@ -203,7 +199,7 @@ async def test_upstream_refusing_the_upgrade_gives_its_status(upstream, tmp_path
 async def test_message_over_the_limit_closes_with_1009(upstream, tmp_path):
     port, close_codes = upstream
     settings = Settings(websocket=WebSocketLimits(max_message_bytes=64 * 1024))
-    async with running_gateway(tmp_path, routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(gw, "/ws"), autoclose=False) as ws:
             await hello(ws)
             await ws.send_bytes(b"x" * (64 * 1024 - 1024))  # under the limit: relayed
@@ -227,7 +223,7 @@ def _gauge(text: str, route: str) -> float | None:
 
 async def test_websocket_gauge_goes_up_and_back_down(upstream, tmp_path):
     port, _ = upstream
-    async with running_gateway(tmp_path, routes(port)) as gw, aiohttp.ClientSession() as session:
+    async with running_gateway(tmp_path, echo_routes(port)) as gw, aiohttp.ClientSession() as session:
 
         async def gauge() -> float | None:
             async with session.get(admin_url(gw, "/metrics")) as resp:

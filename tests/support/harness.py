@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,7 +25,9 @@ async def running_gateway(
     reload_interval: float = 0,
     drain_seconds: float = 5.0,
     policies_yaml: str | None = None,
+    database_url: str | None = None,
 ):
+    """The gateway on `routes_yaml`, its store at `database_url` (PostgreSQL) or embedded in tmp_path/"data"."""
     routes = tmp_path / "routes.yaml"
     routes.write_text(routes_yaml)
     policies = tmp_path / "policies"
@@ -39,6 +42,7 @@ async def running_gateway(
         admin="127.0.0.1:0",
         tls_dir=tls_dir or str(tmp_path / "tls"),
         data_dir=str(tmp_path / "data"),
+        database_url=database_url,
         reload_interval=reload_interval,
         drain_seconds=drain_seconds,
         load=LoadOptions(overrides=overrides or {}),
@@ -52,6 +56,13 @@ async def running_gateway(
     finally:
         if not running.gateway.draining:
             await running.drain()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (yet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def url(running, path: str = "/", listener: str | None = None, scheme: str = "http") -> str:
@@ -109,4 +120,28 @@ spec:
   parentRefs: [{{name: gw}}]
   rules:
   {rule}: [{{group: gateway.envoyproxy.io, kind: Backend, name: {backend_name}}}]
+"""
+
+
+def echo_routes(port: int) -> str:
+    """Gateway `gw`, Backend `echo` on loopback `port`, and HTTPRoute `echo` sending every request to it."""
+    return GATEWAY + backend("echo", port) + route_to("echo")
+
+
+def mcp_routes(port: int, backend_name: str = "mcp") -> str:
+    """Gateway `gw`, Backend `backend_name` on loopback `port`, and HTTPRoute `mcp` (annotated as an
+    MCP route) sending PathPrefix /mcp to it."""
+    return GATEWAY + backend(backend_name, port) + f"""\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mcp
+  namespace: infra
+  annotations: {{sandgate.dev/mcp: "true"}}
+spec:
+  parentRefs: [{{name: gw}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /mcp}}}}]
+    backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: {backend_name}}}]
 """

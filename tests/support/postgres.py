@@ -11,7 +11,6 @@ import asyncio
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -20,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+
+from tests.support.harness import free_port
 
 ADMIN_URL = os.environ.get("SANDGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -52,12 +53,6 @@ def _bin_dir() -> str | None:
     return os.path.dirname(initdb) if initdb else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """A PostgreSQL cluster of its own. Run as the `postgres` user when we are root, because
     initdb and postgres refuse to run as root."""
@@ -65,7 +60,7 @@ class Cluster:
     def __init__(self, bin_dir: str, root: str):
         self.root = root
         self.data = os.path.join(root, "data")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._bin = bin_dir
         self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
