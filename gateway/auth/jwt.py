@@ -60,7 +60,9 @@ class JwtVerifier:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("token-too-large", "The token is too large.")
         digest = hashlib.sha256(token.encode()).hexdigest()
-        key = (providers, required_audience, digest)  # per provider settings, not just names
+        # Per provider settings, not just names: the providers tuple of a loaded policy lives as
+        # long as this verifier (a reload makes a new one), so its identity is a cheap key.
+        key = (id(providers), required_audience, digest)
         cached = self._cache.get(key)
         now = time()
         if cached is not None:
