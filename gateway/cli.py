@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
-from gateway.config.loader import LoadOptions, load_routes
+from gateway.config.loader import LoadOptions
 from gateway.routing.paths import BadRequestTarget
 
 DEFAULT_ADMIN = "127.0.0.1:9901"

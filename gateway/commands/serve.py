@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 
