@@ -20,6 +20,7 @@ from gateway.server.logs import event, setup_logging
 
 log = logging.getLogger("sandgate")
 _WORKER_ENV = "SANDGATE_WORKER_READY_FD"
+_SLOT_ENV = "SANDGATE_WORKER_SLOT"
 
 
 def _use_fast_loop() -> None:
@@ -52,6 +53,8 @@ def run_serve(args, load_options: LoadOptions) -> int:
         load=load_options,
         database_url=os.environ.get("SANDGATE_DATABASE_URL") or None,
         data_dir=args.data_dir,
+        # Workers share the store but not a spool file: a worker slot replays its own leftovers.
+        spool_dir=os.path.join(args.data_dir, f"worker-{slot}") if (slot := os.environ.pop(_SLOT_ENV, None)) else None,
         settings=Settings(max_body_bytes=args.max_body_bytes, public_url=args.public_url),
     )
 
@@ -103,7 +106,7 @@ async def _supervise(args) -> int:
     async def keep_running(slot: int) -> None:
         failures = 0
         while not stopping.is_set():
-            worker = _Worker(argv)
+            worker = _Worker(argv, slot)
             workers[slot] = worker
             code = await worker.run()
             multiprocess.mark_process_dead(worker.pid)
@@ -145,15 +148,16 @@ def _worker_argv() -> list[str]:
 
 
 class _Worker:
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], slot: int):
         self.argv = argv
+        self.slot = slot
         self.ready = False
         self.pid = 0
         self._process: asyncio.subprocess.Process | None = None
 
     async def run(self) -> int:
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ, **{_WORKER_ENV: str(write_fd), "SANDGATE_WORKERS": "1"})
+        env = dict(os.environ, **{_WORKER_ENV: str(write_fd), _SLOT_ENV: str(self.slot), "SANDGATE_WORKERS": "1"})
         self._process = await asyncio.create_subprocess_exec(*self.argv, env=env, pass_fds=(write_fd,))
         self.pid = self._process.pid
         os.close(write_fd)

@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 from gateway.config.model import Endpoint
 
 _LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class UpstreamResponse:
@@ -179,9 +180,10 @@ class H1Client:
             try:
                 return await self._exchange(connection, method, target, headers, body, read_timeout)
             except (ServerDisconnectedError, ConnectionResetError, BrokenPipeError):
-                # A kept-alive connection the upstream had just closed. Nothing was consumed
-                # from the client, so the request can go again on a fresh connection.
-                if body is not None:
+                # Most likely a kept-alive connection the upstream had just closed. Send again
+                # on a fresh connection only what may safely run twice (RFC 9110 §9.2.2) and
+                # has no body already taken from the client.
+                if body is not None or method not in _IDEMPOTENT:
                     raise
         connection = await pool.connect(connect_timeout)
         return await self._exchange(connection, method, target, headers, body, read_timeout)

@@ -55,6 +55,7 @@ class ServeOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
     database_url: str | None = None  # PostgreSQL; None = the embedded store in data_dir
     data_dir: str = "/tmp/sandgate"  # embedded store and audit spool: mount a volume to keep them
+    spool_dir: str | None = None  # default data_dir; each --workers process gets its own
     settings: Settings = field(default_factory=Settings)
     access_log: TextIO | None = None  # default stdout
 
@@ -259,7 +260,8 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         await store.migrate()
     except Exception as e:  # noqa: BLE001 - one clear line for the operator
         raise StartupError(f"cannot open the store ({'PostgreSQL' if options.database_url else options.data_dir}): {e}") from e
-    audit = AuditLog(store, options.data_dir, on_depth=metrics.audit_queue_depth.set, on_spooled=metrics.audit_spooled.inc)
+    audit = AuditLog(store, options.spool_dir or options.data_dir,
+                     on_depth=metrics.audit_queue_depth.set, on_spooled=metrics.audit_spooled.inc)
     fetcher = JwksFetcher()
     try:
         runtime = PolicyRuntime(policies, config, fetcher, on_refresh=metrics.observe_jwks_refresh,
