@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from gateway.server.handler import Settings
 from tests.support.echo import make_echo_app
-from tests.support.harness import GATEWAY, backend, route_to, running_gateway
+from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
 from tests.support.rawhttp import RawResponse, raw_connection, read_response, request, send
 
 HOST = "gw.example"
@@ -283,3 +284,12 @@ async def test_pipelined_requests_are_answered_in_order(gateway):
 
     assert [r.status for r in responses] == [200, 200, 200]
     assert [r.json()["path"] for r in responses] == ["/first", "/second", "/api/third"]
+
+
+async def test_the_gateways_own_answers_do_not_name_the_server_software(echo_servers, tmp_path):
+    """Errors, redirects and metadata made by the gateway say `Server: sandgate`, not the
+    library and version an attacker could look up."""
+    async with running_gateway(tmp_path, GATEWAY) as gw, aiohttp.ClientSession() as session:
+        async with session.get(url(gw, "/nothing-routes-here")) as resp:
+            assert resp.status == 404
+            assert resp.headers.getall("Server") == ["sandgate"]

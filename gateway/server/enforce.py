@@ -18,7 +18,7 @@ from gateway.audit import AuditRecord
 from gateway.policy.decision import Decision, RequestFacts, evaluate, www_authenticate
 from gateway.policy.model import Cors, SecurityPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime, metadata_document, origin_allowed
-from gateway.server.errors import error_response
+from gateway.server.errors import SERVER, error_response
 
 
 @dataclass(slots=True)
@@ -35,7 +35,7 @@ def metadata_response(policies: PolicyRuntime, path: str, origin: str) -> web.Re
     if resource is None:
         return None
     body = json.dumps(metadata_document(resource, origin)).encode()
-    return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "max-age=300"})
+    return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "max-age=300", "Server": SERVER})
 
 
 async def enforce(
@@ -122,7 +122,7 @@ async def enforce(
 
 
 def _preflight(cors: Cors, client_origin: str, headers) -> web.Response:
-    response = web.Response(status=204)
+    response = web.Response(status=204, headers={"Server": SERVER})
     out = response.headers
     out["Access-Control-Allow-Origin"] = client_origin
     out["Vary"] = "Origin"

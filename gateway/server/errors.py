@@ -13,6 +13,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+# What the gateway's own answers name as Server (aiohttp would add its name and version).
+SERVER = "sandgate"
 _TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _HTML_APP_KEY = web.AppKey("sandgate_error_templates", jinja2.Environment)
 
@@ -76,4 +78,5 @@ def error_response(
         )
     response.headers["X-Request-Id"] = request_id
     response.headers["Cache-Control"] = "no-store"
+    response.headers["Server"] = SERVER
     return response

@@ -27,7 +27,7 @@ from gateway.routing.paths import BadRequestTarget, normalize_host_cached, norma
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.server.accesslog import AccessLog
-from gateway.server.errors import error_response
+from gateway.server.errors import SERVER, error_response
 from gateway.policy.authz import parse_ip
 from gateway.policy.ratelimit import LocalRateLimiter
 from gateway.server.enforce import client_address, enforce, metadata_response, rate_limit_headers
@@ -291,7 +291,9 @@ class Gateway:
             query=query,
             matched_prefix=found.matched_prefix,
         )
-        response = web.Response(status=redirect.status, headers={"Location": location, "X-Request-Id": request_id})
+        response = web.Response(
+            status=redirect.status, headers={"Location": location, "X-Request-Id": request_id, "Server": SERVER}
+        )
         apply_modifier(response.headers, found.rule.filters.response_headers)
         return response
 
