@@ -187,3 +187,23 @@ def test_sandbox_policy_loads_and_attaches(tmp_path):
     errors = load_policies(str(tmp_path), config).errors
     assert len(errors) == 1 and "ports.min 9500 is greater than ports.max 9000" in errors[0]
     assert errors[0].startswith(f"{tmp_path / 'sandbox.yaml'}:")
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    ['session="unterminated', "a=b; ; ;=; session", "\x7f\x00=\x01", "session=" + "x" * 20_000, 'a="b\\"; session=tok'],
+)
+def test_hostile_cookie_headers_never_break_token_extraction(cookie):
+    """A token read from a cookie: a malformed Cookie header yields no token, never an error."""
+    from multidict import CIMultiDict
+
+    from gateway.policy.decision import RequestFacts, extract_api_key, extract_token
+    from gateway.policy.model import ApiKeyAuth, JwtProvider, TokenSource
+
+    provider = JwtProvider("p", None, (), None, "{}", 300.0, (), TokenSource(headers=(), cookies=("session",)))
+    facts = RequestFacts("GET", "/", "", CIMultiDict({"Cookie": cookie}), "127.0.0.1")
+    token = extract_token((provider,), facts)
+    assert token is None or isinstance(token, str)
+    assert extract_api_key(ApiKeyAuth(cookies=("session",)), facts) == token
+    good = RequestFacts("GET", "/", "", CIMultiDict({"Cookie": "other=1; session=abc"}), "127.0.0.1")
+    assert extract_token((provider,), good) == "abc"

@@ -85,19 +85,17 @@ _KIND_SLOTS = {
 
 
 def load_routes(path: str, options: LoadOptions | None = None) -> Config:
-    try:
-        docs = load_documents(path)
-    except YamlError as e:
-        return Config((), (), errors=(str(e),))
-    except OSError as e:
-        return Config((), (), errors=(f"{path}:1: cannot read: {e.strerror or e}",))
-    return build_config(docs, options or LoadOptions())
+    return _load(lambda: load_documents(path), options)
 
 
 def load_routes_from_string(text: str, options: LoadOptions | None = None, path: str = "<string>") -> Config:
+    return _load(lambda: load_documents_from_string(text, path), options)
+
+
+def _load(read, options: LoadOptions | None) -> Config:
     try:
-        docs = load_documents_from_string(text, path)
-    except YamlError as e:
+        docs = read()
+    except YamlError as e:  # also unreadable files: yamldoc reports them with the path
         return Config((), (), errors=(str(e),))
     return build_config(docs, options or LoadOptions())
 

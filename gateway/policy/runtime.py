@@ -45,6 +45,7 @@ class PolicyRuntime:
         if previous is not None:
             self._key_sets = previous._key_sets  # keep fetched keys across a reload
         self.verifier = JwtVerifier(self.key_set_for)
+        self._strip: dict[str, tuple[str, ...]] = {}
         self.mcp_by_route: dict[str, McpResource] = {}
         self.mcp_by_metadata_path: dict[str, McpResource] = {}
         for route in config.routes:
@@ -77,28 +78,38 @@ class PolicyRuntime:
             )
         return key_set
 
+    def _providers(self):
+        for policy in self.policies.security:
+            yield from policy.jwt.providers if policy.jwt else ()
+
     async def warm_up(self) -> bool:
         """Fetch every remote key set once; True when all of them have keys (readiness)."""
-        for policy in self.policies.security:
-            for provider in policy.jwt.providers if policy.jwt else ():
-                await self.key_set_for(provider).ensure_fresh()
+        for provider in self._providers():
+            await self.key_set_for(provider).ensure_fresh()
         return self.keys_loaded()
 
     def keys_loaded(self) -> bool:
-        return all(
-            self.key_set_for(p).loaded
-            for policy in self.policies.security
-            for p in (policy.jwt.providers if policy.jwt else ())
-        )
+        return all(self.key_set_for(p).loaded for p in self._providers())
+
+    def strip_headers(self, policy: SecurityPolicy) -> tuple[str, ...]:
+        """Headers the policy itself sets upstream (or sanitizes): never taken from the client.
+        Derived once per policy, not per request."""
+        found = self._strip.get(policy.key)
+        if found is None:
+            found = tuple(h for p in (policy.jwt.providers if policy.jwt else ()) for _, h in p.claim_to_headers)
+            if policy.api_key is not None:
+                if policy.api_key.forward_client_id_header:
+                    found += (policy.api_key.forward_client_id_header,)
+                if policy.api_key.sanitize:
+                    found += policy.api_key.headers
+            self._strip[policy.key] = found
+        return found
 
     def _mcp_resource(self, route: Route) -> McpResource | None:
         if dict(route.annotations).get(MCP_ANNOTATION) != "true":
             return None
-        policy = next(
-            (self.policies.by_rule.get((route.key, rule.index)) for rule in route.rules
-             if self.policies.by_rule.get((route.key, rule.index)) is not None),
-            None,
-        )
+        attached = (self.policies.by_rule.get((route.key, rule.index)) for rule in route.rules)
+        policy = next((p for p in attached if p is not None), None)
         if policy is None or policy.jwt is None:
             return None
         prefixes = [m.path.value for rule in route.rules for m in rule.matches if m.path.kind == "PathPrefix"]

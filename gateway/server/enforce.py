@@ -112,13 +112,7 @@ async def enforce(
             headers={"WWW-Authenticate": challenge} if challenge else None,
         )
     response_headers = _cors_headers(cors, client_origin) if cors and client_origin and origin_allowed(cors, client_origin, origin) else ()
-    strip = tuple(h for p in (policy.jwt.providers if policy.jwt else ()) for _, h in p.claim_to_headers)
-    if policy.api_key is not None:
-        if policy.api_key.forward_client_id_header:
-            strip += (policy.api_key.forward_client_id_header,)
-        if policy.api_key.sanitize:
-            strip += policy.api_key.headers
-    return Allowed(decision, decision.upstream_headers, strip, response_headers)
+    return Allowed(decision, decision.upstream_headers, policies.strip_headers(policy), response_headers)
 
 
 def _preflight(cors: Cors, client_origin: str, headers) -> web.Response:

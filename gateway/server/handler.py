@@ -48,15 +48,17 @@ class Settings:
     websocket: websocket.WebSocketLimits = field(default_factory=websocket.WebSocketLimits)
     public_url: str | None = None  # e.g. https://agents.example.com: what clients really dialled
 
+    def __post_init__(self) -> None:
+        # Parsed once: the origin is used per request by policies, the URL parts by redirects.
+        url = URL(self.public_url) if self.public_url else None
+        self.public_base = self.public_url.rstrip("/") if self.public_url else None
+        self._public_host = url.host.lower() if url is not None and url.host else None
+        self._public_scheme_port = (url.scheme, url.port or 0) if url is not None else None
+
     def public_origin(self, host: str) -> tuple[str, int] | None:
         """(scheme, port) of the public URL when `host` is its host: TLS and the public port
         are often in front of the pods, and redirects must point where clients come from."""
-        if not self.public_url:
-            return None
-        url = URL(self.public_url)
-        if url.host is None or url.host.lower() != host:
-            return None
-        return url.scheme, url.port or 0
+        return self._public_scheme_port if host == self._public_host else None
 
 
 class Gateway:
@@ -299,8 +301,8 @@ class Gateway:
 
     def _origin(self, request: web.BaseRequest) -> str:
         """The public origin clients use: --public-url, else what this request says."""
-        if self.settings.public_url:
-            return self.settings.public_url.rstrip("/")
+        if self.settings.public_base:
+            return self.settings.public_base
         headers = request.headers
         if self.settings.trusted_hops > 0 and "X-Forwarded-Proto" in headers:
             return f"{headers['X-Forwarded-Proto']}://{headers.get('X-Forwarded-Host', headers.get('Host', ''))}"
