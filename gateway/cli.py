@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-url", default=_env("public-url"))
     serve.add_argument("--tls-dir", default=_env("tls-dir", "/etc/sandgate/tls"))
     serve.add_argument("--watch-httproutes", action="store_true", default=_env("watch-httproutes") in ("1", "true"))
+    serve.add_argument("--kubeconfig", default=_env("kubeconfig"),
+                       help="kubeconfig for sandbox state and terminals (default: in-cluster, else $KUBECONFIG)")
+    serve.add_argument("--allow-loopback-sandboxes", action="store_true",
+                       default=_env("allow-loopback-sandboxes") in ("1", "true"), help=argparse.SUPPRESS)
     serve.add_argument("--drain-seconds", type=float, default=float(_env("drain-seconds", "30")))
     serve.add_argument("--max-body-bytes", type=int, default=int(_env("max-body-bytes", "0")) or None,
                        help="refuse larger request bodies with 413 (default: no limit)")

@@ -37,7 +37,9 @@ def describe_match(match: RouteMatch) -> str:
     return " ".join(parts)
 
 
-def describe_upstream(upstream: Upstream | None, reason: str = "") -> str:
+def describe_upstream(upstream: Upstream | None, reason: str = "", special=None) -> str:
+    if special is not None:
+        return f"SandboxRouter {special.key} ({special.resolution} resolution)"
     if upstream is None:
         return f"invalid ({reason})"
     return f"{upstream.name} -> {', '.join(map(str, upstream.endpoints))}"
@@ -57,7 +59,7 @@ def run_routes(routes_path: str, options: LoadOptions) -> int:
             backend = f"500 ({c.rule.invalid_reason})"
         else:
             backend = "; ".join(
-                f"{b.weight}x {describe_upstream(b.upstream, b.invalid_reason)}" for b in c.rule.backends
+                f"{b.weight}x {describe_upstream(b.upstream, b.invalid_reason, b.special)}" for b in c.rule.backends
             )
         print(f"{listener:<14} {c.host or '*':<32} {describe_match(c.match):<44} {c.rule.label:<28} {backend}")
     return 0
@@ -146,6 +148,9 @@ def run_explain(
                 upstream_path = modify_path(upstream_path, filters.rewrite.path, found.matched_prefix)
             if filters.rewrite and filters.rewrite.hostname:
                 host_header = filters.rewrite.hostname
+        if b.special is not None:
+            print(f"backend:  {share} {describe_upstream(None, special=b.special)}: the sandbox named by X-Sandbox-* or the path")
+            continue
         if b.upstream is None:
             print(f"backend:  {share} invalid: {b.invalid_reason} -> 500")
             continue

@@ -33,6 +33,7 @@ from gateway.config.model import (
     Route,
     RouteMatch,
     Rule,
+    SandboxRouter,
     Source,
     Timeouts,
     Upstream,
@@ -462,11 +463,15 @@ class _RouteContext:
             if isinstance(upstream, str):
                 return invalid(upstream)
             return BackendChoice(weight, upstream, filters)
-        if group == SANDGATE_GROUP and kind in ("SandboxRouter", "PreviewZone"):
-            special = self.objects.extras.get((kind, f"{namespace}/{name}"))
-            if special is None:
+        if group == SANDGATE_GROUP and kind == "SandboxRouter":
+            doc = self.objects.extras.get((kind, f"{namespace}/{name}"))
+            if doc is None:
                 return invalid(f"{kind} not found in this file")
-            return BackendChoice(weight, None, filters, invalid_reason=f"{kind} is not served by this build", special=special)
+            return BackendChoice(weight, None, filters, special=sandbox_router(doc))
+        if group == SANDGATE_GROUP and kind == "PreviewZone":
+            if self.objects.extras.get((kind, f"{namespace}/{name}")) is None:
+                return invalid(f"{kind} not found in this file")
+            return invalid(f"{kind} is not served by this build")
         return invalid(f"InvalidKind: backendRef kind {group or 'core'}/{kind} is not supported")
 
     def backend_upstream(self, label: str, doc: Document) -> Upstream | str:
@@ -536,3 +541,23 @@ def _granted(grants: list[Document], from_ns: str, to_ns: str, group: str, kind:
         if from_ok and to_ok:
             return True
     return False
+
+
+def sandbox_router(doc: Document) -> SandboxRouter:
+    """A SandboxRouter document (schema-valid) as settings; defaults as its CRD states."""
+    meta = doc.obj["metadata"]
+    spec = doc.obj.get("spec") or {}
+    namespace = meta.get("namespace") or DEFAULT_NAMESPACE
+    return SandboxRouter(
+        namespace=namespace,
+        name=meta["name"],
+        resolution=spec.get("resolution", "Cluster"),
+        cluster_domain=spec.get("clusterDomain", "cluster.local"),
+        allowed_namespaces=tuple(spec.get("allowedNamespaces") or (namespace,)),  # CRD: empty = its own
+        default_namespace=spec.get("defaultNamespace") or namespace,
+        default_port=spec.get("defaultPort", 8888),
+        timeout=parse_timeout(spec.get("timeout")),
+        allow_unauthenticated=bool(spec.get("allowUnauthenticated", False)),
+        router_token_file=spec.get("routerTokenFile"),
+        source=Source(doc.path, doc.line),
+    )

@@ -132,6 +132,27 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class SandboxRouter:
+    """Settings for header-routed sandbox access (sandgate.dev/v1alpha1 SandboxRouter, §4.1)."""
+
+    namespace: str
+    name: str
+    resolution: Literal["Cluster", "DNS"] = "Cluster"
+    cluster_domain: str = "cluster.local"
+    allowed_namespaces: tuple[str, ...] = ()  # never empty once loaded (defaults to its own)
+    default_namespace: str = ""
+    default_port: int = 8888  # the agent-sandbox router's default
+    timeout: float | None = None  # seconds
+    allow_unauthenticated: bool = False
+    router_token_file: str | None = None
+    source: Source | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class BackendChoice:
     """A weighted backendRef. `upstream` is None when the reference is invalid (500)."""
 
@@ -139,7 +160,7 @@ class BackendChoice:
     upstream: Upstream | None
     filters: Filters = NO_FILTERS
     invalid_reason: str = ""
-    special: object | None = None  # a sandgate.dev backend (SandboxRouter, PreviewZone)
+    special: SandboxRouter | None = None  # a sandgate.dev backend served by the gateway itself
 
 
 @dataclass(frozen=True, slots=True)

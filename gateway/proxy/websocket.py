@@ -38,13 +38,19 @@ class OpenSockets:
     """Every relayed socket, so a shutdown can send GOING_AWAY (1001) to all of them."""
 
     def __init__(self) -> None:
-        self._sockets: weakref.WeakSet[_Relay] = weakref.WeakSet()
+        self._sockets: weakref.WeakKeyDictionary[_Relay, object] = weakref.WeakKeyDictionary()
 
     def __len__(self) -> int:
         return len(self._sockets)
 
-    def add(self, relay: "_Relay") -> None:
-        self._sockets.add(relay)
+    def add(self, relay: "_Relay", tag: object = None) -> None:
+        """`tag` names what the socket reaches (a sandbox), so that it can be closed with it."""
+        self._sockets[relay] = tag
+
+    async def close_tagged(self, tag: object, code: int, reason: str) -> int:
+        relays = [relay for relay, t in list(self._sockets.items()) if t == tag]
+        await asyncio.gather(*(relay.close(code, reason) for relay in relays), return_exceptions=True)
+        return len(relays)
 
     async def close_all(self, reason: str = "gateway shutting down") -> None:
         await asyncio.gather(
@@ -65,6 +71,7 @@ async def relay(
     pool: UpstreamPool,
     limits: WebSocketLimits,
     sockets: OpenSockets,
+    tag: object = None,
 ) -> web.WebSocketResponse:
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()]
     headers = end_to_end(plan.headers, _HANDSHAKE_HEADERS)
@@ -101,7 +108,7 @@ async def relay(
         await upstream.close()
         raise
     link = _Relay(client, upstream)
-    sockets.add(link)
+    sockets.add(link, tag)
     await link.run(limits)
     return client
 

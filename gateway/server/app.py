@@ -19,13 +19,17 @@ from typing import TextIO
 from aiohttp import web
 
 from gateway.config.loader import LoadOptions, load_routes
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditRecord
 from gateway.auth.apikeys import MissingSecret
 from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener
 from gateway.policy.loader import load_policies
 from gateway.policy.runtime import PolicyRuntime
+from gateway.kube import KubeClient, KubeError
 from gateway.routing.table import RouteTable, compile_table
+from gateway.sandbox.registry import SandboxRegistry
+from gateway.sandbox.router import SandboxAccess, router_errors
+from gateway.sandbox.terminal import Terminals, TerminalSettings
 from gateway.server.accesslog import AccessLog
 from gateway.server.admin import make_admin_app
 from gateway.server.handler import Gateway, Settings
@@ -58,6 +62,8 @@ class ServeOptions:
     spool_dir: str | None = None  # default data_dir; each --workers process gets its own
     settings: Settings = field(default_factory=Settings)
     access_log: TextIO | None = None  # default stdout
+    kubeconfig: str | None = None  # default: in-cluster, else $KUBECONFIG or ~/.kube/config
+    terminal: TerminalSettings = field(default_factory=TerminalSettings)
 
 
 def parse_address(text: str, default_host: str | None = None) -> tuple[str | None, int]:
@@ -104,6 +110,8 @@ class RunningGateway:
         self.jwks_fetcher: JwksFetcher | None = None
         self.store: Store | None = None
         self.store_ok = True  # the audit spool covers outages; readiness still reports them
+        self.kube: KubeClient | None = None
+        self.sandbox_registry: SandboxRegistry | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -114,7 +122,11 @@ class RunningGateway:
             return False, {"reason": "draining"}
         keys = self.gateway.policies.keys_loaded()
         details = {"routes": len(self.table.config.routes), "jwks_loaded": keys, "store_reachable": self.store_ok}
-        return self.ready and keys and self.store_ok, details
+        kube_ok = True
+        if self.sandbox_registry is not None:
+            kube_ok = self.sandbox_registry.synced() and self.sandbox_registry.connected()
+            details["kubernetes_synced"] = kube_ok
+        return self.ready and keys and self.store_ok and kube_ok, details
 
     async def _watch_store(self, interval: float = 2.0) -> None:
         while True:
@@ -183,6 +195,8 @@ class RunningGateway:
         config = load_routes(self.options.routes, self.options.load)
         policies = load_policies(self.options.policies, config) if not config.errors else None
         errors = list(config.errors) + (policies.errors if policies else [])
+        if not errors:
+            errors = router_errors(config, _secured(policies))
         if errors:
             for line in errors:
                 event(log, "routes not reloaded", logging.ERROR, error=line)
@@ -203,6 +217,8 @@ class RunningGateway:
             event(log, "routes not reloaded", logging.ERROR, error=str(e))
             return False
         self.gateway.table, self.gateway.policies = table, runtime  # no await between: one swap
+        if self.gateway.sandboxes is not None:
+            self.gateway.sandboxes.configure(config)
         _freeze_long_lived()
         event(log, "routes reloaded", routes=len(config.routes))
         return True
@@ -228,6 +244,10 @@ class RunningGateway:
         await asyncio.gather(*(runner.cleanup() for runner in self._runners), return_exceptions=True)
         self._runners.clear()
         await self.gateway.close()
+        if self.sandbox_registry is not None:
+            await self.sandbox_registry.stop()
+        if self.kube is not None:
+            await self.kube.close()
         await self.jwks_fetcher.close()
         await self.gateway.audit.stop()  # to the store, or to the spool if it is down
         await self.store.close()
@@ -253,6 +273,9 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise StartupError("\n".join(policies.errors))
     for line in policies.problems:
         event(log, "policy problem", logging.WARNING, problem=line)
+    sandbox_errors = router_errors(config, _secured(policies))
+    if sandbox_errors:
+        raise StartupError("\n".join(sandbox_errors))
     access_log = AccessLog(options.access_log)
     metrics = Metrics()
     try:
@@ -275,6 +298,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     running.store = store
     audit.start()
     try:
+        await _start_sandboxes(running, config, audit)
         await running._bind(config.listeners)
         await running._start_admin()
     except BaseException:
@@ -289,6 +313,44 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         running._tasks.append(asyncio.ensure_future(running.certificates.watch(max(options.reload_interval, 1.0))))
     running.ready = True
     return running
+
+
+def _secured(policies):
+    return lambda route_key, rule_index, gateway: policies.security_for(route_key, rule_index, gateway) is not None
+
+
+async def _start_sandboxes(running: RunningGateway, config: Config, audit: AuditLog) -> None:
+    """Sandbox access when routes.yaml has a SandboxRouter: the Kubernetes connection, the
+    watches of Sandboxes and SandboxClaims, the terminals."""
+    routers = [c.special for r in config.routes for rule in r.rules for c in rule.backends if c.special]
+    if not routers:
+        return
+    options, gateway = running.options, running.gateway
+    needs_cluster = any(r.resolution == "Cluster" for r in routers)
+    try:
+        running.kube = await KubeClient.connect(options.kubeconfig)
+    except KubeError as e:
+        if needs_cluster:
+            raise StartupError(f"SandboxRouter {routers[0].key} resolves sandboxes from the cluster: {e.message}") from None
+        event(log, "no Kubernetes connection: terminals are unavailable", logging.WARNING, error=e.message)
+    loop = asyncio.get_running_loop()
+    if running.kube is not None:
+        running.sandbox_registry = SandboxRegistry(
+            running.kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name))
+        )
+
+    def record(kind: str, key: tuple, **detail) -> None:
+        identity, namespace, name = key
+        audit.record(AuditRecord(kind=kind, principal=identity, path=f"{namespace}/{name}", detail=detail))
+
+    terminals = Terminals(running.kube, options.terminal, record) if running.kube is not None else None
+    gateway.sandboxes = SandboxAccess(
+        running.sandbox_registry, terminals, audit,
+        allow_loopback=options.settings.allow_loopback_sandboxes, overrides=options.load.overrides,
+    )
+    gateway.sandboxes.configure(config)
+    if running.sandbox_registry is not None and not await running.sandbox_registry.wait_synced(5.0):
+        event(log, "sandbox state not listed yet; readiness waits for it", logging.WARNING)
 
 
 async def serve(options: ServeOptions, on_ready=None) -> None:

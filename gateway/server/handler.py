@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from time import monotonic
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -26,6 +26,7 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
+from gateway.sandbox.router import SandboxAccess, strip_for_sandbox
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import SERVER, error_response
 from gateway.policy.authz import parse_ip
@@ -47,6 +48,7 @@ class Settings:
     trusted_hops: int = 0
     websocket: websocket.WebSocketLimits = field(default_factory=websocket.WebSocketLimits)
     public_url: str | None = None  # e.g. https://agents.example.com: what clients really dialled
+    allow_loopback_sandboxes: bool = False  # local runs and tests only: pods on 127.0.0.0/8
 
     def __post_init__(self) -> None:
         # Parsed once: the origin is used per request by policies, the URL parts by redirects.
@@ -82,6 +84,7 @@ class Gateway:
         self.pool = UpstreamPool()
         self.rate_limiter = LocalRateLimiter()  # outlives reloads; buckets are keyed by policy revision
         self.sockets = websocket.OpenSockets()
+        self.sandboxes: SandboxAccess | None = None  # set when a SandboxRouter is configured
         self.draining = False
 
     def handler_for_port(self, port: int):
@@ -150,7 +153,7 @@ class Gateway:
         if rule.filters.redirect is not None:
             return self._redirect(request, found, host, path, query, request_id)
         choice = found.backends.pick() if not rule.invalid_reason else None
-        if choice is None or choice.upstream is None:
+        if choice is None or (choice.upstream is None and choice.special is None):
             return self._error(request, 500, "no_backend", "The matched rule has no valid backend.", request_id)
         limit = (client.max_body_bytes if client is not None else None) or self.settings.max_body_bytes
         length = request.content_length
@@ -158,10 +161,20 @@ class Gateway:
             return self._error(request, 413, "body_too_large", "The request body is too large.", request_id)
 
         upstream_path, upstream_host = _rewrite(found, rule.filters, choice.filters, path)
+        upstream = choice.upstream
+        sandbox = None
+        if choice.special is not None:
+            sandbox = await self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id)
+            if isinstance(sandbox, web.StreamResponse):
+                outcome.status = 101 if isinstance(sandbox, web.WebSocketResponse) else sandbox.status
+                return sandbox
+            upstream, upstream_path = sandbox.upstream, sandbox.path
         out_headers = self._upstream_headers(
             request, found, choice, allowed, request_id, host=upstream_host or authority,
             forwarded_host=authority or headers.get("Host", host), trusted_hops=trusted_hops,
         )
+        if sandbox is not None:
+            strip_for_sandbox(out_headers)
         traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
@@ -182,7 +195,8 @@ class Gateway:
             apply_modifier(response_headers, choice.filters.response_headers)
 
         request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
-        upstream = choice.upstream
+        if sandbox is not None and sandbox.timeout is not None:
+            request_timeout = min(request_timeout or sandbox.timeout, sandbox.timeout)
         plan = ForwardPlan(
             endpoint=self.pool.pick(upstream),
             scheme=upstream.scheme,
@@ -198,12 +212,17 @@ class Gateway:
             body_limit=limit,
         )
         outcome.upstream = str(plan.endpoint)
-        if is_websocket:
-            return await self._websocket(request, plan, outcome)
-        if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        exchange = Exchange()
-        response = await forward(request, plan, self.pool, exchange)
+        try:
+            if is_websocket:
+                return await self._websocket(request, plan, outcome, sandbox.tag if sandbox is not None else None)
+            if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            exchange = Exchange()
+            response = await forward(request, plan, self.pool, exchange)
+        except ProxyError as e:
+            if sandbox is not None and e.code == "no_endpoint":  # SPEC §4.1: DNS finds no sandbox
+                raise ProxyError(502, "sandbox_unresolved", "The sandbox's address could not be resolved.") from e
+            raise
         outcome.upstream_seconds = exchange.upstream_seconds
         outcome.bytes_sent = exchange.bytes_sent
         return response
@@ -268,12 +287,32 @@ class Gateway:
         response.headers["Retry-After"] = str(max(1, verdict.retry_after))
         return response
 
-    async def _websocket(self, request: web.BaseRequest, plan: ForwardPlan, outcome: "_Outcome"):
+    async def _sandbox(self, request, router, found: Candidate, gateway: str, path: str, upstream_path: str,
+                       allowed, policy, request_id: str):
+        """A SandboxRouter backend: the sandbox to forward to, or the response that ends it."""
+        if self.sandboxes is None:
+            return self._error(request, 503, "sandboxes_unavailable", "Sandbox access is not running.", request_id)
+        token = allowed.decision.token if allowed is not None and allowed.decision is not None else None
+        return await self.sandboxes.route(
+            request, router, path=path, rewritten_path=upstream_path,
+            claims=token.claims if token is not None else None, secured=policy is not None,
+            policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway),
+            request_id=request_id, route_key=found.route.key,
+        )
+
+    async def sandbox_deleted(self, namespace: str, name: str) -> None:
+        """Close what still reaches a sandbox that is gone: relayed WebSockets and terminals."""
+        reason = f"sandbox {namespace}/{name} was deleted"
+        await self.sockets.close_tagged(("sandbox", namespace, name), WSCloseCode.GOING_AWAY, reason)
+        if self.sandboxes is not None and self.sandboxes.terminals is not None:
+            await self.sandboxes.terminals.close_sandbox(namespace, name, reason)
+
+    async def _websocket(self, request: web.BaseRequest, plan: ForwardPlan, outcome: "_Outcome", tag=None):
         plan.deadline = None  # a WebSocket lives by its own idle timeout and maximum lifetime
         self.metrics.websocket_opened(outcome.route)
         outcome.status = 101  # replaced by the error status if the upgrade fails
         try:
-            return await websocket.relay(request, plan, self.pool, self.settings.websocket, self.sockets)
+            return await websocket.relay(request, plan, self.pool, self.settings.websocket, self.sockets, tag)
         finally:
             self.metrics.websocket_closed(outcome.route)
 
@@ -336,6 +375,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.sockets.close_all()
+        if self.sandboxes is not None and self.sandboxes.terminals is not None:
+            await self.sandboxes.terminals.close()
         await self.pool.close()
 
 

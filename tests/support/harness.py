@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway.config.loader import LoadOptions
 from gateway.server.app import ServeOptions, start_gateway
+from gateway.sandbox.terminal import TerminalSettings
 from gateway.server.handler import Settings
 
 
@@ -26,6 +27,8 @@ async def running_gateway(
     drain_seconds: float = 5.0,
     policies_yaml: str | None = None,
     database_url: str | None = None,
+    kubeconfig: str | Path | None = None,
+    terminal: TerminalSettings | None = None,
 ):
     """The gateway on `routes_yaml`, its store at `database_url` (PostgreSQL) or embedded in tmp_path/"data"."""
     routes = tmp_path / "routes.yaml"
@@ -48,6 +51,8 @@ async def running_gateway(
         load=LoadOptions(overrides=overrides or {}),
         settings=settings or Settings(),
         access_log=log,
+        kubeconfig=str(kubeconfig) if kubeconfig is not None else None,
+        terminal=terminal or TerminalSettings(),
     )
     running = await start_gateway(options)
     running.log_buffer = log

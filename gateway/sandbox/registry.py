@@ -1,0 +1,139 @@
+"""What the gateway knows about sandboxes: a live copy of Sandboxes and SandboxClaims per
+namespace, kept by watches, so resolving a sandbox is a dictionary lookup (§4.1 `Cluster`).
+
+A sandbox's owner and sharing come from its SandboxClaim (the claim that created it: its
+ownerReference, else the claim of the same name) and, for sandboxes created directly, from the
+Sandbox itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from gateway.kube import SANDBOX, SANDBOX_CLAIM, KubeClient, WatchedKind
+
+log = logging.getLogger("sandgate.sandbox")
+
+POD_NAME_ANNOTATION = "agents.x-k8s.io/pod-name"  # set by agent-sandbox on warm-pool adoption
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # identity: one object per observed state
+class SandboxInfo:
+    namespace: str
+    name: str
+    uid: str
+    ready: bool
+    not_ready_reason: str
+    pod_ips: tuple[str, ...]
+    service_fqdn: str | None
+    pod_name: str
+    metadata: tuple[dict, ...]  # claim metadata first, then the Sandbox's: where owners are read
+
+
+def sandbox_info(sandbox: dict, claim: dict | None) -> SandboxInfo:
+    meta = sandbox.get("metadata") or {}
+    status = sandbox.get("status") or {}
+    ready, reason = _ready(status)
+    return SandboxInfo(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        ready=ready,
+        not_ready_reason=reason,
+        pod_ips=tuple(ip for ip in status.get("podIPs") or () if isinstance(ip, str)),
+        service_fqdn=status.get("serviceFQDN") or None,
+        pod_name=(meta.get("annotations") or {}).get(POD_NAME_ANNOTATION) or meta.get("name", ""),
+        metadata=tuple(m for m in ((claim or {}).get("metadata"), meta) if m),
+    )
+
+
+def _ready(status: dict) -> tuple[bool, str]:
+    for condition in status.get("conditions") or ():
+        if condition.get("type") == "Ready":
+            if condition.get("status") == "True":
+                return True, ""
+            return False, condition.get("message") or condition.get("reason") or "not ready"
+    return False, "the sandbox has not reported readiness yet"
+
+
+class SandboxRegistry:
+    """Watches of Sandboxes and SandboxClaims in the namespaces SandboxRouters open."""
+
+    def __init__(self, kube: KubeClient, on_deleted: Callable[[str, str], None] | None = None):
+        self.kube = kube
+        self._on_deleted = on_deleted
+        self._sandboxes: dict[str, WatchedKind] = {}
+        self._claims: dict[str, WatchedKind] = {}
+        # namespace -> name -> SandboxInfo: built once per change, not once per request
+        self._info: dict[str, dict[str, SandboxInfo]] = {}
+
+    def watch_namespaces(self, namespaces: set[str]) -> None:
+        """Start watches for new namespaces; stop those no SandboxRouter opens any more."""
+        for namespace in namespaces - self._sandboxes.keys():
+            self._info[namespace] = {}
+            self._sandboxes[namespace] = WatchedKind(self.kube, SANDBOX, namespace, self._sandbox_changed)
+            self._claims[namespace] = WatchedKind(self.kube, SANDBOX_CLAIM, namespace, self._claim_changed)
+            self._sandboxes[namespace].start()
+            self._claims[namespace].start()
+        for namespace in self._sandboxes.keys() - namespaces:
+            self._info.pop(namespace, None)
+            for table in (self._sandboxes, self._claims):
+                asyncio.get_running_loop().create_task(table.pop(namespace).stop())
+
+    @property
+    def namespaces(self) -> set[str]:
+        return set(self._sandboxes)
+
+    def synced(self) -> bool:
+        return all(w.synced.is_set() for w in (*self._sandboxes.values(), *self._claims.values()))
+
+    def connected(self) -> bool:
+        return all(w.connected for w in (*self._sandboxes.values(), *self._claims.values()))
+
+    async def wait_synced(self, timeout: float) -> bool:
+        waits = [w.synced.wait() for w in (*self._sandboxes.values(), *self._claims.values())]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def find(self, namespace: str, name: str) -> SandboxInfo | None:
+        cached = self._info.get(namespace)
+        if cached is None:
+            return None
+        info = cached.get(name)
+        if info is None:
+            sandbox = self._sandboxes[namespace].objects.get(name)
+            if sandbox is None:
+                return None
+            info = cached[name] = sandbox_info(sandbox, self._claim_of(namespace, sandbox))
+        return info
+
+    def _claim_of(self, namespace: str, sandbox: dict) -> dict | None:
+        claims = self._claims[namespace].objects
+        for ref in sandbox["metadata"].get("ownerReferences") or ():
+            if ref.get("kind") == "SandboxClaim" and ref.get("name") in claims:
+                return claims[ref["name"]]
+        return claims.get(sandbox["metadata"]["name"])
+
+    def _sandbox_changed(self, event: str, sandbox: dict) -> None:
+        meta = sandbox["metadata"]
+        namespace = meta.get("namespace", "")
+        self._info.get(namespace, {}).pop(meta["name"], None)
+        if event == "DELETED" and self._on_deleted is not None:
+            self._on_deleted(namespace, meta["name"])
+
+    def _claim_changed(self, event: str, claim: dict) -> None:
+        # A claim is found from its sandbox's side: forget the namespace's derived infos.
+        self._info.get(claim["metadata"].get("namespace", ""), {}).clear()
+
+    async def stop(self) -> None:
+        watches = [*self._sandboxes.values(), *self._claims.values()]
+        self._sandboxes.clear()
+        self._claims.clear()
+        self._info.clear()
+        await asyncio.gather(*(w.stop() for w in watches))

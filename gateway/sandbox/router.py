@@ -1,0 +1,245 @@
+"""Sandbox access through a SandboxRouter backend: authenticate, name, authorize, resolve.
+
+The handler hands a request here when its rule's backend is a SandboxRouter; what comes back
+is either where to forward it (a `SandboxTarget`, proxied like any other upstream) or the
+response that ends it (an error, or the terminal's WebSocket).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from aiohttp import web
+
+from gateway.audit import AuditLog, AuditRecord
+from gateway.config.model import Config, Endpoint, SandboxRouter, Upstream
+from gateway.kube import KubeError
+from gateway.policy.model import SandboxPolicy
+from gateway.sandbox.access import DEFAULT_POLICY, relation
+from gateway.sandbox.address import API_PREFIX, BadSandboxRequest, SandboxAddress, from_headers, from_path
+from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
+from gateway.sandbox.terminal import Terminals
+from gateway.sandbox.token import MissingToken, RouterToken
+from gateway.proxy.websocket import is_websocket_upgrade
+from gateway.server.errors import error_response
+
+
+def strip_for_sandbox(headers) -> None:
+    """A sandbox never sees the routing headers nor the gateway's own credentials."""
+    for name in [n for n in headers if n[:10].lower() == "x-sandbox-"]:
+        headers.popall(name, None)
+    headers.popall("Authorization", None)
+    headers.popall("Proxy-Authorization", None)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: verified claims (JWT or API key), or a trusted client (router token,
+    unauthenticated mode) that may reach every sandbox the router opens."""
+
+    claims: Mapping | None
+    identity: str  # for terminal resumption and audit: "sub", "router-token", "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxTarget:
+    upstream: Upstream
+    path: str
+    timeout: float | None
+    tag: tuple  # ("sandbox", namespace, name): closes its WebSockets when it is deleted
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def router_errors(config: Config, secured: Callable[[str, int, str], bool]) -> list[str]:
+    """SPEC §4.1: a SandboxRouter with no authentication (no SecurityPolicy on a rule that uses
+    it, no router token, not allowUnauthenticated) or with a missing token file is refused.
+    `secured(route_key, rule_index, gateway)` tells whether a SecurityPolicy applies."""
+    errors: list[str] = []
+    seen: set[str] = set()
+    gateways = {listener.gateway for listener in config.listeners}
+    for route in config.routes:
+        for rule in route.rules:
+            for choice in rule.backends:
+                router = choice.special
+                if router is None or router.key in seen:
+                    continue
+                where = f"{router.source}: SandboxRouter {router.key}"
+                if router.router_token_file:
+                    try:
+                        RouterToken(router.router_token_file)
+                    except MissingToken as e:
+                        errors.append(f"{where}: {e}")
+                        seen.add(router.key)
+                        continue
+                parents = [p.gateway for p in route.parents] or sorted(gateways)
+                if not (router.router_token_file or router.allow_unauthenticated
+                        or all(secured(route.key, rule.index, g) for g in parents)):
+                    errors.append(
+                        f"{where}: no authentication: attach a SecurityPolicy to route {route.key}, "
+                        "set routerTokenFile, or set allowUnauthenticated: true"
+                    )
+                    seen.add(router.key)
+    return errors
+
+
+class SandboxAccess:
+    def __init__(self, registry: SandboxRegistry | None, terminals: Terminals | None, audit: AuditLog, *,
+                 allow_loopback: bool = False, overrides: Mapping[str, tuple[str, int]] | None = None):
+        self.registry = registry
+        self.terminals = terminals
+        self.audit = audit
+        self.allow_loopback = allow_loopback
+        self.overrides = overrides or {}
+        self._tokens: dict[str, RouterToken] = {}
+        self._upstreams: dict[tuple, Upstream] = {}
+
+    def configure(self, config: Config) -> None:
+        """Routers of a (re)loaded config: their token files and the namespaces to watch."""
+        routers = {c.special.key: c.special for r in config.routes for rule in r.rules for c in rule.backends if c.special}
+        tokens = {}
+        for router in routers.values():
+            if router.router_token_file:
+                tokens[router.router_token_file] = self._tokens.get(router.router_token_file) or RouterToken(router.router_token_file)
+        self._tokens = tokens
+        self._upstreams.clear()
+        if self.registry is not None:
+            self.registry.watch_namespaces({ns for router in routers.values() for ns in router.allowed_namespaces})
+
+    # --- the request path -----------------------------------------------------------------
+
+    async def route(self, request: web.BaseRequest, router: SandboxRouter, *, path: str, rewritten_path: str,
+                    claims: Mapping | None, secured: bool, policy: SandboxPolicy | None, request_id: str,
+                    route_key: str) -> SandboxTarget | web.StreamResponse:
+        """Where to forward this request, or the response that ends it."""
+        caller = None
+        try:
+            caller = self.authenticate(request, router, claims, secured)
+            address = self.address(request, router, path, rewritten_path)
+            info = self.authorize(router, address, caller, policy)
+            if address.terminal:
+                return await self._terminal(request, address, caller, info)
+            return self.target(router, address, info)
+        except Refusal as refusal:
+            if refusal.status in (401, 404):
+                self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
+            return refusal_response(refusal, request, request_id)
+
+    async def _terminal(self, request: web.BaseRequest, address: SandboxAddress, caller: Caller, info: SandboxInfo):
+        if not is_websocket_upgrade(request.headers):
+            raise Refusal(400, "bad_request", "The terminal is a WebSocket endpoint.")
+        if not info.ready:
+            raise Refusal(503, "sandbox_not_ready", f"Sandbox {address.namespace}/{address.name} is not ready: {info.not_ready_reason}")
+        if self.terminals is None:
+            raise Refusal(503, "kubernetes_unavailable", "The terminal needs a Kubernetes connection.")
+        try:
+            return await self.terminals.open(request, (caller.identity, address.namespace, address.name), info.pod_name)
+        except KubeError as e:
+            raise Refusal(502, "exec_failed", f"The sandbox's shell could not be started ({e.status} {e.reason}).") from None
+
+    def _audit_denial(self, request, refusal: Refusal, caller: Caller | None, policy, router, request_id, route_key, path) -> None:
+        self.audit.record(AuditRecord(
+            kind="decision", request_id=request_id, route=route_key,
+            policy=f"SandboxPolicy {policy.key}" if policy is not None else f"SandboxRouter {router.key}",
+            revision=policy.revision if policy is not None else None,
+            principal=caller.identity if caller is not None else None,
+            method=request.method, host=request.host, path=path, decision="deny", reasons=(refusal.code,),
+        ))
+
+    def authenticate(self, request: web.BaseRequest, router: SandboxRouter, claims: Mapping | None, secured: bool) -> Caller:
+        if secured:
+            if claims is None:
+                raise Refusal(401, "unauthorized", "Sign in to reach a sandbox.", {"WWW-Authenticate": 'Bearer realm="sandgate"'})
+            return Caller(claims, str(claims.get("sub", ""))[:256])
+        if router.router_token_file:
+            if not self._tokens[router.router_token_file].matches(request.headers.get("Authorization")):
+                challenge = 'Bearer realm="sandgate"'
+                if "Authorization" in request.headers:
+                    challenge += ', error="invalid_token"'
+                raise Refusal(401, "unauthorized", "A valid router token is required.", {"WWW-Authenticate": challenge})
+            return Caller(None, "router-token")
+        if router.allow_unauthenticated:
+            return Caller(None, "anonymous")
+        raise Refusal(401, "unauthorized", "This sandbox router has no authentication configured.")
+
+    def address(self, request: web.BaseRequest, router: SandboxRouter, path: str, rewritten_path: str) -> SandboxAddress:
+        """From the path for the gateway's sandbox endpoints, else from X-Sandbox-* headers
+        (the request goes on with its path as the route's filters left it)."""
+        try:
+            if path.startswith(API_PREFIX):
+                address = from_path(path, router)
+                if address is None:
+                    raise Refusal(404, "no_route", "No sandbox endpoint at this path.")
+                return address
+            return from_headers(request.headers, router, rewritten_path)
+        except BadSandboxRequest as e:
+            raise Refusal(400, "bad_request", str(e)) from None
+
+    def authorize(self, router: SandboxRouter, address: SandboxAddress, caller: Caller, policy: SandboxPolicy | None) -> SandboxInfo | None:
+        """The sandbox's cluster state when known (None under DNS resolution without claims to
+        check); Refusal(404) when it does not exist or the caller may not see it."""
+        needs_state = router.resolution == "Cluster" or caller.claims is not None or address.terminal
+        if not needs_state:
+            return None
+        if self.registry is None:
+            raise Refusal(503, "kubernetes_unavailable", "Sandbox state is not available: no Kubernetes connection.")
+        info = self.registry.find(address.namespace, address.name)
+        if info is None or (caller.claims is not None and relation(info, caller.claims, policy or DEFAULT_POLICY) is None):
+            raise Refusal(404, "sandbox_not_found", f"No sandbox {address.name} in namespace {address.namespace}.")
+        return info
+
+    def target(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None) -> SandboxTarget:
+        timeout = router.timeout
+        if address.timeout is not None:
+            timeout = min(timeout, address.timeout) if timeout is not None else address.timeout
+        key = (router.key, address.namespace, address.name, address.port, info)
+        upstream = self._upstreams.get(key)
+        if upstream is None:
+            endpoint = self._endpoint(router, address, info)
+            upstream = Upstream(f"Sandbox {address.namespace}/{address.name}:{address.port}", (endpoint,))
+            if len(self._upstreams) > 10_000:
+                self._upstreams.clear()
+            self._upstreams[key] = upstream
+        return SandboxTarget(upstream, address.path, timeout, ("sandbox", address.namespace, address.name))
+
+    def _endpoint(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None) -> Endpoint:
+        port = address.port or router.default_port
+        if router.resolution == "DNS":
+            return self._dns_endpoint(f"{address.name}.{address.namespace}.svc.{router.cluster_domain}", port)
+        assert info is not None
+        if not info.ready:
+            raise Refusal(503, "sandbox_not_ready", f"Sandbox {address.namespace}/{address.name} is not ready: {info.not_ready_reason}")
+        for ip in info.pod_ips:
+            if self._dialable(ip):
+                return Endpoint(ip, port)
+        if info.service_fqdn:
+            return self._dns_endpoint(info.service_fqdn, port)
+        raise Refusal(503, "sandbox_not_ready", f"Sandbox {address.namespace}/{address.name} has no address yet.")
+
+    def _dns_endpoint(self, host: str, port: int) -> Endpoint:
+        override = self.overrides.get(f"{host}:{port}")
+        return Endpoint(*override) if override else Endpoint(host, port)
+
+    def _dialable(self, ip: str) -> bool:
+        """Pod IPs come from cluster state, never from the client; still, an address that can
+        only mean this machine or the cloud's metadata service is never dialled."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if address.is_loopback:
+            return self.allow_loopback
+        return not (address.is_link_local or address.is_multicast or address.is_unspecified or address.is_reserved)
+
+
+def refusal_response(refusal: Refusal, request: web.BaseRequest, request_id: str) -> web.Response:
+    return error_response(
+        refusal.status, refusal.code, refusal.message, request_id,
+        accept=request.headers.get("Accept", ""), headers=refusal.headers,
+    )
