@@ -195,6 +195,28 @@ async def test_operation_methods_and_path_with_invert(tmp_path, upstream):
                          method=method)
 
 
+READ_DOCS = {"name": "read-docs", "action": "Allow", "principal": {"jwt": {"provider": "idp"}},
+             "operation": {"methods": ["GET"], "path": {"type": "PathPrefix", "value": "/docs"}}}
+TENANT = {"name": "tenant", "action": "Allow",
+          "principal": {"jwt": {"provider": "idp"}, "headers": [{"name": "X-Tenant", "values": ["acme"]}]}}
+
+
+@pytest.mark.parametrize("rules", [[READ_DOCS], [TENANT, READ_DOCS]], ids=["operation-only", "with-header-rule"])
+async def test_a_repeated_token_is_decided_afresh_for_each_header_method_and_path(tmp_path, issuer, upstream, rules):
+    """A verified token's decision is kept with the token only where nothing else can change it."""
+    token = issuer.mint(claims())
+    cases = [("/docs/a", "GET", {}, 200), ("/docs/a", "POST", {}, 403), ("/other", "GET", {}, 403),
+             ("/docs/a", "GET", {}, 200), ("/other", "GET", {}, 403)]
+    if TENANT in rules:
+        cases += [("/x", "GET", {"X-Tenant": "acme"}, 200), ("/x", "GET", {"X-Tenant": "other"}, 403),
+                  ("/x", "GET", {}, 403), ("/x", "GET", {"X-Tenant": "acme"}, 200),
+                  ("/docs/a", "POST", {"X-Tenant": "acme"}, 200), ("/docs/a", "POST", {}, 403)]
+    async with gateway(tmp_path, upstream, {**jwt_spec(issuer), **authorization(rules)}) as gw:
+        for path, method, headers, status in cases:
+            await expect(gw, upstream, path, status, "authorization-default-deny" if status == 403 else None,
+                         token=token, method=method, headers=headers)
+
+
 # --- 401 vs 403, optional JWT -----------------------------------------------------------------
 
 async def test_missing_token_is_401_and_a_denied_token_is_403(tmp_path, issuer, upstream):

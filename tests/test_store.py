@@ -76,6 +76,16 @@ async def test_duplicate_ids_are_stored_once(store):
     assert await store.count_audit() == 3
 
 
+async def test_a_large_batch_is_stored_once_and_whole(store):
+    # more rows than one multi-row INSERT of the embedded store takes, and not a multiple of it
+    batch = [decision(request_id=f"req-{n}") for n in range(150)]
+    assert await store.write_audit(batch) == 150
+    assert await store.write_audit([*batch[::-1], *(decision() for _ in range(10))]) == 10
+    assert await store.count_audit() == 160
+    stored = {r.id: r for r in await store.list_audit(limit=200)}
+    assert [stored[r.id] for r in batch] == batch
+
+
 async def test_a_record_reads_back_as_written(store):
     rec = AuditRecord(
         kind="decision", request_id="req-1", route="infra/mcp/0", policy="infra/mcp-jwt", revision="r7",

@@ -1,7 +1,7 @@
 """The audit pipeline: record() on the request path, batched writes to the store behind it.
 
-record() only appends to an in-memory queue. A writer task flushes the queue every 200 ms, or
-sooner once 500 records wait. When the store fails, batches go to the spool on local disk and
+record() only appends to an in-memory queue. A writer task flushes what is queued every 200 ms,
+or sooner once 500 records wait. When the store fails, batches go to the spool on local disk and
 the writer stops trying the store; a replay loop probes it (every 1 s, backing off to 10 s),
 hands new batches back to the store once it answers and writes the spool back. Nothing is lost
 on an outage or on stop(); a spool left by a previous run is replayed after start().
@@ -100,17 +100,28 @@ class AuditLog:
                 pass
             self._wake.clear()
             await self._flush()
-        await self._flush()  # what arrived while the last flush ran
+        while self._queue and await self._flush():  # what arrived while the last flushes ran
+            pass
 
-    async def _flush(self) -> None:
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+    async def _flush(self) -> bool:
+        """Deliver what is queued now; False when some of it stays queued.
+
+        What arrives while this flush writes waits for the next one (the timer, or a full
+        batch): under steady load the store gets a few big batches, not a stream of small ones
+        each paying for its own transaction, fsync and hand-off to a worker thread."""
+        due = len(self._queue)
+        delivered = True
+        while due > 0:
+            batch = [self._queue.popleft() for _ in range(min(self._batch_size, due))]
+            due -= len(batch)
             if not await self._deliver(batch):
                 # Keep them, in order, for the next flush rather than retrying in a tight loop.
                 self._queue.extendleft(reversed(batch))
+                delivered = False
                 break
         if self._on_depth:
             self._on_depth(len(self._queue))
+        return delivered
 
     async def _deliver(self, batch: list[AuditRecord]) -> bool:
         if self._store_up:

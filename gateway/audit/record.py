@@ -2,62 +2,115 @@
 
 A record carries fingerprints of credentials, never a token or an API key: records are spooled
 to local disk and kept for a long time, so a raw secret here would leak in two places.
+
+A record is made on the request path for every decision, so it is an immutable tuple whose
+fields are the store's columns in order (gateway.store.query.AUDIT_COLUMNS): making one costs
+a tuple, not a frozen dataclass's attribute-by-attribute initialisation. Its time is kept as
+integer microseconds since the epoch (`at_us`, exact: what the stores keep) and read as an
+aware UTC datetime (`at`); the stores format it in the writer, off the request path.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import uuid
-from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from collections import namedtuple
+from datetime import datetime, timedelta, timezone
+from random import getrandbits
+from time import time_ns
 from typing import Any, Mapping
 
+_UTC = timezone.utc
+EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
-def _new_id() -> str:
-    # 128 random bits in a uuid's shape; an id needs uniqueness, not secrecy, and a system
-    # call per record is measurable at thousands of decisions per second.
-    return f"{random.getrandbits(128):032x}"
+AUDIT_FIELDS = (
+    "id", "at_us", "kind", "request_id", "route", "policy", "revision", "principal",
+    "method", "host", "path", "decision", "reasons", "latency_ms", "detail",
+)
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+def new_id(unix_ms: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562) as 32 hex digits: 48 bits of Unix milliseconds (default: now), then
+    74 random bits.
+
+    Ids need uniqueness, not secrecy; being time-ordered, consecutive records land next to each
+    other in the stores' primary-key index instead of at a random page of it."""
+    if unix_ms is None:
+        unix_ms = time_ns() // 1_000_000
+    value = (unix_ms & _MS_BITS) << 80 | getrandbits(80)
+    return f"{value & _RANDOM_BITS | _VERSION_AND_VARIANT:032x}"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AuditRecord:
-    id: str = field(default_factory=_new_id)
-    at: datetime = field(default_factory=_now)
-    kind: str  # "decision", "preview.created", "terminal.opened", ...
-    request_id: str | None = None
-    route: str | None = None
-    policy: str | None = None
-    revision: str | None = None
-    principal: str | None = None
-    method: str | None = None
-    host: str | None = None
-    path: str | None = None
-    decision: str | None = None  # "allow" / "deny"
-    reasons: tuple[str, ...] = ()
-    latency_ms: float | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
+_MS_BITS = (1 << 48) - 1
+_RANDOM_BITS = ~(0xF << 76 | 0x3 << 62)  # where the version and the variant go
+_VERSION_AND_VARIANT = 0x7 << 76 | 0x2 << 62
 
-    def __post_init__(self) -> None:
-        # The id is the store's primary key (a uuid column in PostgreSQL): a malformed id must
-        # fail here, where it is made, not later as a batch the store refuses over and over.
-        if _HEX_ID.fullmatch(self.id) is None:
-            object.__setattr__(self, "id", uuid.UUID(self.id).hex)
-        # Stored timestamps are UTC; a naive one is taken as UTC rather than local time.
-        if self.at.tzinfo is not timezone.utc:
-            at = self.at if self.at.tzinfo else self.at.replace(tzinfo=timezone.utc)
-            object.__setattr__(self, "at", at.astimezone(timezone.utc))
-        if type(self.reasons) is not tuple:
-            object.__setattr__(self, "reasons", tuple(self.reasons))
+
+class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
+    """Fields (all keyword-only; `kind` required):
+
+    id          32 hex digits, the stores' primary key (default: a new time-ordered id)
+    at          a datetime, naive taken as UTC (default: now); read back as aware UTC
+    kind        "decision", "preview.created", "terminal.opened", ...
+    request_id, route, policy, revision, principal, method, host, path: text or None
+    decision    "allow" / "deny" (decisions only)
+    reasons     tuple of reason codes
+    latency_ms  float or None
+    detail      JSON-ready mapping (fingerprints, never secrets)
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        *,
+        kind: str,
+        id: str | None = None,
+        at: datetime | None = None,
+        request_id: str | None = None,
+        route: str | None = None,
+        policy: str | None = None,
+        revision: str | None = None,
+        principal: str | None = None,
+        method: str | None = None,
+        host: str | None = None,
+        path: str | None = None,
+        decision: str | None = None,
+        reasons: tuple[str, ...] = (),
+        latency_ms: float | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> AuditRecord:
+        if at is None:
+            at_us = time_ns() // 1000
+        else:
+            # Stored timestamps are UTC; a naive one is taken as UTC rather than local time.
+            at_us = ((at if at.tzinfo else at.replace(tzinfo=_UTC)) - EPOCH) // _MICROSECOND
+        if id is None:
+            id = new_id(at_us // 1000)
+        elif _HEX_ID.fullmatch(id) is None:
+            # The id is the store's primary key (a uuid column in PostgreSQL): a malformed id
+            # must fail here, where it is made, not later as a batch the store refuses over and over.
+            id = uuid.UUID(id).hex
+        if type(reasons) is not tuple:
+            reasons = tuple(reasons)
+        return tuple.__new__(cls, (
+            id, at_us, kind, request_id, route, policy, revision, principal,
+            method, host, path, decision, reasons, latency_ms, {} if detail is None else detail,
+        ))
+
+    @property
+    def at(self) -> datetime:
+        return EPOCH + timedelta(microseconds=self.at_us)
+
+    def __reduce__(self):
+        # pickle and copy: __new__ takes keywords only
+        return _rebuild, (tuple(self),)
 
     def as_dict(self) -> dict:
         """Plain JSON-ready values (the spool's line, the access log's decision fields)."""
-        out = {name: getattr(self, name) for name in _NAMES}
+        out = dict(zip(_NAMES, self))
         out["at"] = self.at.isoformat()
         out["reasons"] = list(self.reasons)
         out["detail"] = dict(self.detail)
@@ -76,6 +129,10 @@ class AuditRecord:
         return cls(**{k: v for k, v in data.items() if k in _FIELDS})
 
 
-_NAMES = tuple(f.name for f in fields(AuditRecord))
+def _rebuild(values: tuple) -> AuditRecord:
+    return tuple.__new__(AuditRecord, values)
+
+
+_NAMES = ("id", "at", *AUDIT_FIELDS[2:])  # the keyword arguments, in field order
 _FIELDS = frozenset(_NAMES)
 _HEX_ID = re.compile(r"[0-9a-f]{32}")

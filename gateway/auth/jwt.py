@@ -1,14 +1,15 @@
 """JWT verification (SPEC §2.2): keys decide the algorithm, `exp` is required, results cached.
 
 A verified token is cached under the SHA-256 of the token (never the token itself) until its
-`exp` at the latest, so a repeated token costs a dictionary lookup, not a signature check.
+`exp` at the latest, so a repeated token costs a dictionary lookup, not a signature check. What
+requests read from its claims (scopes, subject, claimToHeaders values) is derived once, then.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import time
 from typing import Callable
 
@@ -16,6 +17,7 @@ import jwt as pyjwt
 from jwt import exceptions as jwt_errors
 
 from gateway.auth.jwks import KeySet
+from gateway.policy.authz import claim_value, scopes_of
 from gateway.policy.model import JwtProvider
 
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "ES256K", "EdDSA"})
@@ -37,6 +39,32 @@ class VerifiedToken:
     claims: dict
     expires_at: float
     fingerprint: str  # first 16 hex chars of the token's SHA-256: safe to log and audit
+    upstream_headers: tuple[tuple[str, str], ...] = ()  # claimToHeaders values (claim_headers)
+    scopes: frozenset[str] = field(init=False)  # of the `scope` / `scp` claim
+    subject: str | None = field(init=False)  # `sub`, as the principal of decisions and audit
+    # What policy code derives from this token and keeps as long as the token is cached
+    # (gateway.policy.decision keeps decisions here); not part of the token's value.
+    memo: dict = field(init=False, default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scopes", frozenset(scopes_of(self.claims)))
+        object.__setattr__(self, "subject", str(self.claims.get("sub", ""))[:256] or None)
+
+
+def claim_headers(providers: tuple[JwtProvider, ...], provider: str, claims: dict) -> tuple[tuple[str, str], ...]:
+    """claimToHeaders of the providers named `provider`: (header, value) for each claim that is
+    a scalar whose text is a valid header value."""
+    out = []
+    for p in providers:
+        if p.name != provider:
+            continue
+        for claim, header in p.claim_to_headers:
+            value = claim_value(claims, claim)
+            if isinstance(value, (str, int, float, bool)):
+                text = str(value)
+                if "\r" not in text and "\n" not in text:
+                    out.append((header, text))
+    return tuple(out)
 
 
 _ERRORS = (
@@ -59,17 +87,16 @@ class JwtVerifier:
     async def verify(self, token: str, providers: tuple[JwtProvider, ...], required_audience: str | None = None) -> VerifiedToken:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("token-too-large", "The token is too large.")
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        digest = hashlib.sha256(token.encode()).digest()
         # Per provider settings, not just names: the providers tuple of a loaded policy lives as
         # long as this verifier (a reload makes a new one), so its identity is a cheap key.
         key = (id(providers), required_audience, digest)
         cached = self._cache.get(key)
-        now = time()
         if cached is not None:
-            if cached.expires_at > now:
+            if cached.expires_at > time():
                 return cached
             del self._cache[key]
-        verified = await self._verify(token, providers, required_audience, digest[:16])
+        verified = await self._verify(token, providers, required_audience, digest.hex()[:16])
         if len(self._cache) >= self._cache_size:
             self._cache.popitem(last=False)
         self._cache[key] = verified
@@ -118,7 +145,8 @@ class JwtVerifier:
                     raise TokenError("token-expired", "The token has expired.")
                 if required_audience is not None and required_audience not in _audiences(claims):
                     raise TokenError("token-audience-mismatch", "The token is not meant for this resource.")
-                return VerifiedToken(provider.name, claims, float(claims["exp"]), fingerprint)
+                return VerifiedToken(provider.name, claims, float(claims["exp"]), fingerprint,
+                                     claim_headers(providers, provider.name, claims))
         raise last_error
 
 

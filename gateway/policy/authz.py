@@ -1,73 +1,72 @@
 """Authorization rules, Envoy Gateway semantics: in order, the first matching rule decides,
-no match → defaultAction. Pure functions of the request facts and the verified claims."""
+no match → defaultAction. Pure functions of the request facts and the verified token."""
 
 from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
-from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from gateway.policy.model import Authorization, AuthorizationRule, ClaimMatch, PathOperation, Principal
 
-
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What authorization may look at."""
-
-    method: str
-    path: str
-    headers: Mapping[str, str]
-    client_ip: str  # parsed only when a rule names client CIDRs
-    provider: str | None = None  # the JWT provider that verified the token
-    claims: Mapping | None = None
+if TYPE_CHECKING:
+    from gateway.auth.jwt import VerifiedToken
+    from gateway.policy.decision import RequestFacts
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     allowed: bool
     reason: str  # kebab-case code
     rule: str | None = None
 
 
-def decide(authorization: Authorization, facts: Facts) -> Verdict:
+# `facts` is what the request shows (decision.RequestFacts: method, path, headers, client_ip);
+# `token` the verified credential, if any: its provider, claims and scopes.
+
+
+def decide(authorization: Authorization, facts: RequestFacts, token: VerifiedToken | None) -> Verdict:
     for rule in authorization.rules:
-        if _principal_matches(rule.principal, facts) and _operation_matches(rule, facts):
+        if _principal_matches(rule.principal, facts, token) and _operation_matches(rule, facts):
             if rule.action == "Allow":
-                return Verdict(True, "authorization-rule-allowed", rule.name)
-            return Verdict(False, "authorization-rule-denied", rule.name)
+                return _verdict(True, "authorization-rule-allowed", rule.name)
+            return _verdict(False, "authorization-rule-denied", rule.name)
     if authorization.default_action == "Allow":
-        return Verdict(True, "authorization-default-allow")
-    return Verdict(False, "authorization-default-deny")
+        return _ALLOWED_BY_DEFAULT
+    return _DENIED_BY_DEFAULT
 
 
-def missing_scopes(authorization: Authorization, facts: Facts) -> tuple[str, ...]:
+_verdict = lru_cache(maxsize=1024)(Verdict)  # verdicts are immutable: one per rule is enough
+_ALLOWED_BY_DEFAULT = Verdict(True, "authorization-default-allow")
+_DENIED_BY_DEFAULT = Verdict(False, "authorization-default-deny")
+
+
+def missing_scopes(authorization: Authorization, facts: RequestFacts, token: VerifiedToken) -> tuple[str, ...]:
     """Scopes that would have let an Allow rule match: for `insufficient_scope` answers."""
-    have = set(scopes_of(facts.claims))
+    have = token.scopes
     for rule in authorization.rules:
         if rule.action != "Allow" or not rule.principal.jwt_scopes:
             continue
         relaxed = Principal(
             rule.principal.client_cidrs, rule.principal.jwt_provider, rule.principal.jwt_claims, (), rule.principal.headers
         )
-        if _principal_matches(relaxed, facts) and _operation_matches(rule, facts):
+        if _principal_matches(relaxed, facts, token) and _operation_matches(rule, facts):
             return tuple(s for s in rule.principal.jwt_scopes if s not in have) or rule.principal.jwt_scopes
     return ()
 
 
-def _principal_matches(principal: Principal, facts: Facts) -> bool:
+def _principal_matches(principal: Principal, facts: RequestFacts, token: VerifiedToken | None) -> bool:
     if principal.client_cidrs:
         ip = parse_ip(facts.client_ip)
         if ip is None or not any(ip in net for net in principal.client_cidrs):
             return False
     if principal.uses_jwt:
-        if facts.claims is None:
+        if token is None:
             return False
-        if principal.jwt_provider is not None and principal.jwt_provider != facts.provider:
+        if principal.jwt_provider is not None and principal.jwt_provider != token.provider:
             return False
-        if not all(_claim_matches(c, facts.claims) for c in principal.jwt_claims):
+        if principal.jwt_claims and not all(_claim_matches(c, token.claims) for c in principal.jwt_claims):
             return False
-        if principal.jwt_scopes and not set(principal.jwt_scopes) <= set(scopes_of(facts.claims)):
+        if principal.jwt_scopes and not token.scopes.issuperset(principal.jwt_scopes):
             return False
     for name, values in principal.headers:
         if facts.headers.get(name) not in values:
@@ -75,7 +74,7 @@ def _principal_matches(principal: Principal, facts: Facts) -> bool:
     return True
 
 
-def _operation_matches(rule: AuthorizationRule, facts: Facts) -> bool:
+def _operation_matches(rule: AuthorizationRule, facts: RequestFacts) -> bool:
     if rule.methods and facts.method not in rule.methods:
         return False
     if rule.path is not None and not _path_matches(rule.path, facts.path):

@@ -7,13 +7,13 @@ land in the error body and the audit record. Nothing here touches sockets.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
-from typing import Mapping
+from typing import Mapping, NamedTuple
 from urllib.parse import parse_qsl
 
 from gateway.auth.apikeys import ApiKeyPrincipal, ApiKeyVerifier
-from gateway.auth.jwt import JwtVerifier, TokenError, VerifiedToken
+from gateway.auth.jwt import JwtVerifier, TokenError, VerifiedToken, claim_headers
 from gateway.policy import authz
 from gateway.policy.model import ApiKeyAuth, JwtProvider, SecurityPolicy
 
@@ -35,8 +35,9 @@ class Violation:
         return {"code": self.code, "message": self.message}
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+# Decision and RequestFacts are made per request: immutable tuples are cheaper to make than
+# frozen dataclasses.
+class Decision(NamedTuple):
     allowed: bool
     status: int  # 200 when allowed, else 401 / 403 / 400
     reasons: tuple[Violation, ...]
@@ -44,17 +45,14 @@ class Decision:
     token: VerifiedToken | None = None
     token_sent: bool = False
     required_scopes: tuple[str, ...] = ()
-    upstream_headers: tuple[tuple[str, str], ...] = field(default=())  # claimToHeaders
+    upstream_headers: tuple[tuple[str, str], ...] = ()  # claimToHeaders
 
     @property
     def principal(self) -> str | None:
-        if self.token is None:
-            return None
-        return str(self.token.claims.get("sub", ""))[:256] or None
+        return None if self.token is None else self.token.subject
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
+class RequestFacts(NamedTuple):
     method: str
     path: str
     raw_query: str
@@ -86,32 +84,60 @@ async def evaluate(
             return _deny(policy, 401, "credentials-missing")
     if jwt is not None and token is None:
         if raw is not None:
-            sent = True
             try:
                 token = await verifier.verify(raw, jwt.providers, facts.mcp_resource)
             except TokenError as e:
                 return Decision(False, 401, (Violation(e.reason, e.message),), policy, token_sent=True)
+            return _authorize_cached(policy, facts, token)
         elif not jwt.optional:
             return _deny(policy, 401, "credentials-missing")
+    return _authorize(policy, facts, token, sent)
+
+
+def _authorize_cached(policy: SecurityPolicy, facts: RequestFacts, token: VerifiedToken) -> Decision:
+    """_authorize for a verified JWT, kept with the token when nothing but the token, the method
+    and the path can change the outcome: the verifier caches the token until its `exp`, so a
+    client repeating its token with the same request gets the same decision for a lookup."""
+    key = (id(policy), facts.method, facts.path)
+    decision = token.memo.get(key)
+    if decision is not None and decision.policy is policy:  # the id of a live policy is its own
+        return decision
+    decision = _authorize(policy, facts, token, True)
+    if _reads_token_and_operation_only(policy):
+        if len(token.memo) >= _MEMO_SIZE:  # a client walking many paths with one token
+            token.memo.clear()
+        token.memo[key] = decision
+    return decision
+
+
+_MEMO_SIZE = 64
+
+
+def _reads_token_and_operation_only(policy: SecurityPolicy) -> bool:
+    """Whether no authorization rule reads request headers or the client address."""
+    authorization = policy.authorization
+    return authorization is None or not any(r.principal.headers or r.principal.client_cidrs for r in authorization.rules)
+
+
+def _authorize(policy: SecurityPolicy, facts: RequestFacts, token: VerifiedToken | None, sent: bool) -> Decision:
+    """Authorization rules, once the credentials are settled (`token`: a verified one, if any)."""
+    jwt = policy.jwt
     if policy.authorization is not None:
-        facts_for_rules = authz.Facts(
-            method=facts.method,
-            path=facts.path,
-            headers=facts.headers,
-            client_ip=facts.client_ip,
-            provider=token.provider if token else None,
-            claims=token.claims if token else None,
-        )
-        verdict = authz.decide(policy.authorization, facts_for_rules)
+        verdict = authz.decide(policy.authorization, facts, token)
         if not verdict.allowed:
             if token is None and jwt is not None:
                 return _deny(policy, 401, "credentials-missing")
-            scopes = authz.missing_scopes(policy.authorization, facts_for_rules) if token else ()
+            scopes = authz.missing_scopes(policy.authorization, facts, token) if token else ()
             if scopes:
                 return _deny(policy, 403, "insufficient-scope", token=token, sent=sent, scopes=scopes)
             return _deny(policy, 403, verdict.reason, token=token, sent=sent, rule=verdict.rule)
-    upstream_headers = _claim_headers(jwt.providers if jwt else (), token)
-    if token is not None and token.provider == API_KEY_PROVIDER and policy.api_key.forward_client_id_header:
+    if token is None:
+        return Decision(True, 200, (), policy, None, sent)
+    if token.provider != API_KEY_PROVIDER:
+        # The verifier derived claimToHeaders for these very providers (its cache is per providers)
+        return Decision(True, 200, (), policy, token, sent, (), token.upstream_headers)
+    upstream_headers = claim_headers(jwt.providers, token.provider, token.claims) if jwt else ()
+    if policy.api_key is not None and policy.api_key.forward_client_id_header:
         upstream_headers += ((policy.api_key.forward_client_id_header, token.claims["client_id"]),)
     return Decision(True, 200, (), policy, token, sent, upstream_headers=upstream_headers)
 
@@ -201,22 +227,6 @@ def _deny(policy, status, reason, *, token=None, sent=False, scopes=(), rule=Non
     if rule:
         message = f"{message} (rule {rule})"
     return Decision(False, status, (Violation(reason, message),), policy, token, sent, scopes)
-
-
-def _claim_headers(providers, token: VerifiedToken | None) -> tuple[tuple[str, str], ...]:
-    if token is None:
-        return ()
-    out = []
-    for provider in providers:
-        if provider.name != token.provider:
-            continue
-        for claim, header in provider.claim_to_headers:
-            value = authz.claim_value(token.claims, claim)
-            if isinstance(value, (str, int, float, bool)):
-                text = str(value)
-                if "\r" not in text and "\n" not in text:
-                    out.append((header, text))
-    return tuple(out)
 
 
 def _query_has_token(raw_query: str) -> bool:

@@ -18,6 +18,16 @@ METADATA_PATH = "/.well-known/oauth-protected-resource"
 
 
 @dataclass(frozen=True, slots=True)
+class Enforcement:
+    """What applying a SecurityPolicy needs besides its decision, derived once per policy."""
+
+    policy: SecurityPolicy
+    key: str  # namespace/name, the metric label and the audit record's `policy`
+    # Headers the policy itself sets upstream (or sanitizes): never taken from the client.
+    strip_headers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class McpResource:
     route: Route
     path: str  # the MCP endpoint's path, e.g. /mcp
@@ -45,7 +55,7 @@ class PolicyRuntime:
         if previous is not None:
             self._key_sets = previous._key_sets  # keep fetched keys across a reload
         self.verifier = JwtVerifier(self.key_set_for)
-        self._strip: dict[str, tuple[str, ...]] = {}
+        self._enforcement: dict[int, Enforcement] = {}  # by id() of a policy of this runtime
         self.mcp_by_route: dict[str, McpResource] = {}
         self.mcp_by_metadata_path: dict[str, McpResource] = {}
         for route in config.routes:
@@ -91,18 +101,13 @@ class PolicyRuntime:
     def keys_loaded(self) -> bool:
         return all(self.key_set_for(p).loaded for p in self._providers())
 
-    def strip_headers(self, policy: SecurityPolicy) -> tuple[str, ...]:
-        """Headers the policy itself sets upstream (or sanitizes): never taken from the client.
-        Derived once per policy, not per request."""
-        found = self._strip.get(policy.key)
-        if found is None:
-            found = tuple(h for p in (policy.jwt.providers if policy.jwt else ()) for _, h in p.claim_to_headers)
-            if policy.api_key is not None:
-                if policy.api_key.forward_client_id_header:
-                    found += (policy.api_key.forward_client_id_header,)
-                if policy.api_key.sanitize:
-                    found += policy.api_key.headers
-            self._strip[policy.key] = found
+    def enforcement(self, policy: SecurityPolicy) -> Enforcement:
+        """Derived once per policy, not per request."""
+        # By identity: this runtime's policies live as long as it does, and hashing a policy
+        # (every nested tuple of it) would cost more than deriving the entry again.
+        found = self._enforcement.get(id(policy))
+        if found is None or found.policy is not policy:
+            found = self._enforcement[id(policy)] = Enforcement(policy, policy.key, _strip_headers(policy))
         return found
 
     def _mcp_resource(self, route: Route) -> McpResource | None:
@@ -115,6 +120,16 @@ class PolicyRuntime:
         prefixes = [m.path.value for rule in route.rules for m in rule.matches if m.path.kind == "PathPrefix"]
         path = (prefixes[0] if prefixes else "/mcp").rstrip("/") or "/"
         return McpResource(route, path, policy)
+
+
+def _strip_headers(policy: SecurityPolicy) -> tuple[str, ...]:
+    found = tuple(h for p in (policy.jwt.providers if policy.jwt else ()) for _, h in p.claim_to_headers)
+    if policy.api_key is not None:
+        if policy.api_key.forward_client_id_header:
+            found += (policy.api_key.forward_client_id_header,)
+        if policy.api_key.sanitize:
+            found += policy.api_key.headers
+    return found
 
 
 def metadata_document(resource: McpResource, origin: str) -> dict:

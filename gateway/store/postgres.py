@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Sequence
 
 import asyncpg
 
-from gateway.audit.record import AuditRecord
+from gateway.audit.record import EPOCH, AuditRecord
 from gateway.store import schema
 from gateway.store.base import ApiKeyRecord, Store
 from gateway.store.query import (
@@ -34,6 +34,10 @@ _SELECT_AUDIT = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events"
 
 def _same(at: datetime | None) -> datetime | None:
     return at  # asyncpg reads and writes timestamptz as aware datetimes already
+
+
+def _datetime_of_us(at_us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=at_us)
 
 
 def _placeholder(n: int) -> str:
@@ -64,7 +68,7 @@ class PostgresStore(Store):
     async def write_audit(self, records: Sequence[AuditRecord]) -> int:
         if not records:
             return 0
-        columns = [list(c) for c in zip(*(audit_row(r) for r in records))]
+        columns = [list(c) for c in zip(*(audit_row(r, _datetime_of_us) for r in records))]
         status = await self._pool.execute(_INSERT_AUDIT, *columns)
         return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
 

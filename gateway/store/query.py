@@ -6,14 +6,13 @@ import json
 from datetime import datetime
 from typing import Any, Callable, Mapping
 
-from gateway.audit.record import AuditRecord
+from gateway.audit.record import AUDIT_FIELDS, AuditRecord
 from gateway.store.base import ApiKeyRecord
 
-# Column order of audit_events, as both stores insert and select it.
-AUDIT_COLUMNS = (
-    "id", "at", "kind", "request_id", "route", "policy", "revision", "principal",
-    "method", "host", "path", "decision", "reasons", "latency_ms", "detail",
-)
+# Column order of audit_events, as both stores insert and select it: an AuditRecord's fields
+# (id, at, kind, request_id, route, policy, revision, principal, method, host, path, decision,
+# reasons, latency_ms, detail), with `at` for the record's at_us.
+AUDIT_COLUMNS = ("id", "at", *AUDIT_FIELDS[2:])
 API_KEY_COLUMNS = "id, owner, scopes, created_at, expires_at, revoked_at"
 _EQUALITY_FILTERS = frozenset(AUDIT_COLUMNS) - {"id", "at", "reasons", "latency_ms", "detail"}
 
@@ -45,18 +44,37 @@ def dumps(value: Any) -> str:
         return "[]"
     if value == {}:
         return "{}"
-    return json.dumps(_clean_json(value), separators=(",", ":"), default=str)
+    if _strings_only(value):
+        # What decisions record. Without a \uXXXX escape in the JSON, no string held a NUL, a
+        # surrogate or anything else clean() would change: the text is final as it is.
+        text = _encode(value)
+        if "\\u" not in text:
+            return text
+    return _encode(_clean_json(value))
 
 
-def audit_row(rec: AuditRecord) -> tuple:
-    """The record as column values in AUDIT_COLUMNS order; `reasons` and `detail` as JSON text."""
-    texts = (rec.kind, rec.request_id, rec.route, rec.policy, rec.revision, rec.principal,
-             rec.method, rec.host, rec.path, rec.decision)
-    return (
-        rec.id, rec.at,
-        *(None if v is None else clean(v) for v in texts),
-        dumps(rec.reasons), rec.latency_ms, dumps(rec.detail),
-    )
+def _strings_only(value: Any) -> bool:
+    """A flat dict of str to str, or a tuple or list of str."""
+    kind = type(value)
+    if kind is dict:
+        return all(type(k) is str and type(v) is str for k, v in value.items())
+    if kind is tuple or kind is list:
+        return all(type(v) is str for v in value)
+    return False
+
+
+# One encoder for every call: json.dumps with arguments builds a new one each time.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def audit_row(rec: AuditRecord, encode_at: Callable[[int], Any]) -> tuple:
+    """The record as column values in AUDIT_COLUMNS order: `at` as encode_at(at_us) gives it,
+    `reasons` and `detail` as JSON text."""
+    texts = rec[2:12]  # kind ... decision
+    joined = "".join([t for t in texts if t is not None])  # one check instead of ten
+    if not joined.isascii() or "\x00" in joined:
+        texts = tuple(None if v is None else clean(v) for v in texts)
+    return (rec.id, encode_at(rec.at_us), *texts, dumps(rec.reasons), rec.latency_ms, dumps(rec.detail))
 
 
 def audit_from_row(row: Mapping[str, Any], decode_at: DecodeAt) -> AuditRecord:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Callable, Sequence, TypeVar
 
-from gateway.audit.record import AuditRecord
+from gateway.audit.record import EPOCH, AuditRecord
 from gateway.store import schema
 from gateway.store.base import ApiKeyRecord, Store
 from gateway.store.query import (
@@ -26,12 +27,31 @@ T = TypeVar("T")
 _TYPES = {"uuid": "text", "time": "text", "json": "text", "float": "real"}
 _BUSY_TIMEOUT = 5.0  # another worker process may hold the write lock for a moment
 
-_INSERT_AUDIT = f"INSERT OR IGNORE INTO audit_events ({', '.join(AUDIT_COLUMNS)}) VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})"
+_WIDTH = len(AUDIT_COLUMNS)
+_CHUNK = 64  # rows per INSERT: 960 parameters, well under SQLite's limit of 32,766
 _SELECT_AUDIT = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events"
 
 
+def _insert_audit(rows: int) -> str:
+    """One INSERT of `rows` rows (sqlite3 keeps the compiled statements of recent texts)."""
+    row = f"({', '.join('?' * _WIDTH)})"
+    return f"INSERT OR IGNORE INTO audit_events ({', '.join(AUDIT_COLUMNS)}) VALUES {', '.join([row] * rows)}"
+
+
+_INSERT_AUDIT_CHUNK = _insert_audit(_CHUNK)
 def _encode_at(at: datetime) -> str:
     return at.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _encode_at_us(at_us: int) -> str:
+    """_encode_at of a record's time, from its microseconds since the epoch."""
+    second, micro = divmod(at_us, 1_000_000)
+    return f"{_second_text(second)}.{micro:06d}+00:00"
+
+
+@lru_cache(maxsize=4)  # a batch spans a second or two
+def _second_text(second: int) -> str:
+    return (EPOCH + timedelta(seconds=second)).isoformat()[:-6]  # without "+00:00"
 
 
 def _decode_at(text: str | None) -> datetime | None:
@@ -93,14 +113,26 @@ class SqliteStore(Store):
         await self._run(self._transaction, apply)
 
     async def write_audit(self, records: Sequence[AuditRecord]) -> int:
-        rows = [(row[0], _encode_at(row[1]), *row[2:]) for row in map(audit_row, records)]
+        if not records:
+            return 0
+        # One flat list of parameters, and one INSERT per _CHUNK rows (and one for the rest):
+        # sqlite3 releases the GIL for each statement step, and taking it back from a busy event
+        # loop costs thread switches, which on a gateway pinned to one CPU cost the requests.
+        values: list = []
+        for rec in records:
+            values += audit_row(rec, _encode_at_us)
+        whole = len(records) // _CHUNK * _CHUNK * _WIDTH
+        chunks = [values[i:i + _CHUNK * _WIDTH] for i in range(0, whole, _CHUNK * _WIDTH)]
+        rest = values[whole:]
 
         def insert(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
-            conn.executemany(_INSERT_AUDIT, rows)
+            conn.executemany(_INSERT_AUDIT_CHUNK, chunks)
+            if rest:
+                conn.execute(_insert_audit(len(rest) // _WIDTH), rest)
             return conn.total_changes - before
 
-        return await self._run(self._transaction, insert) if rows else 0
+        return await self._run(self._transaction, insert)
 
     async def count_audit(self, **filters) -> int:
         where, args = audit_where(filters, _placeholder, _encode_at)
