@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.support.harness import GATEWAY, backend, free_port, route_to
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_ROUTES = REPO / "routes.yaml"
+SHIPPED_POLICIES = REPO / "policies"  # loading it makes no network call; serving it would fetch JWKS
 PYTHON = sys.executable  # /work/venv/bin/python when run by the venv's pytest
 STARTUP = 20.0  # a cold interpreter importing aiohttp and jsonschema on a busy machine
 STEP = 5.0
@@ -84,17 +86,26 @@ def route_file(port: int) -> str:
 # --- check --------------------------------------------------------------------------------------
 
 
-def test_check_accepts_the_shipped_routes(tmp_path):
-    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES)], tmp_path)
+def test_check_accepts_the_shipped_routes_with_the_shipped_policies(tmp_path):
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(SHIPPED_POLICIES)], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert error_lines(result, str(SHIPPED_ROUTES)) == []
 
 
 def test_check_lists_public_routes_as_warnings(tmp_path):
-    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(tmp_path / "none")], tmp_path)
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(SHIPPED_POLICIES)], tmp_path)
     assert result.returncode == 0
     public = [line for line in result.stdout.splitlines() if "is public" in line]
     assert any("HTTPRoute platform/frontend is public" in line and line.endswith("(warning)") for line in public), result.stdout
+    assert not any("platform/sandboxes" in line or "platform/previews" in line for line in public), result.stdout
+    assert any("HTTPRoute platform/preview-hosts is public" in line for line in public), result.stdout  # a capability
+
+
+def test_check_refuses_the_shipped_sandbox_router_without_the_shipped_policies(tmp_path):
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(tmp_path / "none")], tmp_path)
+    assert result.returncode == 1
+    (error,) = error_lines(result, str(SHIPPED_ROUTES))
+    assert "SandboxRouter platform/sandboxes: no authentication" in error[1], result.stdout
 
 
 SCHEMA_ERROR = GATEWAY + """\
@@ -180,6 +191,7 @@ def test_environment_variable_sandgate_routes_is_honoured(tmp_path):
     good.write_text(SHIPPED_ROUTES.read_text())
     bad = tmp_path / "conf" / "bad.yaml"
     bad.write_text(SCHEMA_ERROR)
+    shutil.copytree(SHIPPED_POLICIES, tmp_path / "policies")  # the default --policies, as in a checkout
     # no routes.yaml in the working directory: only the variable can point at the file
     assert sandgate(["check"], tmp_path, SANDGATE_ROUTES=str(good)).returncode == 0
     failed = sandgate(["check"], tmp_path, SANDGATE_ROUTES=str(bad))
@@ -244,7 +256,12 @@ spec:
 def test_routes_on_the_shipped_file(tmp_path):
     result = sandgate(["routes", "--routes", str(SHIPPED_ROUTES)], tmp_path)
     assert result.returncode == 0, result.stderr
-    matches = table_matches(result.stdout)
+    header, *rows = result.stdout.splitlines()
+    hosts = [row.split()[1] for row in rows]
+    # The preview hosts' wildcard comes first: a hostname match beats any path of the catch-all host.
+    assert hosts[0] == "*.agents.example.com" and set(hosts[1:]) == {"*"}, result.stdout
+    assert "PreviewZone platform/previews" in rows[0]
+    matches = table_matches("\n".join([header, *rows[1:]]))
     kinds = [kind for kind, _ in matches]
     assert kinds == sorted(kinds, key=lambda k: k != "Exact"), "an Exact match listed after a PathPrefix"
     prefixes = [value for kind, value in matches if kind == "PathPrefix"]
@@ -263,6 +280,36 @@ def test_explain_mcp_health_on_the_shipped_routes(tmp_path):
     assert re.search(r"[#: ]health\b", rule), out
     upstream = next(l for l in out.splitlines() if l.startswith("upstream:"))
     assert re.search(r"http://mcp\.platform\.svc\.cluster\.local:8000/healthz\b", upstream), out
+
+
+def explained(result: subprocess.CompletedProcess) -> dict[str, str]:
+    """`explain` output as {"route": ..., "policy": ..., ...}: the first line of each field."""
+    fields: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        name, colon, value = line.partition(":")
+        if colon and name.isalpha():
+            fields.setdefault(name, value.strip())
+    return fields
+
+
+@pytest.mark.parametrize(("url", "route", "backend"), [
+    ("http://agents.example.com/gateway/v1/previews", "platform/previews", None),
+    ("http://agents.example.com/gateway/v1/approvals/1", "platform/previews", None),
+    (f"http://{'a' * 26}-preview.agents.example.com/api/hello", "platform/preview-hosts",
+     "PreviewZone platform/previews"),
+    ("http://agents.example.com/", "platform/frontend", None),  # the zone's wildcard is below the platform's host
+])
+def test_explain_previews_on_the_shipped_routes(tmp_path, url, route, backend):
+    args = ["explain", "--routes", str(SHIPPED_ROUTES), "--policies", str(SHIPPED_POLICIES), "GET", url]
+    result = sandgate(args, tmp_path)  # no token: nothing to verify, so no JWKS fetch
+    assert result.returncode == 0, result.stderr
+    fields = explained(result)
+    assert fields["route"].startswith(f"HTTPRoute {route} "), result.stdout
+    if route == "platform/previews":  # the API needs the sandboxes' JWT
+        assert fields["policy"].startswith("SecurityPolicy platform/sandboxes "), result.stdout
+        assert fields["decision"].startswith("deny (401)"), result.stdout
+    if backend:
+        assert backend in fields["backend"], result.stdout
 
 
 # --- serve ----------------------------------------------------------------------------------------

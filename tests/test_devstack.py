@@ -1,4 +1,5 @@
-"""The dev stack's stand-ins, each hit directly with real clients on loopback."""
+"""The dev stack's stand-ins, each hit directly with real clients on loopback (the Kubernetes
+API stand-in with the gateway's own kubernetes-asyncio client and watch)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import socket
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +25,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config.loader import LoadOptions, load_routes
+from gateway.config.model import PreviewZone
+from gateway.config.schemas import validate
 from gateway.devstack import (
     API_SERVICE,
     FRONTEND_SERVICE,
@@ -32,9 +36,20 @@ from gateway.devstack import (
     try_commands,
     try_urls,
 )
-from gateway.devstack.policy import mcp_security_policy, write_policies
+from gateway.devstack import api, cluster
+from gateway.devstack.policy import mcp_security_policy, sandbox_policies, write_policies
 from gateway.devstack.urls import public_origin
+from gateway.devstack.cluster import MERGE_PATCH
+from gateway.devstack.cluster_store import ApiError, Store, TooOld, label_selector, merge_patch
+from gateway.kube import HTTPROUTE, SANDBOX, SANDBOX_CLAIM, SERVICE, KubeClient, KubeError, WatchedKind
 from gateway.policy.loader import load_policies
+from gateway.preview import objects
+from gateway.preview.objects import EXPIRES_AT, OWNER, SELECTOR
+from gateway.preview.tokens import new_token
+from gateway.sandbox.access import relation
+from gateway.sandbox.registry import SandboxRegistry, sandbox_info
+from gateway.sandbox.router import router_errors
+from tests.support.policy_harness import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +95,7 @@ async def test_services_map_the_three_cluster_addresses_to_distinct_loopback_por
 
 async def test_stop_releases_every_port_and_is_idempotent():
     stack = await start_devstack(PUBLIC)
-    addresses = list(stack.services.values())
+    addresses = [*stack.services.values(), stack.sandbox, (URL(stack.kube_api).host, URL(stack.kube_api).port)]
     await stack.stop()
     await stack.stop()
     for host, port in addresses:
@@ -107,16 +122,33 @@ def test_try_urls_cover_each_stand_in_under_the_public_origin():
     assert "/.well-known/oauth-protected-resource/mcp" in paths
 
 
-def test_try_commands_curl_every_url_then_get_a_token_and_use_it():
-    commands = try_commands("https://agents.example.com/")
-    assert len(commands) == len(try_urls("https://agents.example.com")) + 2
-    *plain, get_token, use_token = commands
+def test_try_commands_curl_every_url_then_get_a_token_and_use_it_on_mcp_the_sandbox_and_a_preview():
+    commands = try_commands("https://agents.example.com/", 41234)
+    assert len(commands) == len(try_urls("https://agents.example.com")) + 6
+    *plain, get_token, use_token, by_headers, by_port_proxy, create_preview, use_preview = commands
     assert all(c.startswith("curl -i ") for c in plain)
     assert plain[-1] == "curl -i https://agents.example.com/mcp"  # the 401 comes first
     assert get_token.startswith("TOKEN=$(curl -s -X POST -d grant_type=client_credentials ")
     assert "https://agents.example.com/oauth/token |" in get_token
-    assert '-H "Authorization: Bearer $TOKEN"' in use_token
+    for command in (use_token, by_headers, by_port_proxy, create_preview):
+        assert '-H "Authorization: Bearer $TOKEN"' in command
     assert use_token.endswith(" https://agents.example.com/mcp")
+    assert "-H 'X-Sandbox-ID: demo' -H 'X-Sandbox-Port: 41234'" in by_headers
+    assert by_headers.endswith(" https://agents.example.com/chat")
+    assert by_port_proxy.endswith(" https://agents.example.com/gateway/v1/sandboxes/sandboxes/demo/ports/41234/chat")
+    assert create_preview.startswith("PREVIEW=$(curl -s ")
+    body = """'{"namespace":"sandboxes","sandbox":"demo","port":41234}'"""
+    assert f"-d {body} https://agents.example.com/gateway/v1/previews |" in create_preview
+    assert create_preview.endswith("""print(json.load(sys.stdin)["url"])')""")
+    # The preview's host is never looked up: curl connects to the gateway's own address.
+    assert "Authorization" not in use_preview
+    assert use_preview.startswith("curl -i --connect-to ::agents.example.com:443 ")
+    assert use_preview.endswith(' "${PREVIEW}chat"')
+
+
+def test_the_preview_command_connects_to_the_listen_address_of_a_local_run():
+    assert " --connect-to ::127.0.0.1:8080 " in try_commands("http://127.0.0.1:8080", 1)[-1]
+    assert " --connect-to ::[::1]:8080 " in try_commands("http://[::1]:8080", 1)[-1]
 
 
 # --- API stand-in ---------------------------------------------------------------------------
@@ -449,6 +481,7 @@ async def test_frontend_index_lists_the_urls_to_try(stack, http):
     for try_url in try_urls(PUBLIC):
         assert f'href="{try_url}"' in page
     assert "grant_type=client_credentials" in page
+    assert f"/gateway/v1/sandboxes/sandboxes/demo/ports/{stack.sandbox[1]}/chat" in page
     assert '<script src="/assets/app.js">' in page
 
 
@@ -470,6 +503,304 @@ async def test_frontend_answers_any_other_path_with_the_index(stack, http, path)
         assert await resp.text() == index
 
 
+# --- the demo sandbox and the Kubernetes API stand-in that lists it --------------------------
+
+
+def sandbox_url(stack, path: str) -> str:
+    host, port = stack.sandbox
+    return f"http://{host}:{port}{path}"
+
+
+async def test_the_demo_sandbox_listens_on_its_pod_ip_and_chats(stack, http):
+    assert stack.sandbox[0] == "127.0.0.1" == cluster.POD_IP
+    async with http.post(sandbox_url(stack, "/chat"), json={"message": "hi"}) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"sandbox": "sandboxes/demo", "reply": "Sandbox sandboxes/demo heard: hi"}
+    async with http.get(sandbox_url(stack, "/files?x=1"), headers={"X-Probe": "1"}) as resp:
+        body = await resp.json()
+    assert (body["sandbox"], body["method"], body["path"]) == ("sandboxes/demo", "GET", "/files?x=1")
+    assert "X-Probe" in body["headers"]
+
+
+async def test_the_demo_sandbox_echoes_over_a_websocket(stack, http):
+    async with http.ws_connect(sandbox_url(stack, "/ws")) as ws:
+        await ws.send_str("hello")
+        assert await ws.receive_str(timeout=5) == "sandboxes/demo: hello"
+
+
+@pytest.fixture
+async def kube(stack, tmp_path):
+    """The gateway's own Kubernetes client, connected through the kubeconfig `sandgate dev` writes."""
+    client = await KubeClient.connect(stack.write_kubeconfig(tmp_path / "kubeconfig"))
+    yield client
+    await client.close()
+
+
+def test_the_demo_objects_are_valid_agent_sandbox_objects():
+    (claim_type, claim), (sandbox_type, sandbox) = cluster.demo_objects("dev-user")
+    assert (claim_type, sandbox_type) == (cluster.CLAIMS, cluster.SANDBOXES)
+    for obj in (claim, sandbox):
+        assert validate(obj) == [], (obj["kind"], validate(obj))
+    (owner_ref,) = sandbox["metadata"]["ownerReferences"]
+    assert (owner_ref["kind"], owner_ref["uid"]) == ("SandboxClaim", claim["metadata"]["uid"])
+    assert sandbox["status"]["selector"] == f"agents.x-k8s.io/sandbox-name-hash={cluster.name_hash('demo')}"
+
+
+@pytest.mark.parametrize(("name", "digest"), [("", "811c9dc5"), ("a", "e40c292c"), ("foobar", "bf9cf968")])
+def test_name_hash_is_fnv_1a_32_as_agent_sandbox_labels_pods(name, digest):
+    assert cluster.name_hash(name) == digest
+
+
+async def test_the_kube_stand_in_lists_the_demo_sandbox_and_its_claim(kube):
+    sandboxes = await kube.list(SANDBOX, "sandboxes")
+    claims = await kube.list(SANDBOX_CLAIM, "sandboxes")
+    assert [o["metadata"]["name"] for o in sandboxes["items"]] == ["demo"]
+    assert [o["metadata"]["name"] for o in claims["items"]] == ["demo"]
+    assert sandboxes["metadata"]["resourceVersion"] == claims["metadata"]["resourceVersion"] == "2"
+    assert claims["items"][0]["metadata"]["annotations"] == {"sandgate.dev/owner": api.SUBJECT}
+    assert (await kube.list(SANDBOX, "elsewhere"))["items"] == []
+
+
+async def test_the_kube_stand_in_refuses_a_wrong_token(stack, tmp_path):
+    path = cluster.write_kubeconfig(tmp_path / "kubeconfig", stack.kube_api, "not-the-token")
+    client = await KubeClient.connect(str(path))
+    try:
+        with pytest.raises(KubeError) as refused:
+            await client.list(SANDBOX, "sandboxes")
+    finally:
+        await client.close()
+    assert (refused.value.status, refused.value.reason) == (401, "Unauthorized")
+
+
+async def test_what_the_gateway_derives_from_the_stand_in(kube):
+    registry = SandboxRegistry(kube)
+    registry.watch_namespaces({"sandboxes"})
+    try:
+        assert await registry.wait_synced(5)
+        info = registry.find("sandboxes", "demo")
+        assert (info.ready, info.pod_ips, info.service_fqdn) == (True, ("127.0.0.1",), None)
+        assert info.pod_selector == (("agents.x-k8s.io/sandbox-name-hash", cluster.name_hash("demo")),)  # for previews
+        config = load_routes(str(REPO / "routes.yaml"), LoadOptions())
+        (policy,) = load_policies(str(REPO / "policies"), config).sandbox
+        assert relation(info, {"sub": api.SUBJECT}, policy) == "owner"
+        assert relation(info, {"sub": "someone-else"}, policy) is None
+        assert relation(info, {"sub": "someone-else", "groups": ["platform-admins"]}, policy) == "admin"
+        assert registry.connected() and registry.find("sandboxes", "other") is None
+    finally:
+        await registry.stop()
+
+
+async def test_the_gateways_watch_lists_then_stays_open_on_the_stand_in(kube):
+    events = []
+    watch = WatchedKind(kube, SANDBOX, "sandboxes", lambda kind, obj: events.append((kind, obj["metadata"]["name"])))
+    watch.start()
+    try:
+        await asyncio.wait_for(watch.synced.wait(), 5)
+        await asyncio.sleep(0.3)  # the watch from the list's resourceVersion is open by now
+        assert events == [("ADDED", "demo")] and watch.relists == 1 and watch.connected
+        assert not watch._task.done()  # a malformed answer would have ended the watch loop
+    finally:
+        await watch.stop()
+
+
+async def test_a_watch_replays_what_came_after_its_resource_version_and_ends_at_its_timeout(stack, http):
+    watch = f"{stack.kube_api}/apis/agents.x-k8s.io/v1beta1/namespaces/sandboxes/sandboxes"
+    headers = {"Authorization": f"Bearer {stack.kube_token}"}
+
+    async def replayed(since: str | None) -> list[tuple[str, str]]:
+        params = {"watch": "True", "timeoutSeconds": "1", **({"resourceVersion": since} if since else {})}
+        async with http.get(watch, params=params, headers=headers) as resp:
+            assert resp.status == 200
+            lines = (await resp.read()).splitlines()
+        return [(e["type"], e["object"]["metadata"]["name"]) for e in map(json.loads, lines)]
+
+    started = time.monotonic()
+    got = await asyncio.gather(*(replayed(since) for since in (None, "0", "1", "2", "3")))
+    assert 1 <= time.monotonic() - started < 3  # held open until timeoutSeconds, not longer
+    assert got == [[("ADDED", "demo")]] * 3 + [[], []]
+    async with http.get(watch, params={"watch": "true", "resourceVersion": "x"}, headers=headers) as resp:
+        assert resp.status == 400
+
+
+async def test_the_kube_stand_in_has_no_pod_exec(stack, http):
+    exec_url = f"{stack.kube_api}/api/v1/namespaces/sandboxes/pods/demo/exec?command=sh"
+    async with http.get(exec_url, headers={"Authorization": f"Bearer {stack.kube_token}"}) as resp:
+        assert resp.status == 404
+
+
+# --- what previews write to the Kubernetes API stand-in ------------------------------------
+
+
+def preview_objects(sandbox: dict, port: int = 8080) -> tuple[dict, dict]:
+    """The Service and HTTPRoute the gateway creates for a preview of `sandbox` in the shipped zone."""
+    config = load_routes(str(REPO / "routes.yaml"), LoadOptions())
+    (zone,) = config.served(PreviewZone).values()
+    preview = objects.new_preview(new_token(), "sandboxes", "demo", port, api.SUBJECT, zone, datetime.now(timezone.utc))
+    uid, selector = sandbox["metadata"]["uid"], dict(sandbox_info(sandbox, None).pod_selector)
+    return objects.service(preview, uid, selector), objects.httproute(preview, uid, zone)
+
+
+def name_of(obj: dict) -> str:
+    return obj["metadata"]["name"]
+
+
+def version_of(obj: dict) -> int:
+    return int(obj["metadata"]["resourceVersion"])
+
+
+async def test_the_kube_stand_in_creates_lists_patches_and_deletes_a_previews_objects(kube):
+    service, route = preview_objects(await kube.get(SANDBOX, "sandboxes", "demo"))
+    name = name_of(route)
+    made_service = await kube.create(SERVICE, "sandboxes", service)
+    made_route = await kube.create(HTTPROUTE, "sandboxes", route)
+    assert version_of(made_route) > version_of(made_service) > 2  # one counter for every object
+    assert made_route["metadata"]["uid"] != made_service["metadata"]["uid"]
+    assert made_service["spec"] == service["spec"] and made_route["spec"] == route["spec"]
+    assert await kube.get(HTTPROUTE, "sandboxes", name) == made_route
+    with pytest.raises(KubeError) as again:
+        await kube.create(SERVICE, "sandboxes", service)
+    assert (again.value.status, again.value.reason) == (409, "AlreadyExists")
+
+    listed = await kube.list(HTTPROUTE, "sandboxes", "sandgate.dev/preview=true")
+    assert [name_of(o) for o in listed["items"]] == [name] and version_of(listed) == version_of(made_route)
+    services = await kube.list(SERVICE, "sandboxes", "sandgate.dev/sandbox==demo")
+    assert [name_of(o) for o in services["items"]] == [name]
+    for selector in ("sandgate.dev/preview!=true", "!sandgate.dev/sandbox", "sandgate.dev/sandbox=other", "nope"):
+        assert (await kube.list(HTTPROUTE, "sandboxes", selector))["items"] == [], selector
+    assert (await kube.list(SANDBOX, "sandboxes", "sandgate.dev/preview=true"))["items"] == []
+
+    expires = {"metadata": {"annotations": {EXPIRES_AT: "2030-01-01T00:00:00.000Z"}}}
+    patched = await kube.merge_patch(HTTPROUTE, "sandboxes", name, expires)
+    annotations = patched["metadata"]["annotations"]
+    assert annotations[EXPIRES_AT] == "2030-01-01T00:00:00.000Z" and annotations[OWNER] == api.SUBJECT  # merged
+    assert version_of(patched) > version_of(made_route) and patched["metadata"]["uid"] == made_route["metadata"]["uid"]
+    assert version_of(await kube.merge_patch(HTTPROUTE, "sandboxes", name, expires)) == version_of(patched)  # no-op
+
+    assert not await kube.delete(HTTPROUTE, "sandboxes", name, uid="another-incarnation")  # 409: kept
+    assert await kube.get(HTTPROUTE, "sandboxes", name) == patched
+    assert await kube.delete(HTTPROUTE, "sandboxes", name, uid=patched["metadata"]["uid"])
+    assert await kube.delete(SERVICE, "sandboxes", name)
+    assert not await kube.delete(SERVICE, "sandboxes", name)  # 404: already gone
+    assert await kube.get(HTTPROUTE, "sandboxes", name) is None
+    with pytest.raises(KubeError) as missing:
+        await kube.merge_patch(HTTPROUTE, "sandboxes", name, expires)
+    assert missing.value.status == 404
+
+
+async def test_a_watch_of_preview_routes_sees_them_come_change_and_go(kube):
+    seen = []
+    watch = WatchedKind(kube, HTTPROUTE, "sandboxes", lambda kind, obj: seen.append((kind, name_of(obj))),
+                        label_selector=SELECTOR)
+    watch.start()
+    try:
+        await asyncio.wait_for(watch.synced.wait(), 5)
+        service, route = preview_objects(await kube.get(SANDBOX, "sandboxes", "demo"))
+        name = name_of(route)
+        await kube.create(SERVICE, "sandboxes", service)  # another kind: not in this watch
+        plain = {**route, "metadata": {"name": "plain", "namespace": "sandboxes"}}
+        await kube.create(HTTPROUTE, "sandboxes", plain)  # no preview label: not in this watch
+        made = await kube.create(HTTPROUTE, "sandboxes", route)
+        expires = {"metadata": {"annotations": {EXPIRES_AT: "2030-01-01T00:00:00.000Z"}}}
+        await kube.merge_patch(HTTPROUTE, "sandboxes", name, expires)
+        preview_label = {"metadata": {"labels": {"sandgate.dev/preview": "true"}}}
+        await kube.merge_patch(HTTPROUTE, "sandboxes", "plain", preview_label)
+        await kube.merge_patch(HTTPROUTE, "sandboxes", "plain", {"metadata": {"labels": None}})
+        await kube.delete(HTTPROUTE, "sandboxes", name, uid=made["metadata"]["uid"])
+
+        async def all_seen() -> bool:
+            return len(seen) >= 5
+
+        assert await wait_for(all_seen)
+        await asyncio.sleep(0.1)
+    finally:
+        await watch.stop()
+    # A route that starts matching the selector is ADDED to this watch, one that stops DELETED.
+    assert seen == [("ADDED", name), ("MODIFIED", name), ("ADDED", "plain"), ("DELETED", "plain"), ("DELETED", name)]
+    assert watch.objects == {} and watch.relists == 1
+
+
+async def test_the_kube_stand_in_refuses_what_a_real_server_would(stack, kube, http):
+    headers = {"Authorization": f"Bearer {stack.kube_token}"}
+    service, route = preview_objects(await kube.get(SANDBOX, "sandboxes", "demo"))
+
+    async def status(method: str, path: str, body=None, content_type: str = "application/json") -> tuple[int, str]:
+        data = json.dumps(body) if body is not None else None
+        async with http.request(method, stack.kube_api + path, data=data,
+                                headers={**headers, "Content-Type": content_type}) as resp:
+            return resp.status, (await resp.json())["reason"]
+
+    core, gateway_api = "/api/v1/namespaces", "/apis/gateway.networking.k8s.io/v1/namespaces"
+    sandboxes = "/apis/agents.x-k8s.io/v1beta1/namespaces/sandboxes/sandboxes"
+    assert await status("POST", sandboxes, {"metadata": {"name": "x"}}) == (405, "MethodNotAllowed")  # the demo's
+    assert await status("DELETE", sandboxes + "/demo") == (405, "MethodNotAllowed")
+    assert await status("POST", f"{core}/elsewhere/services", service) == (404, "NotFound")  # no such namespace
+    assert await status("POST", f"{core}/sandboxes/services", {**service, "kind": "Pod"}) == (400, "BadRequest")
+    assert await status("POST", f"{core}/sandboxes/services", {**service, "spec": {}}) == (422, "Invalid")
+    bad_route = {**route, "spec": {**route["spec"], "hostnames": ["*.*.example.com"]}}
+    assert await status("POST", f"{gateway_api}/sandboxes/httproutes", bad_route) == (422, "Invalid")
+    assert await status("GET", f"{gateway_api}/sandboxes/httproutes?labelSelector=a+in+(b)") == (400, "BadRequest")
+    await kube.create(HTTPROUTE, "sandboxes", route)
+    one = f"{gateway_api}/sandboxes/httproutes/{name_of(route)}"
+    assert await status("PATCH", one, [{"op": "remove", "path": "/spec"}], "application/json-patch+json") == (
+        415, "UnsupportedMediaType")
+    assert await status("PATCH", one, {"metadata": {"resourceVersion": "1"}}, MERGE_PATCH) == (409, "Conflict")
+    assert await status("PATCH", one, {"spec": {"rules": "none"}}, MERGE_PATCH) == (422, "Invalid")
+    assert await status("DELETE", one, {"preconditions": {"resourceVersion": "1"}}) == (409, "Conflict")
+
+
+def test_a_watch_from_a_version_no_longer_kept_is_too_old():
+    store = Store(history=2)
+    for n in range(3):
+        store.put(cluster.SERVICES, {"metadata": {"name": f"s{n}", "namespace": "sandboxes"}})
+    assert [e.revision for e in store.events_after(1)] == [2, 3]
+    with pytest.raises(TooOld):
+        store.events_after(0)
+
+
+async def test_a_watch_from_an_expired_version_ends_with_a_410_event(aiohttp_server, http):
+    app = cluster.make_app(api.SUBJECT, "t")
+    app[cluster.STORE] = store = Store(history=1)
+    for n in range(3):  # the history keeps the last change only (revision 3)
+        store.put(cluster.HTTPROUTES, {"metadata": {"name": f"r{n}", "namespace": "sandboxes"}})
+    server = await aiohttp_server(app, host="127.0.0.1")
+    path = "/apis/gateway.networking.k8s.io/v1/namespaces/sandboxes/httproutes"
+    params = {"watch": "true", "resourceVersion": "1", "timeoutSeconds": "1"}
+    async with http.get(server.make_url(path), params=params, headers={"Authorization": "Bearer t"}) as resp:
+        (line,) = (await resp.read()).splitlines()
+    event = json.loads(line)
+    assert event["type"] == "ERROR"
+    assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+
+
+@pytest.mark.parametrize(("selector", "labels", "matches"), [
+    ("", {}, True),
+    ("a=b", {"a": "b"}, True),
+    ("a==b", {"a": "c"}, False),
+    ("a!=b", {}, True),
+    ("a", {"a": ""}, True),
+    ("!a", {"a": "x"}, False),
+    ("sandgate.dev/preview=true, sandgate.dev/sandbox", {"sandgate.dev/preview": "true", "sandgate.dev/sandbox": ""},
+     True),
+    ("sandgate.dev/preview=true,sandgate.dev/sandbox", {"sandgate.dev/preview": "true"}, False),
+])
+def test_label_selectors(selector, labels, matches):
+    assert label_selector(selector)(labels) is matches
+
+
+@pytest.mark.parametrize("selector", ["a in (b)", "a notin (b)", "!a=b", "=b", "a=b c"])
+def test_set_based_and_malformed_selectors_are_refused(selector):
+    with pytest.raises(ApiError) as refused:
+        label_selector(selector)
+    assert refused.value.code == 400
+
+
+def test_merge_patch_is_rfc_7386():
+    target = {"a": "b", "c": {"d": "e", "f": "g"}}
+    assert merge_patch(target, {"a": "z", "c": {"f": None}}) == {"a": "z", "c": {"d": "e"}}
+    assert merge_patch(target, {"c": ["x"]}) == {"a": "b", "c": ["x"]}
+    assert target == {"a": "b", "c": {"d": "e", "f": "g"}}  # untouched
+
+
 # --- the dev policy and its example for a cluster -------------------------------------------
 
 
@@ -478,17 +809,47 @@ def test_the_example_policy_is_the_dev_policy_for_a_public_origin():
     assert example == mcp_security_policy("https://agents.example.com", "https://agents.example.com/oauth/jwks")
 
 
-@pytest.mark.parametrize("policies", ["examples", "written"])
-def test_the_policy_loads_on_the_shipped_routes_and_covers_only_the_mcp_rule(tmp_path, policies):
-    if policies == "examples":
-        directory = REPO / "policies/examples"
+def test_the_shipped_sandbox_policies_are_the_dev_ones_for_a_public_origin():
+    shipped = list(yaml.safe_load_all((REPO / "policies/sandboxes.yaml").read_text()))
+    in_cluster_jwks = "http://api.platform.svc.cluster.local:8000/oauth/jwks"
+    assert shipped == sandbox_policies("https://agents.example.com", in_cluster_jwks)
+
+
+def covered_rules(loaded, config, route_key: str) -> set[str]:
+    route = next(r for r in config.routes if r.key == route_key)
+    gateway = config.listeners[0].gateway
+    return {rule.name for rule in route.rules if loaded.security_for(route.key, rule.index, gateway)}
+
+
+@pytest.mark.parametrize("policies", ["shipped", "written"])
+def test_the_policies_load_on_the_shipped_routes_and_cover_the_mcp_rule_and_the_sandboxes(tmp_path, policies):
+    directory = tmp_path
+    if policies == "shipped":
+        for path in [REPO / "policies/sandboxes.yaml", REPO / "policies/examples/platform.yaml"]:
+            (directory / path.name).write_text(path.read_text())
     else:
-        directory = tmp_path
         write_policies(directory, PUBLIC, "http://127.0.0.1:9/oauth/jwks")
     config = load_routes(str(REPO / "routes.yaml"), LoadOptions())
     loaded = load_policies(str(directory), config)
     assert not config.errors and not loaded.errors and not loaded.problems, (config.errors, loaded.errors, loaded.problems)
-    (policy,) = loaded.security
-    mcp = next(r for r in config.routes if r.key == "platform/mcp")
-    covered = {rule.name for rule in mcp.rules if loaded.security_for(mcp.key, rule.index, config.listeners[0].gateway)}
-    assert covered == {"mcp"}  # /mcp/health and the metadata stay public
+    assert sorted(p.name for p in loaded.security) == ["mcp", "sandboxes"]
+    assert covered_rules(loaded, config, "platform/mcp") == {"mcp"}  # /mcp/health and the metadata stay public
+    assert covered_rules(loaded, config, "platform/sandboxes") == {"header-routed", "sandbox-api"}
+    assert covered_rules(loaded, config, "platform/previews") == {"preview-api"}
+    assert covered_rules(loaded, config, "platform/preview-hosts") == set()  # the host is the capability
+    assert covered_rules(loaded, config, "platform/frontend") == set()
+    (sandbox_policy,) = loaded.sandbox
+    assert sandbox_policy.owner_annotation == "sandgate.dev/owner"
+    assert sandbox_policy.admin_groups == ("platform-admins",)
+    gateway = config.listeners[0].gateway
+    for route in ("platform/sandboxes", "platform/previews", "platform/preview-hosts"):
+        assert loaded.sandbox_attached.for_rule(route, 0, gateway) is sandbox_policy, route
+    assert router_errors(config, lambda *target: loaded.security_for(*target) is not None) == []
+
+
+def test_the_shipped_policies_directory_holds_only_the_sandbox_policies():
+    """policies/ is loaded as shipped (Dockerfile, `serve` in a checkout); examples/ is not."""
+    config = load_routes(str(REPO / "routes.yaml"), LoadOptions())
+    loaded = load_policies(str(REPO / "policies"), config)
+    assert not loaded.errors and not loaded.problems
+    assert [p.name for p in loaded.security] == ["sandboxes"] and len(loaded.sandbox) == 1

@@ -11,21 +11,15 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
 from tests.support.harness import running_gateway, url
-from tests.support.issuer import Issuer, claims
-from tests.support.kubeapi import running_kube_api
-from tests.support.policy_harness import provider, route_target, security_policy, wait_for
-from tests.support.sandboxes import SANDBOX_API, SandboxWorld, ready_status, router_yaml
+from tests.support.issuer import claims
+from tests.support.policy_harness import provider, readiness, route_target, security_policy, wait_for, wait_ready
+from tests.support.sandboxes import SANDBOX_API, ready_status, router_yaml
 from gateway.server.handler import Settings
 
 TOKEN = "s3cret-router-token"
 LOOPBACK = Settings(allow_loopback_sandboxes=True)
-
-
-@pytest.fixture
-async def world(tmp_path, aiohttp_server):
-    async with running_kube_api(tmp_path) as api:
-        yield SandboxWorld(api, aiohttp_server)
 
 
 @pytest.fixture
@@ -251,7 +245,7 @@ async def test_port_proxy_strips_the_prefix_and_carries_websockets(tmp_path, wor
         bad_port = await request(gw, "/gateway/v1/sandboxes/agents/box-1/ports/99999/x")
         bad_name = await request(gw, f"/gateway/v1/sandboxes/agents/Box/ports/{port}/")
         other_ns = await request(gw, f"/gateway/v1/sandboxes/kube-system/box-1/ports/{port}/")
-        unknown = await request(gw, f"/gateway/v1/sandboxes/agents/box-1/files")
+        unknown = await request(gw, "/gateway/v1/sandboxes/agents/box-1/files")
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(url(gw, f"{base}/ws"), headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
                 hello = json.loads((await ws.receive()).data)
@@ -292,13 +286,6 @@ async def test_cached_sandboxes_keep_serving_while_the_api_is_away_and_the_watch
 
 
 # --- identity: owner, shared, admin, stranger --------------------------------------------------
-
-
-@pytest.fixture
-async def issuer():
-    issuer = await Issuer().start()
-    yield issuer
-    await issuer.stop()
 
 
 def jwt_policies(issuer, *, admin_groups=("platform-admins",)) -> str:
@@ -371,3 +358,27 @@ async def test_check_names_the_router_and_the_missing_token_file(tmp_path, capsy
     main(["check", "--routes", str(routes), "--policies", str(tmp_path / "policies")])
     out = capsys.readouterr().out
     assert str(tmp_path / "absent-token") in out
+
+
+async def test_without_kubernetes_sandboxes_answer_503_and_readiness_says_why(tmp_path, token_file):
+    async with running_gateway(tmp_path, router_yaml(token_file=str(token_file)), settings=LOOPBACK,
+                               kubeconfig=tmp_path / "no-such-kubeconfig") as gw:
+        result = await request(gw, "/", headers=sandbox("box-1", 8080))
+        status, details = await readiness(gw)
+    assert result[0] == 503 and result[2]["error"] == "kubernetes_unavailable"
+    assert status == 503 and details["kubernetes"] == "unavailable"
+
+
+async def test_readiness_waits_for_the_sandbox_watches(tmp_path, world, token_file):
+    async with running_gateway(tmp_path, router_yaml(token_file=str(token_file)), settings=LOOPBACK,
+                               kubeconfig=world.api.kubeconfig) as gw:
+        assert await wait_ready(gw)
+        assert (await readiness(gw))[1]["kubernetes"] == "synced"
+        await world.api.stop()
+
+        async def unready():
+            return (await readiness(gw))[0] == 503
+
+        assert await wait_for(unready, timeout=10)
+        await world.api.start()
+        assert await wait_ready(gw, timeout=15)

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from gateway.audit.record import AuditRecord
-from gateway.store import SQLITE_FILE, open_store
+from gateway.store import SQLITE_FILE, open_store, schema
 from tests.support.postgres import fresh_database
 
 
@@ -52,7 +52,7 @@ def decision(**fields) -> AuditRecord:
 async def test_migrate_again_is_a_no_op(store, store_url, tmp_path):
     await store.write_audit([decision()])
     await store.migrate()
-    assert await schema_versions(store_url, tmp_path) == [1]
+    assert await schema_versions(store_url, tmp_path) == list(schema.VERSIONS)
     assert await store.count_audit() == 1
 
 
@@ -60,7 +60,7 @@ async def test_concurrent_migrations_both_succeed(store_url, tmp_path):
     stores = [await open_store(store_url, data_dir=str(tmp_path)) for _ in range(2)]
     try:
         await asyncio.gather(*(s.migrate() for s in stores))
-        assert await schema_versions(store_url, tmp_path) == [1]
+        assert await schema_versions(store_url, tmp_path) == list(schema.VERSIONS)
         assert await stores[1].write_audit([decision()]) == 1
     finally:
         for s in stores:

@@ -13,7 +13,7 @@ from gateway.config.loader import LoadOptions, load_routes
 from gateway.policy.decision import RequestFacts, evaluate
 from gateway.policy.loader import load_policies
 from gateway.policy.runtime import PolicyRuntime
-from gateway.config.model import Config, RouteMatch, Upstream
+from gateway.config.model import Config, RouteMatch, SandboxRouter, Upstream
 from gateway.routing.paths import BadRequestTarget, normalize_host, normalize_path
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import RequestView, RouteTable, compile_table
@@ -38,8 +38,10 @@ def describe_match(match: RouteMatch) -> str:
 
 
 def describe_upstream(upstream: Upstream | None, reason: str = "", special=None) -> str:
-    if special is not None:
+    if isinstance(special, SandboxRouter):
         return f"SandboxRouter {special.key} ({special.resolution} resolution)"
+    if special is not None:
+        return f"PreviewZone {special.key} (hosts *-preview.{special.zone})"
     if upstream is None:
         return f"invalid ({reason})"
     return f"{upstream.name} -> {', '.join(map(str, upstream.endpoints))}"
@@ -149,7 +151,7 @@ def run_explain(
             if filters.rewrite and filters.rewrite.hostname:
                 host_header = filters.rewrite.hostname
         if b.special is not None:
-            print(f"backend:  {share} {describe_upstream(None, special=b.special)}: the sandbox named by X-Sandbox-* or the path")
+            print(f"backend:  {share} {describe_upstream(None, special=b.special)}")
             continue
         if b.upstream is None:
             print(f"backend:  {share} invalid: {b.invalid_reason} -> 500")

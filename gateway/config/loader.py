@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from gateway.config import schemas
-from gateway.config.durations import parse_timeout
+from gateway.config.durations import parse_duration, parse_timeout
 from gateway.config.model import (
     BackendChoice,
     Config,
@@ -32,6 +32,7 @@ from gateway.config.model import (
     Redirect,
     Route,
     RouteMatch,
+    PreviewZone,
     Rule,
     SandboxRouter,
     Source,
@@ -469,9 +470,10 @@ class _RouteContext:
                 return invalid(f"{kind} not found in this file")
             return BackendChoice(weight, None, filters, special=sandbox_router(doc))
         if group == SANDGATE_GROUP and kind == "PreviewZone":
-            if self.objects.extras.get((kind, f"{namespace}/{name}")) is None:
+            doc = self.objects.extras.get((kind, f"{namespace}/{name}"))
+            if doc is None:
                 return invalid(f"{kind} not found in this file")
-            return invalid(f"{kind} is not served by this build")
+            return BackendChoice(weight, None, filters, special=preview_zone(doc))
         return invalid(f"InvalidKind: backendRef kind {group or 'core'}/{kind} is not supported")
 
     def backend_upstream(self, label: str, doc: Document) -> Upstream | str:
@@ -559,5 +561,25 @@ def sandbox_router(doc: Document) -> SandboxRouter:
         timeout=parse_timeout(spec.get("timeout")),
         allow_unauthenticated=bool(spec.get("allowUnauthenticated", False)),
         router_token_file=spec.get("routerTokenFile"),
+        source=Source(doc.path, doc.line),
+    )
+
+
+def preview_zone(doc: Document) -> PreviewZone:
+    """A PreviewZone document (schema-valid) as settings; defaults as its CRD states."""
+    meta = doc.obj["metadata"]
+    spec = doc.obj["spec"]
+    ref = spec["gatewayRef"]
+    return PreviewZone(
+        namespace=meta.get("namespace") or DEFAULT_NAMESPACE,
+        name=meta["name"],
+        zone=spec["zone"].lower(),
+        gateway_namespace=ref["namespace"],
+        gateway_name=ref["name"],
+        section_name=ref.get("sectionName"),
+        access_mode=spec.get("accessMode", "capability"),
+        approval_window=parse_duration(spec.get("approvalWindow", "5m")),
+        idle_ttl=parse_duration(spec.get("idleTTL", "30m")),
+        max_lifetime=parse_duration(spec.get("maxLifetime", "8h")),
         source=Source(doc.path, doc.line),
     )

@@ -153,6 +153,27 @@ class SandboxRouter:
 
 
 @dataclass(frozen=True, slots=True)
+class PreviewZone:
+    """Settings for preview hosts `{token}-preview.{zone}` (sandgate.dev/v1alpha1 PreviewZone, §5)."""
+
+    namespace: str
+    name: str
+    zone: str
+    gateway_namespace: str
+    gateway_name: str
+    section_name: str | None = None
+    access_mode: Literal["capability", "owner"] = "capability"
+    approval_window: float = 300.0
+    idle_ttl: float = 1800.0
+    max_lifetime: float = 8 * 3600.0
+    source: Source | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class BackendChoice:
     """A weighted backendRef. `upstream` is None when the reference is invalid (500)."""
 
@@ -160,7 +181,7 @@ class BackendChoice:
     upstream: Upstream | None
     filters: Filters = NO_FILTERS
     invalid_reason: str = ""
-    special: SandboxRouter | None = None  # a sandgate.dev backend served by the gateway itself
+    special: SandboxRouter | PreviewZone | None = None  # a sandgate.dev backend the gateway serves itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,4 +238,12 @@ class Config:
     errors: tuple[str, ...] = ()  # "FILE:LINE: message": the file cannot be used as it is
     problems: tuple[str, ...] = ()  # references that do not resolve: those rules answer 500
     warnings: tuple[str, ...] = ()
-    extras: tuple[object, ...] = field(default=())  # sandgate.dev objects for later layers
+    extras: tuple[object, ...] = field(default=())  # sandgate.dev documents
+
+    def served(self, kind: type) -> dict[str, object]:
+        """The SandboxRouters or PreviewZones some rule uses, by "namespace/name"."""
+        return {
+            c.special.key: c.special
+            for route in self.routes for rule in route.rules for c in rule.backends
+            if isinstance(c.special, kind)
+        }

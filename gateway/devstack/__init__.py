@@ -2,6 +2,8 @@
 
     stack = await start_devstack("http://127.0.0.1:8080")
     stack.services   # {"api.platform.svc.cluster.local:8000": ("127.0.0.1", 41234), ...}
+    stack.sandbox    # ("127.0.0.1", 41240): the demo sandbox's "pod"
+    stack.write_kubeconfig(path)  # for the Kubernetes API stand-in: the sandbox, its previews
     await stack.stop()
 
 Needs the `dev` extra (the official `mcp` SDK and uvicorn).

@@ -152,8 +152,11 @@ def _scope(form) -> str:
     return " ".join(dict.fromkeys(requested)) or MCP_SCOPE
 
 
-def issue_token(form, issuer: str, key: rsa.RSAPrivateKey) -> dict:
-    """The RFC 6749 §5.1 response for a client_credentials request, or raises _TokenError."""
+def issue_token(form, issuer: str, key: rsa.RSAPrivateKey, subject: str = SUBJECT) -> dict:
+    """The RFC 6749 §5.1 response for a client_credentials request, or raises _TokenError.
+
+    The endpoint always issues for SUBJECT; `subject` lets Python callers (tests) mint the same
+    token for someone else, with the key of a running stack (Devstack.signing_key)."""
     grant_type = _single(form, "grant_type")
     if grant_type is None:
         raise _TokenError("invalid_request", "grant_type is required")
@@ -163,7 +166,7 @@ def issue_token(form, issuer: str, key: rsa.RSAPrivateKey) -> dict:
     now = int(time.time())
     claims = {
         "iss": issuer,
-        "sub": SUBJECT,
+        "sub": subject,
         "aud": audience,
         "client_id": _single(form, "client_id") or DEFAULT_CLIENT_ID,
         "scope": scope,
@@ -240,7 +243,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _close_websockets(app: web.Application) -> None:
+async def close_websockets(app: web.Application) -> None:
+    """on_shutdown: open WebSockets (kept in app[WEBSOCKETS]) end with 1001 Going Away."""
     for ws in set(app[WEBSOCKETS]):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
@@ -250,7 +254,7 @@ def make_app(public_url: str) -> web.Application:
     app[ISSUER] = public_origin(public_url)
     app[SIGNING_KEY] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     app[WEBSOCKETS] = weakref.WeakSet()
-    app.on_shutdown.append(_close_websockets)
+    app.on_shutdown.append(close_websockets)
     for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-authorization-server/mcp"):
         app.router.add_get(path, as_metadata)
     for path in ("/.well-known/openid-configuration", "/.well-known/openid-configuration/mcp"):

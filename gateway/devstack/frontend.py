@@ -36,11 +36,11 @@ ws.onerror = () => out("ws", "error");
 """
 
 
-def render_index(public_url: str) -> str:
+def render_index(public_url: str, sandbox_port: int) -> str:
     links = "\n".join(
         f'      <li><a href="{html.escape(url)}">{html.escape(url)}</a></li>' for url in try_urls(public_url)
     )
-    commands = html.escape("\n".join(try_commands(public_url)))
+    commands = html.escape("\n".join(try_commands(public_url, sandbox_port)))
     return f"""<!doctype html>
 <html lang="en">
   <head>
@@ -53,7 +53,7 @@ def render_index(public_url: str) -> str:
     <ul>
 {links}
     </ul>
-    <p>From a shell, including the OAuth tour of <code>/mcp</code>:</p>
+    <p>From a shell, including the OAuth tour of <code>/mcp</code>, the demo sandbox and a preview of it:</p>
     <pre id="commands">{commands}</pre>
     <h2>/api/hello</h2><pre id="api"></pre>
     <h2>/api/events</h2><pre id="events"></pre>
@@ -78,9 +78,9 @@ async def missing_asset(request: web.Request) -> web.Response:
     raise web.HTTPNotFound(text="no such asset\n")
 
 
-def make_app(public_url: str) -> web.Application:
+def make_app(public_url: str, sandbox_port: int) -> web.Application:
     app = web.Application()
-    app[INDEX] = render_index(public_url)
+    app[INDEX] = render_index(public_url, sandbox_port)
     app.router.add_get("/assets/app.js", app_js)
     app.router.add_get("/assets/{name:.*}", missing_asset)
     app.router.add_get("/{tail:.*}", index)

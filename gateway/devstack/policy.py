@@ -1,10 +1,17 @@
-"""The SecurityPolicy `sandgate dev` puts on the MCP route: the policy layer, shown working.
+"""The policies `sandgate dev` writes: the policy layer, shown working on the MCP route, the
+sandbox route and the preview API.
 
-JWTs from the platform's issuer (the API stand-in locally), audience = the public MCP URL,
+MCP: JWTs from the platform's issuer (the API stand-in locally), audience = the public MCP URL,
 scope `mcp:tools` required, browsers only from the public origin. It targets the `mcp` rule of
 HTTPRoute platform/mcp alone, so `/mcp/health` stays public and the RFC 9728 metadata (which the
 gateway serves itself) needs no token. policies/examples/platform.yaml is this same object for
-a cluster; a test keeps the two equal.
+a cluster.
+
+Sandboxes and previews: any JWT from the same issuer on HTTPRoutes platform/sandboxes and
+platform/previews (the preview API), and a SandboxPolicy that lets its subject reach, and open
+previews of, the sandboxes whose claim names it as owner (or that are shared with it; group
+platform-admins reaches all). policies/sandboxes.yaml is the same two objects for a
+cluster. Tests keep each dev policy equal to its shipped counterpart.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import yaml
 from gateway.devstack.urls import MCP_SCOPE, public_origin
 
 POLICY_FILE = "mcp.yaml"
+SANDBOX_POLICY_FILE = "sandboxes.yaml"
 PROVIDER = "platform"
+OWNER_ANNOTATION = "sandgate.dev/owner"  # on the SandboxClaim: the owner's JWT subject
+ADMIN_GROUP = "platform-admins"
 
 
 def mcp_security_policy(public_url: str, jwks_uri: str) -> dict:
@@ -60,9 +70,53 @@ def mcp_security_policy(public_url: str, jwks_uri: str) -> dict:
     }
 
 
-def write_policies(directory: str | Path, public_url: str, jwks_uri: str) -> Path:
-    """Write the policy as the only file of `directory` (what `--policies` would point at)."""
-    path = Path(directory) / POLICY_FILE
+def sandbox_policies(public_url: str, jwks_uri: str) -> list[dict]:
+    """The SecurityPolicy of HTTPRoutes platform/sandboxes and platform/previews (the preview
+    API), and the SandboxPolicy of those two and platform/preview-hosts.
+
+    No `audiences`: the platform's own tokens are accepted whatever resource they were asked
+    for (the dev issuer's default is the MCP URL); who reaches which sandbox, and opens its
+    previews, is decided by the SandboxPolicy from the subject, not by the token's audience.
+    The preview hosts take no JWT: their token is the capability."""
+    def routes(*names: str) -> list[dict]:
+        return [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": name} for name in names]
+
+    security = {
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "SecurityPolicy",
+        "metadata": {"name": "sandboxes", "namespace": "platform"},
+        "spec": {
+            "targetRefs": routes("sandboxes", "previews"),
+            "jwt": {
+                "providers": [
+                    {
+                        "name": PROVIDER,
+                        "issuer": public_origin(public_url),
+                        "remoteJWKS": {"uri": jwks_uri, "cacheDuration": "5m"},
+                    }
+                ]
+            },
+        },
+    }
+    sandbox = {
+        "apiVersion": "sandgate.dev/v1alpha1",
+        "kind": "SandboxPolicy",
+        "metadata": {"name": "sandboxes", "namespace": "platform"},
+        "spec": {
+            "targetRefs": routes("sandboxes", "previews", "preview-hosts"),
+            "owner": {"annotation": OWNER_ANNOTATION},
+            "adminGroups": [ADMIN_GROUP],
+            "preview": {"maxPerSandbox": 10, "maxTotal": 1000},
+        },
+    }
+    return [security, sandbox]
+
+
+def write_policies(directory: str | Path, public_url: str, jwks_uri: str) -> list[Path]:
+    """Write the policies as the only files of `directory` (what `--policies` would point at)."""
     header = "# Written by `sandgate dev` for this run; removed when it stops.\n"
-    path.write_text(header + yaml.safe_dump(mcp_security_policy(public_url, jwks_uri), sort_keys=False))
-    return path
+    mcp = Path(directory) / POLICY_FILE
+    mcp.write_text(header + yaml.safe_dump(mcp_security_policy(public_url, jwks_uri), sort_keys=False))
+    sandboxes = Path(directory) / SANDBOX_POLICY_FILE
+    sandboxes.write_text(header + yaml.safe_dump_all(sandbox_policies(public_url, jwks_uri), sort_keys=False))
+    return [mcp, sandboxes]

@@ -2,10 +2,12 @@
 
 The service names are the backends the shipped routes.yaml points at (Service NAME in namespace
 `platform`, cluster domain `cluster.local`); `sandgate dev` overrides each with a loopback port.
+The demo sandbox is found the way a cluster's are, from the Kubernetes API stand-in.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 
 from yarl import URL
@@ -17,6 +19,12 @@ FRONTEND_SERVICE = "frontend.platform.svc.cluster.local:3000"
 # The scope the dev policy requires on /mcp, the API stand-in grants by default, and the MCP
 # metadata advertises: one name, so the three cannot drift apart.
 MCP_SCOPE = "mcp:tools"
+
+# The sandbox the Kubernetes API stand-in lists (gateway/devstack/cluster.py): its namespace is
+# the one the shipped SandboxRouter opens. And what the tour says to it.
+SANDBOX_NAMESPACE = "sandboxes"
+SANDBOX_NAME = "demo"
+_CHAT = '{"message":"hello"}'
 
 # The first request of an MCP session, small enough to paste.
 _INITIALIZE = (
@@ -54,15 +62,38 @@ def try_urls(public_url: str) -> list[str]:
     ]
 
 
-def try_commands(public_url: str) -> list[str]:
+def _connect_to(origin: str) -> str:
+    """curl's `--connect-to` value sending any host to the gateway: a preview's host name is
+    then only the Host header (and TLS name), never looked up in DNS."""
+    url = URL(origin)
+    host = f"[{url.host}]" if ":" in (url.host or "") else url.host
+    return f"::{host}:{url.port}"
+
+
+def _take(field: str) -> str:
+    """A pipe stage printing one field of a JSON object read from stdin."""
+    return f"python3 -c 'import json,sys;print(json.load(sys.stdin)[\"{field}\"])'"
+
+
+def try_commands(public_url: str, sandbox_port: int) -> list[str]:
     """The shell commands `sandgate dev` prints: `curl` for each of `try_urls` (the last, /mcp
-    without a token, is the 401 pointing at the metadata), then a token from the API stand-in
-    and the same MCP endpoint called with it."""
+    without a token, is the 401 pointing at the metadata), then a token from the API stand-in,
+    the same MCP endpoint called with it, the demo sandbox (listening on `sandbox_port`)
+    reached with it by `X-Sandbox-*` headers and through the port proxy, and a preview of that
+    port: created with the token, then reached by its URL without one."""
     origin = public_origin(public_url)
-    take_token = "python3 -c 'import json,sys;print(json.load(sys.stdin)[\"access_token\"])'"
+    namespace, name = SANDBOX_NAMESPACE, SANDBOX_NAME
+    bearer = '-H "Authorization: Bearer $TOKEN"'
+    json_body = "-H 'Content-Type: application/json' -d"
+    chat = f"{json_body} {shlex.quote(_CHAT)}"
+    preview = json.dumps({"namespace": namespace, "sandbox": name, "port": sandbox_port}, separators=(",", ":"))
     return [f"curl -i {shlex.quote(url)}" for url in try_urls(origin)] + [
-        f"TOKEN=$(curl -s -X POST -d grant_type=client_credentials {origin}/oauth/token | {take_token})",
-        f'curl -i -H "Authorization: Bearer $TOKEN" '
+        f"TOKEN=$(curl -s -X POST -d grant_type=client_credentials {origin}/oauth/token | {_take('access_token')})",
+        f"curl -i {bearer} "
         "-H 'Accept: application/json, text/event-stream' -H 'Content-Type: application/json' "
         f"-d {shlex.quote(_INITIALIZE)} {origin}/mcp",
+        f"curl -i {bearer} -H 'X-Sandbox-ID: {name}' -H 'X-Sandbox-Port: {sandbox_port}' {chat} {origin}/chat",
+        f"curl -i {bearer} {chat} {origin}/gateway/v1/sandboxes/{namespace}/{name}/ports/{sandbox_port}/chat",
+        f"PREVIEW=$(curl -s {bearer} {json_body} {shlex.quote(preview)} {origin}/gateway/v1/previews | {_take('url')})",
+        f'curl -i --connect-to {_connect_to(origin)} {chat} "${{PREVIEW}}chat"',
     ]

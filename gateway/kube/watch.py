@@ -28,10 +28,12 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
 
 
 class WatchedKind:
-    def __init__(self, client: KubeClient, kind: Kind, namespace: str, on_change: OnChange | None = None):
+    def __init__(self, client: KubeClient, kind: Kind, namespace: str, on_change: OnChange | None = None,
+                 label_selector: str | None = None):
         self.client = client
         self.kind = kind
         self.namespace = namespace
+        self.label_selector = label_selector
         self.objects: dict[str, dict] = {}  # name -> object
         self.synced = asyncio.Event()  # set once the first list arrived
         self.connected = False  # False while the API server cannot be reached
@@ -74,6 +76,10 @@ class WatchedKind:
                 delay = await self._back_off(e, delay)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
                 delay = await self._back_off(e, delay)
+            except Exception as e:  # noqa: BLE001 - e.g. a reply that is not a stream of events:
+                # the copy must keep being refreshed, never die silently with its task
+                log.exception("%r: unexpected error; retrying", self)
+                delay = await self._back_off(e, delay)
 
     async def _back_off(self, error: Exception, delay: float) -> float:
         if self.connected:
@@ -83,7 +89,7 @@ class WatchedKind:
         return min(delay * 2, BACKOFF_MAX)
 
     async def _relist(self) -> None:
-        listed = await self.client.list(self.kind, self.namespace)
+        listed = await self.client.list(self.kind, self.namespace, self.label_selector)
         fresh = {item["metadata"]["name"]: item for item in listed.get("items") or ()}
         old = self.objects
         self.objects = fresh
@@ -104,12 +110,13 @@ class WatchedKind:
             args = (*args, self.namespace, self.kind.plural)
         else:
             args = (self.namespace,)
+        selector = {"label_selector": self.label_selector} if self.label_selector else {}
         watch = k8s_watch.Watch()
         # With timeout_seconds the library neither retries a 410 silently nor reconnects on
         # its own: both are decided here, where the copy is kept.
         stream = watch.stream(
             function, *args, resource_version=self._resource_version, timeout_seconds=WATCH_SECONDS,
-            allow_watch_bookmarks=True, _request_timeout=WATCH_SECONDS + 30,
+            allow_watch_bookmarks=True, _request_timeout=WATCH_SECONDS + 30, **selector,
         )
         try:
             async for event in stream:

@@ -30,6 +30,7 @@ class SandboxInfo:
     pod_ips: tuple[str, ...]
     service_fqdn: str | None
     pod_name: str
+    pod_selector: tuple[tuple[str, str], ...]  # status.selector: the labels of exactly its pod
     metadata: tuple[dict, ...]  # claim metadata first, then the Sandbox's: where owners are read
 
 
@@ -46,8 +47,20 @@ def sandbox_info(sandbox: dict, claim: dict | None) -> SandboxInfo:
         pod_ips=tuple(ip for ip in status.get("podIPs") or () if isinstance(ip, str)),
         service_fqdn=status.get("serviceFQDN") or None,
         pod_name=(meta.get("annotations") or {}).get(POD_NAME_ANNOTATION) or meta.get("name", ""),
+        pod_selector=_equality_selector(status.get("selector") or ""),
         metadata=tuple(m for m in ((claim or {}).get("metadata"), meta) if m),
     )
+
+
+def _equality_selector(text: str) -> tuple[tuple[str, str], ...]:
+    """`a=b,c=d` as pairs; a selector with set-based terms cannot become a Service selector."""
+    pairs = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        key, op, value = term.partition("=")
+        if not op or key.endswith("!") or " in " in term or " notin " in term:
+            return ()
+        pairs.append((key.strip(), value.removeprefix("=").strip()))  # "a=b" or "a==b"
+    return tuple(pairs)
 
 
 def _ready(status: dict) -> tuple[bool, str]:

@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 from aiohttp import web
 
 from gateway.audit import AuditLog, AuditRecord
-from gateway.config.model import Config, Endpoint, SandboxRouter, Upstream
+from gateway.config.model import Config, Endpoint, PreviewZone, SandboxRouter, Upstream
 from gateway.kube import KubeError
 from gateway.policy.model import SandboxPolicy
 from gateway.sandbox.access import DEFAULT_POLICY, relation
@@ -49,6 +49,7 @@ class SandboxTarget:
     path: str
     timeout: float | None
     tag: tuple  # ("sandbox", namespace, name): closes its WebSockets when it is deleted
+    isolate: bool = False  # a preview: no platform credentials in, host-only cookies out
 
 
 class Refusal(Exception):
@@ -62,13 +63,17 @@ def router_errors(config: Config, secured: Callable[[str, int, str], bool]) -> l
     it, no router token, not allowUnauthenticated) or with a missing token file is refused.
     `secured(route_key, rule_index, gateway)` tells whether a SecurityPolicy applies."""
     errors: list[str] = []
+    if not config.served(SandboxRouter):
+        for zone in config.served(PreviewZone).values():
+            errors.append(f"{zone.source}: PreviewZone {zone.key}: previews live in the namespaces a SandboxRouter "
+                          "opens, and no rule uses a SandboxRouter")
     seen: set[str] = set()
     gateways = {listener.gateway for listener in config.listeners}
     for route in config.routes:
         for rule in route.rules:
             for choice in rule.backends:
                 router = choice.special
-                if router is None or router.key in seen:
+                if not isinstance(router, SandboxRouter) or router.key in seen:
                     continue
                 where = f"{router.source}: SandboxRouter {router.key}"
                 if router.router_token_file:
@@ -102,7 +107,7 @@ class SandboxAccess:
 
     def configure(self, config: Config) -> None:
         """Routers of a (re)loaded config: their token files and the namespaces to watch."""
-        routers = {c.special.key: c.special for r in config.routes for rule in r.rules for c in rule.backends if c.special}
+        routers = config.served(SandboxRouter)
         tokens = {}
         for router in routers.values():
             if router.router_token_file:
@@ -213,14 +218,18 @@ class SandboxAccess:
         if router.resolution == "DNS":
             return self._dns_endpoint(f"{address.name}.{address.namespace}.svc.{router.cluster_domain}", port)
         assert info is not None
+        return self.pod_endpoint(info, port)
+
+    def pod_endpoint(self, info: SandboxInfo, port: int) -> Endpoint:
+        """Where a Ready sandbox's port is dialled: a pod IP, else its Service's name."""
         if not info.ready:
-            raise Refusal(503, "sandbox_not_ready", f"Sandbox {address.namespace}/{address.name} is not ready: {info.not_ready_reason}")
+            raise Refusal(503, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} is not ready: {info.not_ready_reason}")
         for ip in info.pod_ips:
             if self._dialable(ip):
                 return Endpoint(ip, port)
         if info.service_fqdn:
             return self._dns_endpoint(info.service_fqdn, port)
-        raise Refusal(503, "sandbox_not_ready", f"Sandbox {address.namespace}/{address.name} has no address yet.")
+        raise Refusal(503, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} has no address yet.")
 
     def _dns_endpoint(self, host: str, port: int) -> Endpoint:
         override = self.overrides.get(f"{host}:{port}")

@@ -19,19 +19,18 @@ from typing import TextIO
 from aiohttp import web
 
 from gateway.config.loader import LoadOptions, load_routes
-from gateway.audit import AuditLog, AuditRecord
+from gateway.audit import AuditLog
 from gateway.auth.apikeys import MissingSecret
 from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener
 from gateway.policy.loader import load_policies
 from gateway.policy.runtime import PolicyRuntime
-from gateway.kube import KubeClient, KubeError
 from gateway.routing.table import RouteTable, compile_table
-from gateway.sandbox.registry import SandboxRegistry
-from gateway.sandbox.router import SandboxAccess, router_errors
-from gateway.sandbox.terminal import Terminals, TerminalSettings
+from gateway.sandbox.router import router_errors
+from gateway.sandbox.terminal import TerminalSettings
 from gateway.server.accesslog import AccessLog
 from gateway.server.admin import make_admin_app
+from gateway.server.cluster import ClusterFeatures
 from gateway.server.handler import Gateway, Settings
 from gateway.server.logs import event
 from gateway.server.metrics import Metrics
@@ -64,6 +63,7 @@ class ServeOptions:
     access_log: TextIO | None = None  # default stdout
     kubeconfig: str | None = None  # default: in-cluster, else $KUBECONFIG or ~/.kube/config
     terminal: TerminalSettings = field(default_factory=TerminalSettings)
+    preview_timing: dict | None = None  # Previews(reap_interval=..., touch_interval=...): tests shorten them
 
 
 def parse_address(text: str, default_host: str | None = None) -> tuple[str | None, int]:
@@ -110,8 +110,7 @@ class RunningGateway:
         self.jwks_fetcher: JwksFetcher | None = None
         self.store: Store | None = None
         self.store_ok = True  # the audit spool covers outages; readiness still reports them
-        self.kube: KubeClient | None = None
-        self.sandbox_registry: SandboxRegistry | None = None
+        self.cluster: ClusterFeatures | None = None  # sandboxes and previews, when configured
 
     @property
     def table(self) -> RouteTable:
@@ -123,9 +122,8 @@ class RunningGateway:
         keys = self.gateway.policies.keys_loaded()
         details = {"routes": len(self.table.config.routes), "jwks_loaded": keys, "store_reachable": self.store_ok}
         kube_ok = True
-        if self.sandbox_registry is not None:
-            kube_ok = self.sandbox_registry.synced() and self.sandbox_registry.connected()
-            details["kubernetes_synced"] = kube_ok
+        if self.cluster is not None:
+            kube_ok, details["kubernetes"] = self.cluster.readiness()
         return self.ready and keys and self.store_ok and kube_ok, details
 
     async def _watch_store(self, interval: float = 2.0) -> None:
@@ -217,8 +215,8 @@ class RunningGateway:
             event(log, "routes not reloaded", logging.ERROR, error=str(e))
             return False
         self.gateway.table, self.gateway.policies = table, runtime  # no await between: one swap
-        if self.gateway.sandboxes is not None:
-            self.gateway.sandboxes.configure(config)
+        if self.cluster is not None:
+            self.cluster.configure(config)
         _freeze_long_lived()
         event(log, "routes reloaded", routes=len(config.routes))
         return True
@@ -244,10 +242,8 @@ class RunningGateway:
         await asyncio.gather(*(runner.cleanup() for runner in self._runners), return_exceptions=True)
         self._runners.clear()
         await self.gateway.close()
-        if self.sandbox_registry is not None:
-            await self.sandbox_registry.stop()
-        if self.kube is not None:
-            await self.kube.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.jwks_fetcher.close()
         await self.gateway.audit.stop()  # to the store, or to the spool if it is down
         await self.store.close()
@@ -298,7 +294,11 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     running.store = store
     audit.start()
     try:
-        await _start_sandboxes(running, config, audit)
+        running.cluster = await ClusterFeatures.start(
+            config, gateway, audit, store, kubeconfig=options.kubeconfig, terminal=options.terminal,
+            allow_loopback=options.settings.allow_loopback_sandboxes, overrides=options.load.overrides,
+            preview_timing=options.preview_timing,
+        )
         await running._bind(config.listeners)
         await running._start_admin()
     except BaseException:
@@ -317,40 +317,6 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
 
 def _secured(policies):
     return lambda route_key, rule_index, gateway: policies.security_for(route_key, rule_index, gateway) is not None
-
-
-async def _start_sandboxes(running: RunningGateway, config: Config, audit: AuditLog) -> None:
-    """Sandbox access when routes.yaml has a SandboxRouter: the Kubernetes connection, the
-    watches of Sandboxes and SandboxClaims, the terminals."""
-    routers = [c.special for r in config.routes for rule in r.rules for c in rule.backends if c.special]
-    if not routers:
-        return
-    options, gateway = running.options, running.gateway
-    needs_cluster = any(r.resolution == "Cluster" for r in routers)
-    try:
-        running.kube = await KubeClient.connect(options.kubeconfig)
-    except KubeError as e:
-        if needs_cluster:
-            raise StartupError(f"SandboxRouter {routers[0].key} resolves sandboxes from the cluster: {e.message}") from None
-        event(log, "no Kubernetes connection: terminals are unavailable", logging.WARNING, error=e.message)
-    loop = asyncio.get_running_loop()
-    if running.kube is not None:
-        running.sandbox_registry = SandboxRegistry(
-            running.kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name))
-        )
-
-    def record(kind: str, key: tuple, **detail) -> None:
-        identity, namespace, name = key
-        audit.record(AuditRecord(kind=kind, principal=identity, path=f"{namespace}/{name}", detail=detail))
-
-    terminals = Terminals(running.kube, options.terminal, record) if running.kube is not None else None
-    gateway.sandboxes = SandboxAccess(
-        running.sandbox_registry, terminals, audit,
-        allow_loopback=options.settings.allow_loopback_sandboxes, overrides=options.load.overrides,
-    )
-    gateway.sandboxes.configure(config)
-    if running.sandbox_registry is not None and not await running.sandbox_registry.wait_synced(5.0):
-        event(log, "sandbox state not listed yet; readiness waits for it", logging.WARNING)
 
 
 async def serve(options: ServeOptions, on_ready=None) -> None:

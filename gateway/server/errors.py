@@ -80,3 +80,9 @@ def error_response(
     response.headers["Cache-Control"] = "no-store"
     response.headers["Server"] = SERVER
     return response
+
+
+def json_response(status: int, payload: dict) -> web.Response:
+    """A JSON answer of the gateway's own API (previews, approvals): never cached."""
+    return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json",
+                        headers={"Server": SERVER, "Cache-Control": "no-store"})

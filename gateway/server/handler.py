@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.audit import AuditLog
-from gateway.config.model import Filters
+from gateway.config.model import Filters, PreviewZone
 from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
@@ -26,6 +26,9 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
+from gateway.preview.isolation import host_only_cookies, platform_cookie_names, strip_credentials
+from gateway.preview.router import PreviewRouter
+from gateway.preview.tokens import redact_host
 from gateway.sandbox.router import SandboxAccess, strip_for_sandbox
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import SERVER, error_response
@@ -85,6 +88,8 @@ class Gateway:
         self.rate_limiter = LocalRateLimiter()  # outlives reloads; buckets are keyed by policy revision
         self.sockets = websocket.OpenSockets()
         self.sandboxes: SandboxAccess | None = None  # set when a SandboxRouter is configured
+        self.previews: PreviewRouter | None = None  # set when a PreviewZone is configured
+        self._cookie_names: tuple[object, frozenset[str]] = (None, frozenset())
         self.draining = False
 
     def handler_for_port(self, port: int):
@@ -120,14 +125,14 @@ class Gateway:
         if isinstance(parsed, web.StreamResponse):
             return parsed
         host, path, query, authority = parsed
+        outcome.path = path
+        outcome.host = host
         if path.startswith(METADATA_PATH) and request.method in ("GET", "HEAD"):
             metadata = metadata_response(self.policies, path, self._origin(request))
             if metadata is not None:
                 return metadata
         headers = request.headers
         found = self.table.find(port, host, request.method, path, RequestView(headers, query))
-        outcome.path = path
-        outcome.host = host
         if found is None:
             return self._error(request, 404, "no_route", "No route matches this request.", request_id)
         outcome.route = found.route.key
@@ -145,7 +150,7 @@ class Gateway:
             result = await enforce(
                 self.policies, policy, request, route_key=found.route.key, path=path, query=query,
                 origin=self._origin(request), client_ip=client_ip, is_websocket=is_websocket,
-                request_id=request_id, host=host, metrics=self.metrics, audit=self.audit, outcome=outcome,
+                request_id=request_id, host=redact_host(host), metrics=self.metrics, audit=self.audit, outcome=outcome,
             )
             if isinstance(result, web.StreamResponse):
                 return result
@@ -164,7 +169,10 @@ class Gateway:
         upstream = choice.upstream
         sandbox = None
         if choice.special is not None:
-            sandbox = await self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id)
+            if isinstance(choice.special, PreviewZone):
+                sandbox = await self._preview(request, choice.special, found, gateway, host, path, allowed, request_id)
+            else:
+                sandbox = await self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id)
             if isinstance(sandbox, web.StreamResponse):
                 outcome.status = 101 if isinstance(sandbox, web.WebSocketResponse) else sandbox.status
                 return sandbox
@@ -175,6 +183,8 @@ class Gateway:
         )
         if sandbox is not None:
             strip_for_sandbox(out_headers)
+            if sandbox.isolate:
+                strip_credentials(out_headers, self._platform_cookies())
         traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
@@ -193,6 +203,8 @@ class Gateway:
                     response_headers[name] = value
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)
+            if sandbox is not None and sandbox.isolate:
+                host_only_cookies(response_headers)
 
         request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
         if sandbox is not None and sandbox.timeout is not None:
@@ -300,6 +312,24 @@ class Gateway:
             request_id=request_id, route_key=found.route.key,
         )
 
+    async def _preview(self, request, zone: PreviewZone, found: Candidate, gateway: str, host: str, path: str,
+                       allowed, request_id: str):
+        """A PreviewZone backend: the preview API, or a preview host's sandbox."""
+        if self.previews is None:
+            return self._error(request, 503, "previews_unavailable", "Previews are not running.", request_id)
+        token = allowed.decision.token if allowed is not None and allowed.decision is not None else None
+        return await self.previews.route(
+            request, zone, host=host, path=path, claims=token.claims if token is not None else None,
+            policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway),
+            request_id=request_id, origin=self._origin(request),
+        )
+
+    def _platform_cookies(self) -> frozenset[str]:
+        policies = self.policies
+        if self._cookie_names[0] is not policies:
+            self._cookie_names = (policies, platform_cookie_names(policies.policies))
+        return self._cookie_names[1]
+
     async def sandbox_deleted(self, namespace: str, name: str) -> None:
         """Close what still reaches a sandbox that is gone: relayed WebSockets and terminals."""
         reason = f"sandbox {namespace}/{name} was deleted"
@@ -361,7 +391,7 @@ class Gateway:
                 "remote": request.remote,
                 "client": outcome.client,
                 "method": request.method,
-                "host": outcome.host,
+                "host": redact_host(outcome.host),  # a preview host is a capability
                 "path": outcome.path,  # never the query: it can carry credentials
                 "status": outcome.status,
                 "route": route,

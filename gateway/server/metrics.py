@@ -49,6 +49,13 @@ class Metrics:
         self.audit_spooled = Counter(
             "sandgate_audit_spooled", "Audit records written to the local spool while the store was down", registry=r
         )
+        # Every replica watches the same previews: the gauge is the same on all of them ("max").
+        self.previews_active = Gauge(
+            "sandgate_previews_active", "Previews with a live HTTPRoute", registry=r, multiprocess_mode="max"
+        )
+        self.previews_reaped = Counter(
+            "sandgate_previews_reaped", "Previews deleted by the reaper", ["reason"], registry=r
+        )
         self._request_children: dict[tuple[str, str, int], object] = {}
         self._duration_children: dict[str, object] = {}
         self._decision_children: dict[tuple, object] = {}

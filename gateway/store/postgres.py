@@ -9,6 +9,7 @@ import asyncpg
 
 from gateway.audit.record import EPOCH, AuditRecord
 from gateway.store import schema
+from gateway.store.approvals_postgres import PostgresApprovals
 from gateway.store.base import ApiKeyRecord, Store
 from gateway.store.query import (
     API_KEY_COLUMNS, AUDIT_COLUMNS, api_key_from_row, audit_from_row, audit_row, audit_where, dumps,
@@ -44,7 +45,7 @@ def _placeholder(n: int) -> str:
     return f"${n}"
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresApprovals, Store):
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool
 

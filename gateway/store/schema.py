@@ -28,6 +28,23 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             expires_at {time},
             revoked_at {time})""",
     )),
+    (2, (
+        """CREATE TABLE preview_approvals (
+            id text PRIMARY KEY,
+            zone text NOT NULL,
+            namespace text NOT NULL,
+            sandbox text NOT NULL,
+            port integer NOT NULL,
+            requested_by text NOT NULL,
+            status text NOT NULL,
+            created_at {time} NOT NULL,
+            expires_at {time} NOT NULL,
+            decided_by text,
+            decided_at {time},
+            preview_token text,
+            error text)""",
+        "CREATE INDEX preview_approvals_status ON preview_approvals (status, created_at)",
+    )),
 )
 
 
@@ -36,3 +53,6 @@ def pending(current: int, types: Mapping[str, str]) -> Iterator[tuple[int, list[
     for version, statements in _MIGRATIONS:
         if version > current:
             yield version, [sql.format(**types) for sql in statements]
+
+
+VERSIONS = tuple(version for version, _ in _MIGRATIONS)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence, TypeVar
 
 from gateway.audit.record import EPOCH, AuditRecord
 from gateway.store import schema
+from gateway.store.approvals_sqlite import SqliteApprovals
 from gateway.store.base import ApiKeyRecord, Store
 from gateway.store.query import (
     API_KEY_COLUMNS, AUDIT_COLUMNS, api_key_from_row, audit_from_row, audit_row, audit_where, dumps,
@@ -66,7 +67,7 @@ def _placeholder(n: int) -> str:
     return "?"
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteApprovals, Store):
     def __init__(self, conn: sqlite3.Connection):
         self._conn = conn
         self._lock = threading.Lock()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 
 from tests.support.issuer import Issuer
+from tests.support.kubeapi import running_kube_api
 from tests.support.mcp_upstream import RecordingASGI, make_mcp_app, serve_asgi
 from tests.support.recording import Recorded, start_recording_echo
+from tests.support.sandboxes import SandboxWorld
 
 
 @pytest.fixture
@@ -40,3 +42,10 @@ async def recording_mcp():
     async with serve_asgi(app) as port:
         app.port = port
         yield app
+
+
+@pytest.fixture
+async def world(tmp_path, aiohttp_server):
+    """Sandboxes in the Kubernetes API double, each with a real app on its own pod IP."""
+    async with running_kube_api(tmp_path) as kube:
+        yield SandboxWorld(kube, aiohttp_server)

@@ -29,6 +29,7 @@ async def running_gateway(
     database_url: str | None = None,
     kubeconfig: str | Path | None = None,
     terminal: TerminalSettings | None = None,
+    preview_timing: dict | None = None,
 ):
     """The gateway on `routes_yaml`, its store at `database_url` (PostgreSQL) or embedded in tmp_path/"data"."""
     routes = tmp_path / "routes.yaml"
@@ -53,6 +54,7 @@ async def running_gateway(
         access_log=log,
         kubeconfig=str(kubeconfig) if kubeconfig is not None else None,
         terminal=terminal or TerminalSettings(),
+        preview_timing=preview_timing,
     )
     running = await start_gateway(options)
     running.log_buffer = log

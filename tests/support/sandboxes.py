@@ -5,6 +5,7 @@ address (127.0.0.N), which is the "pod IP" the Sandbox's status reports.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from datetime import datetime, timezone
 
@@ -53,7 +54,12 @@ def claim_object(namespace: str, name: str, *, labels: dict | None = None, annot
     return {"apiVersion": CLAIM_API, "kind": "SandboxClaim", "metadata": metadata, "spec": {"warmPoolRef": {"name": "python"}}}
 
 
-def ready_status(ip: str | None, *, ready: bool = True, service_fqdn: str | None = None) -> dict:
+def pod_selector(name: str) -> str:
+    """The label selector agent-sandbox reports in status.selector: its pod's name hash."""
+    return f"agents.x-k8s.io/sandbox-name-hash={hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def ready_status(ip: str | None, *, ready: bool = True, service_fqdn: str | None = None, selector: str | None = None) -> dict:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     status: dict = {"conditions": [{
         "type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now,
@@ -64,6 +70,8 @@ def ready_status(ip: str | None, *, ready: bool = True, service_fqdn: str | None
         status["podIPs"] = [ip]
     if service_fqdn:
         status["serviceFQDN"] = service_fqdn
+    if selector:
+        status["selector"] = selector
     return status
 
 
@@ -107,7 +115,7 @@ class SandboxWorld:
             self.api.create(sandbox_object(namespace, name, owner_claim=claim))
         else:
             self.api.create(sandbox_object(namespace, name, annotations=annotations))
-        self.api.set_status(SANDBOX_API, "Sandbox", namespace, name, ready_status(ip, ready=ready))
+        self.api.set_status(SANDBOX_API, "Sandbox", namespace, name, ready_status(ip, ready=ready, selector=pod_selector(name)))
         if with_pod:
             self.api.create(pod_object(namespace, name, ip))
             self.api.set_status("v1", "Pod", namespace, name, {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]})

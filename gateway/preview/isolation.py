@@ -1,0 +1,42 @@
+"""What separates a preview from the platform (SPEC §5): a preview is someone's code on its own
+host, so it never receives the platform's credentials, and the cookies it sets stay on its host.
+"""
+
+from __future__ import annotations
+
+from gateway.policy.loader import PolicySet
+
+
+def platform_cookie_names(policies: PolicySet) -> frozenset[str]:
+    """Cookies the platform's policies read credentials from: never forwarded to a preview."""
+    names: set[str] = set()
+    for policy in policies.security:
+        if policy.jwt is not None:
+            for provider in policy.jwt.providers:
+                names.update(provider.source.cookies)
+        if policy.api_key is not None:
+            names.update(policy.api_key.cookies)
+    return frozenset(names)
+
+
+def strip_credentials(headers, cookie_names: frozenset[str]) -> None:
+    headers.popall("Authorization", None)
+    headers.popall("Proxy-Authorization", None)
+    cookies = headers.popall("Cookie", None)
+    if not cookies:
+        return
+    kept = [
+        pair.strip() for value in cookies for pair in value.split(";")
+        if pair.strip() and pair.split("=", 1)[0].strip() not in cookie_names
+    ]
+    if kept:
+        headers["Cookie"] = "; ".join(kept)
+
+
+def host_only_cookies(headers) -> None:
+    """Drop the Domain attribute of every Set-Cookie: a preview could otherwise set a cookie for
+    the whole zone (its sibling previews) or the platform's parent domain."""
+    values = headers.popall("Set-Cookie", None)
+    for value in values or ():
+        parts = [p for p in value.split(";") if p.split("=", 1)[0].strip().lower() != "domain"]
+        headers.add("Set-Cookie", ";".join(parts))

@@ -1,0 +1,163 @@
+"""The Kubernetes objects behind a preview (SPEC §5), and a preview read back from them.
+
+In the sandbox's namespace: a ClusterIP Service `preview-{token}` selecting exactly the
+sandbox's pod, and an HTTPRoute `preview-{token}` on the zone's Gateway with the preview host
+and one rule to that Service. Both carry the same labels and annotations and are owned by the
+Sandbox, so deleting the sandbox deletes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from yarl import URL
+
+from gateway.config.model import PreviewZone
+from gateway.kube import HTTPROUTE, SANDBOX
+from gateway.preview.tokens import host_for, object_name
+
+LABEL_PREVIEW = "sandgate.dev/preview"
+LABEL_SANDBOX = "sandgate.dev/sandbox"
+OWNER = "sandgate.dev/owner"
+PORT = "sandgate.dev/port"
+CREATED_AT = "sandgate.dev/created-at"
+EXPIRES_AT = "sandgate.dev/expires-at"
+MAX_UNTIL = "sandgate.dev/max-until"
+SELECTOR = f"{LABEL_PREVIEW}=true"
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC with milliseconds: short test TTLs must not be rounded away."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_rfc3339(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Preview:
+    token: str
+    namespace: str
+    sandbox: str
+    port: int
+    host: str
+    owner: str
+    created_at: datetime
+    expires_at: datetime
+    max_until: datetime
+    uid: str = ""  # the HTTPRoute's
+
+    def as_json(self, origin: str) -> dict:
+        return {
+            "token": self.token,
+            "url": preview_url(self, origin),
+            "namespace": self.namespace,
+            "sandbox": self.sandbox,
+            "port": self.port,
+            "owner": self.owner,
+            "created_at": rfc3339(self.created_at),
+            "expires_at": rfc3339(self.expires_at),
+            "max_until": rfc3339(self.max_until),
+        }
+
+
+def preview_url(preview: Preview, origin: str) -> str:
+    """The preview's URL with the scheme and port clients reach the gateway on (the public
+    origin's): preview hosts are served by the same listeners."""
+    url = URL(origin)
+    port = "" if url.port is None or url.port == {"http": 80, "https": 443}.get(url.scheme) else f":{url.port}"
+    return f"{url.scheme}://{preview.host}{port}/"
+
+
+def created_view(preview: Preview, origin: str) -> dict:
+    """The 201 body of a create (SPEC §5)."""
+    full = preview.as_json(origin)
+    return {k: full[k] for k in ("token", "url", "expires_at", "max_until")}
+
+
+def metadata(preview: Preview, sandbox_uid: str) -> dict:
+    return {
+        "name": object_name(preview.token),
+        "namespace": preview.namespace,
+        "labels": {LABEL_PREVIEW: "true", LABEL_SANDBOX: preview.sandbox},
+        "annotations": {
+            OWNER: preview.owner,
+            PORT: str(preview.port),
+            CREATED_AT: rfc3339(preview.created_at),
+            EXPIRES_AT: rfc3339(preview.expires_at),
+            MAX_UNTIL: rfc3339(preview.max_until),
+        },
+        "ownerReferences": [{
+            "apiVersion": SANDBOX.api_version, "kind": SANDBOX.kind, "name": preview.sandbox, "uid": sandbox_uid,
+            "blockOwnerDeletion": False,
+        }],
+    }
+
+
+def service(preview: Preview, sandbox_uid: str, pod_selector: dict[str, str]) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(preview, sandbox_uid),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": dict(pod_selector),
+            "ports": [{"name": "http", "protocol": "TCP", "port": preview.port, "targetPort": preview.port}],
+        },
+    }
+
+
+def httproute(preview: Preview, sandbox_uid: str, zone: PreviewZone) -> dict:
+    parent = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": zone.gateway_name,
+              "namespace": zone.gateway_namespace}
+    if zone.section_name:
+        parent["sectionName"] = zone.section_name
+    return {
+        "apiVersion": HTTPROUTE.api_version,
+        "kind": HTTPROUTE.kind,
+        "metadata": metadata(preview, sandbox_uid),
+        "spec": {
+            "parentRefs": [parent],
+            "hostnames": [preview.host],
+            "rules": [{
+                "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                "backendRefs": [{"group": "", "kind": "Service", "name": object_name(preview.token), "port": preview.port}],
+            }],
+        },
+    }
+
+
+def from_httproute(route: dict) -> Preview | None:
+    """The preview an HTTPRoute stands for; None for one that is not a well-formed preview."""
+    meta = route.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    labels = meta.get("labels") or {}
+    name = meta.get("name", "")
+    hosts = (route.get("spec") or {}).get("hostnames") or []
+    if labels.get(LABEL_PREVIEW) != "true" or not name.startswith("preview-") or len(hosts) != 1:
+        return None
+    try:
+        return Preview(
+            token=name[len("preview-"):],
+            namespace=meta.get("namespace", ""),
+            sandbox=labels[LABEL_SANDBOX],
+            port=int(annotations[PORT]),
+            host=hosts[0].lower(),
+            owner=annotations.get(OWNER, ""),
+            created_at=parse_rfc3339(annotations[CREATED_AT]),
+            expires_at=parse_rfc3339(annotations[EXPIRES_AT]),
+            max_until=parse_rfc3339(annotations[MAX_UNTIL]),
+            uid=meta.get("uid", ""),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def new_preview(token: str, namespace: str, sandbox: str, port: int, owner: str, zone: PreviewZone, now: datetime) -> Preview:
+    max_until = now + timedelta(seconds=zone.max_lifetime)
+    return Preview(
+        token=token, namespace=namespace, sandbox=sandbox, port=port, host=host_for(token, zone.zone), owner=owner,
+        created_at=now, expires_at=min(now + timedelta(seconds=zone.idle_ttl), max_until), max_until=max_until,
+    )

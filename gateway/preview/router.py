@@ -1,0 +1,33 @@
+"""A PreviewZone backend: the preview API on the platform's host, preview hosts themselves."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from aiohttp import web
+
+from gateway.config.model import PreviewZone
+from gateway.policy.model import SandboxPolicy
+from gateway.preview.api import PreviewApi, is_api_path
+from gateway.preview.service import Previews
+from gateway.preview.tokens import token_from_host
+from gateway.sandbox.router import Refusal, SandboxTarget, refusal_response
+
+
+class PreviewRouter:
+    def __init__(self, previews: Previews, api: PreviewApi):
+        self.previews = previews
+        self.api = api
+
+    async def route(self, request: web.BaseRequest, zone: PreviewZone, *, host: str, path: str,
+                    claims: Mapping | None, policy: SandboxPolicy | None, request_id: str,
+                    origin: str) -> SandboxTarget | web.StreamResponse:
+        try:
+            token = token_from_host(host, zone.zone)
+            if token is not None:  # every path of a preview host is the sandbox app's, the API's too
+                return await self.previews.target(zone, host, token, path, claims, policy)
+            if is_api_path(path):
+                return await self.api.handle(request, zone, path, claims, policy, origin)
+            raise Refusal(404, "preview_not_found", "No preview at this host.")
+        except Refusal as refusal:
+            return refusal_response(refusal, request, request_id)

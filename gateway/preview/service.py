@@ -1,0 +1,229 @@
+"""Previews (SPEC §5): create, serve, keep alive, delete and reap.
+
+Cluster state is the truth: a preview exists while its HTTPRoute does, and every decision about
+its lifetime reads the annotations on it. Any number of replicas can therefore create, extend
+and reap previews without talking to each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+from gateway.audit import AuditLog, AuditRecord
+from gateway.config.model import PreviewZone, Upstream
+from gateway.kube import HTTPROUTE, SERVICE, KubeClient, KubeError
+from gateway.policy.model import SandboxPolicy
+from gateway.preview import objects
+from gateway.preview.objects import Preview
+from gateway.preview.table import PreviewTable
+from gateway.preview.tokens import fingerprint, new_token, object_name
+from gateway.sandbox.access import DEFAULT_POLICY, relation
+from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
+from gateway.sandbox.router import Refusal, SandboxAccess, SandboxTarget
+
+log = logging.getLogger("sandgate.preview")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Previews:
+    def __init__(self, kube: KubeClient, table: PreviewTable, registry: SandboxRegistry, sandboxes: SandboxAccess,
+                 audit: AuditLog, *, on_reaped: Callable[[str], None] = lambda reason: None,
+                 reap_interval: float = 30.0, touch_interval: float = 60.0):
+        self.kube = kube
+        self.table = table
+        self.registry = registry
+        self.sandboxes = sandboxes
+        self.audit = audit
+        self.on_reaped = on_reaped
+        self.reap_interval = reap_interval
+        self.touch_interval = touch_interval
+        self._extending: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._reaper, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._reaper = None
+
+    # --- serving ----------------------------------------------------------------------------
+
+    async def target(self, zone: PreviewZone, host: str, token: str, path: str, claims, policy: SandboxPolicy | None) -> SandboxTarget:
+        preview = await self.table.lookup(host, token)
+        now = utcnow()
+        if preview is None or now >= preview.expires_at or now >= preview.max_until:
+            raise Refusal(404, "preview_not_found", "No preview at this host.")
+        info = self.registry.find(preview.namespace, preview.sandbox)
+        if info is None:
+            raise Refusal(404, "preview_not_found", "No preview at this host.")
+        if zone.access_mode == "owner":
+            if claims is None:
+                raise Refusal(401, "unauthorized", "Sign in to open this preview.", {"WWW-Authenticate": 'Bearer realm="sandgate"'})
+            if relation(info, claims, policy or DEFAULT_POLICY) is None:
+                raise Refusal(404, "preview_not_found", "No preview at this host.")
+        endpoint = self.sandboxes.pod_endpoint(info, preview.port)
+        self.touch(preview, zone, now)
+        upstream = Upstream(f"Preview {fingerprint(preview.token)}", (endpoint,))
+        return SandboxTarget(upstream, path, None, ("sandbox", preview.namespace, preview.sandbox), isolate=True)
+
+    def touch(self, preview: Preview, zone: PreviewZone, now: datetime) -> None:
+        """Real traffic extends the idle TTL; at most one API write per preview per
+        `touch_interval`, judged on the expiry the cluster holds, so replicas agree."""
+        wanted = min(now + timedelta(seconds=zone.idle_ttl), preview.max_until)
+        interval = min(self.touch_interval, zone.idle_ttl / 2)
+        if (wanted - preview.expires_at).total_seconds() < interval or preview.token in self._extending:
+            return
+        self._extending.add(preview.token)
+        self._spawn(self._extend(preview, wanted, event=None))
+
+    async def _extend(self, preview: Preview, expires: datetime, event: str | None) -> Preview:
+        try:
+            patch = {"metadata": {"annotations": {objects.EXPIRES_AT: objects.rfc3339(expires)}}}
+            await self.kube.merge_patch(HTTPROUTE, preview.namespace, object_name(preview.token), patch)
+            extended = replace(preview, expires_at=expires)
+            self.table.put(extended)
+            if event:
+                self._record(event, extended)
+            return extended
+        except KubeError as e:
+            log.warning("preview %s: could not extend: %s", fingerprint(preview.token), e)
+            raise
+        finally:
+            self._extending.discard(preview.token)
+
+    # --- the API's operations -----------------------------------------------------------------
+
+    def sandbox_for(self, namespace: str, name: str, claims, policy: SandboxPolicy | None) -> SandboxInfo:
+        """The sandbox the caller may reach, else Refusal(404)."""
+        info = self.registry.find(namespace, name)
+        if info is None or claims is None or relation(info, claims, policy or DEFAULT_POLICY) is None:
+            raise Refusal(404, "sandbox_not_found", f"No sandbox {name} in namespace {namespace}.")
+        return info
+
+    def check_request(self, info: SandboxInfo, port: int, policy: SandboxPolicy | None) -> None:
+        """Refusal when the policy's limits forbid a new preview of this sandbox's port."""
+        policy = policy or DEFAULT_POLICY
+        low, high = policy.preview_ports
+        if not low <= port <= high:
+            raise Refusal(400, "port_not_allowed", f"Previews are allowed for ports {low}-{high} only.")
+        if not info.ready:
+            raise Refusal(409, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} is not ready: {info.not_ready_reason}")
+        per_sandbox = policy.preview_max_per_sandbox
+        if per_sandbox is not None and self.table.count(info.namespace, info.name) >= per_sandbox:
+            raise Refusal(429, "preview_limit", f"Sandbox {info.name} already has {per_sandbox} previews.")
+        total = policy.preview_max_total
+        if total is not None and self.table.count() >= total:
+            raise Refusal(429, "preview_limit", f"The limit of {total} open previews is reached.")
+
+    async def create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str) -> Preview:
+        """Service first, then HTTPRoute; when the HTTPRoute cannot be created the Service is
+        deleted again, so a failure leaves nothing behind."""
+        if not info.pod_selector:
+            raise Refusal(409, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} has no pod selector yet.")
+        preview = objects.new_preview(new_token(), info.namespace, info.name, port, owner, zone, utcnow())
+        name = object_name(preview.token)
+        try:
+            await self.kube.create(SERVICE, info.namespace, objects.service(preview, info.uid, dict(info.pod_selector)))
+        except KubeError as e:
+            raise Refusal(502, "preview_not_created", f"The preview's Service could not be created ({e.status} {e.reason}).") from None
+        try:
+            route = await self.kube.create(HTTPROUTE, info.namespace, objects.httproute(preview, info.uid, zone))
+        except KubeError as e:
+            try:
+                await self.kube.delete(SERVICE, info.namespace, name)
+            except KubeError as rollback:
+                log.error("preview %s: Service left behind after a failed HTTPRoute: %s", fingerprint(preview.token), rollback)
+            raise Refusal(502, "preview_not_created", f"The preview's HTTPRoute could not be created ({e.status} {e.reason}).") from None
+        preview = replace(preview, uid=(route.get("metadata") or {}).get("uid", ""))
+        self.table.put(preview)  # served at once on this replica; others learn it from the watch
+        self._record("preview.created", preview)
+        return preview
+
+    async def keepalive(self, preview: Preview, zone: PreviewZone) -> Preview:
+        expires = min(utcnow() + timedelta(seconds=zone.idle_ttl), preview.max_until)
+        try:
+            return await self._extend(preview, expires, event="preview.kept_alive")
+        except KubeError as e:
+            raise Refusal(502, "preview_not_updated", f"The preview could not be extended ({e.status} {e.reason}).") from None
+
+    async def delete(self, preview: Preview, *, event: str = "preview.deleted", reason: str | None = None) -> bool:
+        """Delete the HTTPRoute (only this incarnation) and the Service; True when this call
+        deleted it, False when someone else already had."""
+        try:
+            deleted = await self.kube.delete(HTTPROUTE, preview.namespace, object_name(preview.token), uid=preview.uid or None)
+            await self.kube.delete(SERVICE, preview.namespace, object_name(preview.token))
+        except KubeError as e:
+            raise Refusal(502, "preview_not_deleted", f"The preview could not be deleted ({e.status} {e.reason}).") from None
+        self.table.forget(preview)
+        if deleted:
+            self._record(event, preview, reason=reason)
+        return deleted
+
+    # --- the reaper -------------------------------------------------------------------------------
+
+    async def reap_once(self) -> dict[str, int]:
+        """Delete expired previews and those whose sandbox is gone; counts by reason of the
+        ones this replica deleted (another reaper may have deleted the rest)."""
+        now = utcnow()
+        reaped: dict[str, int] = {}
+        for preview in self.table.previews():
+            reason = self._reap_reason(preview, now)
+            if reason is None:
+                continue
+            try:
+                if await self.delete(preview, event="preview.reaped", reason=reason):
+                    reaped[reason] = reaped.get(reason, 0) + 1
+                    self.on_reaped(reason)
+            except Refusal as e:
+                log.warning("preview %s: not reaped: %s", fingerprint(preview.token), e.message)
+        return reaped
+
+    def _reap_reason(self, preview: Preview, now: datetime) -> str | None:
+        if now >= preview.max_until:
+            return "max-lifetime"
+        if now >= preview.expires_at:
+            return "idle"
+        if self.registry.synced() and preview.namespace in self.registry.namespaces \
+                and self.registry.find(preview.namespace, preview.sandbox) is None:
+            return "sandbox-gone"
+        return None
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            try:
+                await self.reap_once()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one bad round
+                log.exception("preview reaper round failed")
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def _record(self, kind: str, preview: Preview, **detail) -> None:
+        self.audit.record(AuditRecord(
+            kind=kind, principal=preview.owner or None, path=f"{preview.namespace}/{preview.sandbox}",
+            detail={"preview": fingerprint(preview.token), "port": preview.port,
+                    **{k: v for k, v in detail.items() if v is not None}},
+        ))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # already logged in _extend; retrieved so asyncio does not warn

@@ -1,0 +1,87 @@
+"""The approval gate (SPEC §5): manual mode returns 202, a long poll on one replica is woken by a
+decision on another through PostgreSQL notifications, denials and lapsed requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+from gateway.server.handler import Settings
+from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
+from tests.support.harness import running_gateway
+from tests.support.issuer import claims
+from tests.support.policy_harness import wait_for
+from tests.support.postgres import fresh_database
+from tests.support.previews import api, host_of, preview_policies, preview_routes, via_host
+
+
+LOOPBACK = Settings(allow_loopback_sandboxes=True)
+
+
+def replica(tmp_path, name, world, issuer, database_url=None, routes=None):
+    directory = tmp_path / name
+    directory.mkdir()
+    return running_gateway(directory, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                           policies_yaml=preview_policies(issuer, approval="manual"), database_url=database_url)
+
+
+def user(issuer, sub, *groups):
+    return issuer.mint(claims(sub=sub, groups=list(groups)))
+
+
+async def test_approval_on_one_replica_wakes_the_waiter_on_the_other(tmp_path, world, issuer):
+    agent, alice = user(issuer, "agent-7"), user(issuer, "alice@example.com")
+    # the agent may ask because the sandbox is shared with it; only the owner (or an admin) decides
+    _, port = await world.add("agents", "box-2", owner="alice@example.com", shared_with="agent-7")
+    async with fresh_database() as database_url, \
+            replica(tmp_path, "one", world, issuer, database_url) as one, \
+            replica(tmp_path, "two", world, issuer, database_url) as two:
+        status, pending = await api(one, "POST", "/gateway/v1/previews", agent, {"namespace": "agents", "sandbox": "box-2", "port": port})
+        assert status == 202, pending
+        assert pending["status"] == "pending" and pending["poll"].endswith(f"/gateway/v1/approvals/{pending['approval_id']}?wait=30s")
+        approval = f"/gateway/v1/approvals/{pending['approval_id']}"
+
+        listed = await api(two, "GET", "/gateway/v1/approvals?status=pending", alice)
+        assert [a["approval_id"] for a in listed[1]["approvals"]] == [pending["approval_id"]]
+        shared_may_not_decide = await api(two, "POST", approval, agent, {"decision": "approve"})
+        assert shared_may_not_decide[0] == 403
+
+        started = time.monotonic()
+        waiter = asyncio.create_task(api(one, "GET", approval + "?wait=20s", agent))
+        await asyncio.sleep(0.5)
+        assert not waiter.done()
+        decided = await api(two, "POST", approval, alice, {"decision": "approve"})
+        status, result = await asyncio.wait_for(waiter, 5)
+        woke_after = time.monotonic() - started
+        again = await api(two, "POST", approval, alice, {"decision": "deny"})
+        served = await via_host(two, host_of(result["preview"]))
+    assert decided[0] == 200 and decided[1]["status"] == "approved"
+    assert status == 200 and result["status"] == "approved" and result["decided_by"] == "alice@example.com"
+    assert woke_after < 2.0  # woken by the notification, not by the end of the wait
+    assert again[0] == 409
+    assert served[0] == 200 and served[2]["backend"] == "agents/box-2"
+
+
+async def test_denied_and_lapsed_requests(tmp_path, world, issuer):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    alice, admin = user(issuer, "alice@example.com"), user(issuer, "root", "platform-admins")
+    async with replica(tmp_path, "one", world, issuer, routes=preview_routes(approval_window="1s")) as gw:
+        _, first = await api(gw, "POST", "/gateway/v1/previews", alice, {"namespace": "agents", "sandbox": "box-1", "port": port})
+        denied = await api(gw, "POST", f"/gateway/v1/approvals/{first['approval_id']}", admin, {"decision": "deny"})
+        _, second = await api(gw, "POST", "/gateway/v1/previews", alice, {"namespace": "agents", "sandbox": "box-1", "port": port})
+        lapsed = await api(gw, "GET", f"/gateway/v1/approvals/{second['approval_id']}?wait=5s", alice)
+        stranger = await api(gw, "GET", f"/gateway/v1/approvals/{second['approval_id']}", user(issuer, "mallory"))
+        late = await api(gw, "POST", f"/gateway/v1/approvals/{second['approval_id']}", alice, {"decision": "approve"})
+        routes = world.api.list("gateway.networking.k8s.io/v1", "HTTPRoute", "agents")
+
+        async def audited():
+            kinds = {r.kind for r in await gw.store.list_audit(limit=50)}
+            return {"preview.requested", "preview.denied", "preview.approval_expired"} <= kinds
+
+        assert await wait_for(audited, timeout=5)
+    assert denied[0] == 200 and denied[1]["status"] == "denied"
+    assert lapsed[0] == 200 and lapsed[1]["status"] == "expired"
+    assert stranger[0] == 404
+    assert late[0] == 409
+    assert routes == []
