@@ -1,24 +1,30 @@
 """The benchmark's cases and the processes they start. A new case is one row in CASES: a
 name, a setup that starts (or reuses, through `Bench.shared`) what it needs and returns the
-URL to load, and the load that measures it. RATIOS lists the comparisons the report prints."""
+URL to load (or a `Target`: the URL and headers), the load that measures it, and one line
+for `--help`. RATIOS lists the comparisons the report prints."""
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from harness import (BENCH_DIR, REPO_DIR, Bench, BearerToken, CaseError, Skip, WsEcho, Wrk, accepts, answers_200,
-                     find_tool, free_port, http_status)
+from cluster import (NAMESPACE, SANDBOX, ZONE, KubeWorld, kube_api, kube_args, preview_policies_yaml,
+                     preview_routes_yaml, sandbox_routes_yaml)
+from harness import (BENCH_DIR, Bench, BearerToken, CaseError, RouterSecret, Skip, Target, WsEcho, Wrk, accepts,
+                     answers_200, checkout_env, find_tool, free_port, http_get)
 
 BODY_BYTES = 200
+ORIGIN_BODY = b"x" * BODY_BYTES
 SANDGATE_READY_TIMEOUT = 20.0
+# Listing 10,000 preview HTTPRoutes from the double takes a few seconds more than a plain start.
+SANDGATE_CLUSTER_READY_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    setup: Callable[[Bench], str]  # starts or reuses its processes; returns the URL to load
+    setup: Callable[[Bench], "str | Target"]  # starts or reuses its processes; returns what to load
     load: Wrk | WsEcho
+    about: str = ""  # one line for --help
 
 
 @dataclass(frozen=True)
@@ -118,36 +124,42 @@ def bare_proxy(bench: Bench, name: str, upstream: str) -> str:
     return bench.shared(name, start)
 
 
+@dataclass(frozen=True)
+class Sandgate:
+    url: str  # the public listener
+    admin: str  # /readyz, /metrics
+
+
+def start_sandgate(bench: Bench, name: str, routes: str, policies_yaml: str | None = None, *,
+                   args: tuple[str, ...] = (), ready_timeout: float = SANDGATE_READY_TIMEOUT) -> Sandgate:
+    """`sandgate serve` on the proxy CPU with `routes` as its routes file and `policies_yaml` in
+    its --policies directory (empty without it), ready once /readyz answers 200 (with a
+    Kubernetes connection: once sandboxes and previews are listed)."""
+    run_dir = bench.workdir / name
+    policies = run_dir / "policies"
+    policies.mkdir(parents=True, exist_ok=True)
+    if policies_yaml:
+        (policies / "policies.yaml").write_text(policies_yaml)
+    routes_file = run_dir / "routes.yaml"
+    routes_file.write_text(routes)
+    port, admin = free_port(), free_port()
+    # The access log (stdout) goes to a file: writing it is part of the measured cost. The
+    # embedded store (the audit log of policy decisions) lives in the run's scratch directory.
+    bench.procs.start_python(
+        name, ["-m", "gateway", "serve", f"--routes={routes_file}", f"--policies={policies}",
+               f"--listen=127.0.0.1:{port}", f"--admin=127.0.0.1:{admin}", f"--data-dir={run_dir / 'data'}", *args],
+        bench.cpus.proxy, stdout=run_dir / "access.log", cwd=run_dir, env=checkout_env())
+    bench.procs.wait_ready(name, lambda: answers_200(f"http://127.0.0.1:{admin}/readyz"), ready_timeout)
+    return Sandgate(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
+
+
 def sandgate(bench: Bench, name: str, extra_routes: int, policies_yaml: str | None = None) -> str:
     """`sandgate serve` on a generated routes file: `/` goes to the HTTP origin, `/ws` to the
-    echo origin, plus `extra_routes` routes that the benchmarked requests never match; its
-    --policies directory holds `policies_yaml` (empty without it)."""
-    def start() -> str:
-        run_dir = bench.workdir / name
-        policies = run_dir / "policies"
-        policies.mkdir(parents=True)
-        if policies_yaml:
-            (policies / "policies.yaml").write_text(policies_yaml)
-        routes = run_dir / "routes.yaml"
-        routes.write_text(routes_yaml(urlsplit(origin(bench)).port, urlsplit(aiohttp_origin(bench)).port,
-                                      extra_routes))
-        port, admin = free_port(), free_port()
-        # The access log (stdout) goes to a file: writing it is part of the measured cost. The
-        # embedded store (the audit log of policy decisions) lives in the run's scratch directory.
-        bench.procs.start_python(
-            name, ["-m", "gateway", "serve", f"--routes={routes}", f"--policies={policies}",
-                   f"--listen=127.0.0.1:{port}", f"--admin=127.0.0.1:{admin}", f"--data-dir={run_dir / 'data'}"],
-            bench.cpus.proxy, stdout=run_dir / "access.log", cwd=run_dir, env=sandgate_env())
-        bench.procs.wait_ready(name, lambda: answers_200(f"http://127.0.0.1:{admin}/readyz"),
-                               SANDGATE_READY_TIMEOUT)
-        return f"http://127.0.0.1:{port}"
-    return bench.shared(name, start)
-
-
-def sandgate_env() -> dict[str, str]:
-    """This checkout's gateway, configured by its flags alone (no SANDGATE_* from the shell)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDGATE_")}
-    return env | {"PYTHONPATH": str(REPO_DIR)}
+    echo origin, plus `extra_routes` routes that the benchmarked requests never match."""
+    def start() -> Sandgate:
+        routes = routes_yaml(urlsplit(origin(bench)).port, urlsplit(aiohttp_origin(bench)).port, extra_routes)
+        return start_sandgate(bench, name, routes, policies_yaml)
+    return bench.shared(name, start).url
 
 
 GATEWAY = """\
@@ -235,13 +247,80 @@ def sandgate_jwt(bench: Bench) -> str:
     policy = JWT_POLICY.format(issuer=BEARER.issuer, audience=BEARER.audience, scope=BEARER.scope,
                                jwks=BEARER.jwks)
     url = sandgate(bench, "sandgate-jwt", extra_routes=0, policies_yaml=policy) + "/"
-    try:
-        status = http_status(url, timeout=5)
-    except OSError as e:
-        raise CaseError(f"GET {url} without a token failed: {e}") from None
-    if status != 401:
-        raise CaseError(f"GET {url} without a token answered {status}, not 401: the policy is not enforced")
+    expect(url, {}, 401, "without a token", "the policy is not enforced")
     return url
+
+
+def expect(url: str, headers: dict[str, str], status: int, what: str, otherwise: str) -> bytes:
+    """A GET that must answer `status` (before a case is measured); its body."""
+    try:
+        answered, body = http_get(url, timeout=5, headers=headers)
+    except OSError as e:
+        raise CaseError(f"GET {url} {what} failed: {e}") from None
+    if answered != status:
+        raise CaseError(f"GET {url} {what} answered {answered}, not {status}: {otherwise}")
+    return body
+
+
+def expect_origin(url: str, headers: dict[str, str], what: str) -> None:
+    """A 200 with the origin's body: the request reached the origin, not some other answer."""
+    if expect(url, headers, 200, what, "not routed to the origin") != ORIGIN_BODY:
+        raise CaseError(f"GET {url} {what} answered 200, but not with the origin's body")
+
+
+# --- the Kubernetes cases: a SandboxRouter and a PreviewZone against the API double ----------
+
+ROUTER_SECRET = RouterSecret()
+
+
+def sandgate_sandbox(bench: Bench) -> Target:
+    """sandgate with one SandboxRouter (Cluster resolution, routerTokenFile) behind the
+    header-routed rule; the API double's sandbox `sandboxes/bench` has the origin as its pod.
+    Without the router token a request must get 401, with it the origin's 200."""
+    origin_port = urlsplit(origin(bench)).port
+    world = kube_api(bench, previews=0, origin_port=origin_port)
+
+    def start() -> Sandgate:
+        token_file = bench.workdir / "sandgate-sandbox" / "router-token"
+        token_file.parent.mkdir(parents=True)
+        token_file.touch(mode=0o600)
+        token_file.write_text(ROUTER_SECRET.token + "\n")
+        return start_sandgate(bench, "sandgate-sandbox", sandbox_routes_yaml(token_file), args=kube_args(world),
+                              ready_timeout=SANDGATE_CLUSTER_READY_TIMEOUT)
+
+    url = bench.shared("sandgate-sandbox", start).url + "/"
+    headers = (("X-Sandbox-ID", SANDBOX), ("X-Sandbox-Port", str(origin_port)))
+    expect(url, dict(headers), 401, "without the router token", "the router token is not checked")
+    expect_origin(url, ROUTER_SECRET.headers | dict(headers), f"to sandbox {NAMESPACE}/{SANDBOX}")
+    return Target(url, headers)
+
+
+def sandgate_preview(bench: Bench, name: str, previews: int) -> Target:
+    """sandgate with a PreviewZone whose namespace holds `previews` previews of the origin's
+    port (created in the API double before the gateway starts, so its watch lists them all);
+    the load goes to one of them by its host. The gateway must report `previews` active
+    previews, serve that host from the origin, and answer 404 for another token's host."""
+    world = kube_api(bench, previews=previews, origin_port=urlsplit(origin(bench)).port)
+    gateway = bench.shared(name, lambda: start_sandgate(
+        bench, name, preview_routes_yaml(), preview_policies_yaml(BEARER), args=kube_args(world),
+        ready_timeout=SANDGATE_CLUSTER_READY_TIMEOUT))
+    check_previews_active(gateway, world)
+    url = gateway.url + "/"
+    expect(url, {"Host": f"{'a' * 26}-preview.{ZONE}"}, 404, "for an unknown preview host", "previews not served")
+    host = world.hosts[0]
+    expect_origin(url, {"Host": host}, "for a preview host")
+    return Target(url, (("Host", host),))
+
+
+def check_previews_active(gateway: Sandgate, world: KubeWorld) -> None:
+    body = expect(gateway.admin + "/metrics", {}, 200, "(metrics)", "no metrics")
+    for line in body.decode().splitlines():
+        if line.startswith("sandgate_previews_active "):
+            active = float(line.split()[1])
+            if active != world.previews:
+                raise CaseError(f"the gateway serves {active:.0f} previews, the API double holds {world.previews}")
+            return
+    raise CaseError("the gateway reports no sandgate_previews_active")
 
 
 def ws_url(base: str) -> str:
@@ -250,18 +329,29 @@ def ws_url(base: str) -> str:
 
 HTTP = Wrk(connections=64)
 HTTP_JWT = Wrk(connections=64, bearer=BEARER)
+HTTP_ROUTER_TOKEN = Wrk(connections=64, bearer=ROUTER_SECRET)
 WS = WsEcho(connections=16)
 
 CASES = (
-    Case("direct", lambda b: origin(b) + "/", HTTP),
-    Case("nginx", lambda b: nginx_proxy(b) + "/", HTTP),
-    Case("bare", lambda b: bare_proxy(b, "bare", origin(b)) + "/", HTTP),
-    Case("sandgate", lambda b: sandgate(b, "sandgate", extra_routes=0) + "/", HTTP),
-    Case("sandgate-10k", lambda b: sandgate(b, "sandgate-10k", extra_routes=10_000) + "/", HTTP),
-    Case("sandgate-jwt", sandgate_jwt, HTTP_JWT),
-    Case("ws-direct", lambda b: ws_url(aiohttp_origin(b)), WS),
-    Case("ws-bare", lambda b: ws_url(bare_proxy(b, "bare-ws", aiohttp_origin(b))), WS),
-    Case("ws-sandgate", lambda b: ws_url(sandgate(b, "sandgate", extra_routes=0)), WS),
+    Case("direct", lambda b: origin(b) + "/", HTTP, "wrk -> origin"),
+    Case("nginx", lambda b: nginx_proxy(b) + "/", HTTP, "wrk -> nginx proxy -> origin"),
+    Case("bare", lambda b: bare_proxy(b, "bare", origin(b)) + "/", HTTP, "wrk -> bare aiohttp proxy -> origin"),
+    Case("sandgate", lambda b: sandgate(b, "sandgate", extra_routes=0) + "/", HTTP,
+         "wrk -> sandgate serve (plain route) -> origin"),
+    Case("sandgate-10k", lambda b: sandgate(b, "sandgate-10k", extra_routes=10_000) + "/", HTTP,
+         "sandgate with 10,000 extra routes the requests never match"),
+    Case("sandgate-jwt", sandgate_jwt, HTTP_JWT, "sandgate with a JWT SecurityPolicy; every request has the token"),
+    Case("sandgate-sandbox", sandgate_sandbox, HTTP_ROUTER_TOKEN,
+         "X-Sandbox-ID/-Port + router token -> SandboxRouter (Cluster, API double) -> origin as the pod"),
+    Case("sandgate-preview-10", lambda b: sandgate_preview(b, "sandgate-preview-10", previews=10), HTTP,
+         "Host: one of 10 active previews -> PreviewZone -> origin as the pod"),
+    Case("sandgate-preview-10k", lambda b: sandgate_preview(b, "sandgate-preview-10k", previews=10_000), HTTP,
+         "the same with 10,000 active previews"),
+    Case("ws-direct", lambda b: ws_url(aiohttp_origin(b)), WS, "WebSocket echo, directly"),
+    Case("ws-bare", lambda b: ws_url(bare_proxy(b, "bare-ws", aiohttp_origin(b))), WS,
+         "WebSocket echo through the bare proxy"),
+    Case("ws-sandgate", lambda b: ws_url(sandgate(b, "sandgate", extra_routes=0)), WS,
+         "WebSocket echo through sandgate"),
 )
 
 RATIOS = (
@@ -273,12 +363,19 @@ RATIOS = (
     Ratio("sandgate", "bare", target=0.9),
     Ratio("sandgate-10k", "sandgate", target=0.9),
     Ratio("sandgate-jwt", "sandgate", target=0.9),
+    Ratio("sandgate-sandbox", "direct"),
+    Ratio("sandgate-sandbox", "sandgate", target=0.9),
+    Ratio("sandgate-preview-10k", "sandgate-preview-10", target=0.9),
+    Ratio("sandgate-preview-10", "sandgate"),
     Ratio("ws-bare", "ws-direct"),
     Ratio("ws-sandgate", "ws-direct"),
     Ratio("ws-sandgate", "ws-bare"),
     Ratio("sandgate", "bare", metric="proxy_us_per_request"),
     Ratio("sandgate-10k", "sandgate", metric="proxy_us_per_request"),
     Ratio("sandgate-jwt", "sandgate", metric="proxy_us_per_request"),
+    Ratio("sandgate-sandbox", "sandgate", metric="proxy_us_per_request"),
+    Ratio("sandgate-preview-10k", "sandgate-preview-10", metric="proxy_us_per_request"),
+    Ratio("sandgate-preview-10", "sandgate", metric="proxy_us_per_request"),
     Ratio("ws-sandgate", "ws-bare", metric="proxy_us_per_request"),
 )
 

@@ -1,10 +1,12 @@
 """The machinery of bench/run.py: pinned child processes that always die with the run, free
 loopback ports, readiness probes, the two load generators (wrk for HTTP, ws_client.py for
-WebSocket echo) and `measure`, which runs one of them and records where the CPU went."""
+WebSocket echo), what they are aimed at (`Target`) and `measure`, which runs one of them and
+records where the CPU went."""
 
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import jwt
@@ -22,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import cpustat
 
+T = TypeVar("T")
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 WARMUP_SECONDS = 1
@@ -34,6 +38,17 @@ class Skip(Exception):
 
 class CaseError(Exception):
     """The case could not be measured: a process did not start or the load did not run."""
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exits with main()'s code. SIGTERM unwinds like Ctrl-C, so that every started process is
+    stopped (Processes.__exit__) either way."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; all benchmark processes stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def find_tool(name: str) -> str | None:
@@ -55,17 +70,28 @@ def accepts(port: int) -> bool:
         return False
 
 
-def http_status(url: str, timeout: float, headers: dict[str, str] | None = None) -> int:
-    """Status of a GET, redirects not followed."""
+def http_get(url: str, timeout: float, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Status and body of a GET, redirects not followed; a `Host` in `headers` replaces the URL's."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         conn.request("GET", parts.path or "/", headers=headers or {})
         response = conn.getresponse()
-        response.read()
-        return response.status
+        return response.status, response.read()
     finally:
         conn.close()
+
+
+def http_status(url: str, timeout: float, headers: dict[str, str] | None = None) -> int:
+    """Status of a GET, redirects not followed."""
+    return http_get(url, timeout, headers)[0]
+
+
+def checkout_env() -> dict[str, str]:
+    """For a child that imports this checkout (the gateway, the API double): its PYTHONPATH,
+    and no SANDGATE_* from the shell, so that the gateway is configured by its flags alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDGATE_")}
+    return env | {"PYTHONPATH": str(REPO_DIR)}
 
 
 def answers_200(url: str) -> bool:
@@ -260,30 +286,58 @@ class BearerToken:
 
 
 @dataclass(frozen=True)
-class Wrk:
-    """HTTP load: wrk, one thread, `connections` keep-alive connections, every request with
-    `bearer`'s token when there is one."""
-    connections: int = 64
-    script: Path = BENCH_DIR / "wrk_report.lua"
-    bearer: BearerToken | None = None
+class RouterSecret:
+    """A random static bearer token, made at first use: what a SandboxRouter's
+    `routerTokenFile` holds. Like BearerToken's, the token is written only to that file (in the
+    run's scratch directory) and to wrk's command line, never to the results."""
+    kind: str = "routerTokenFile"
+
+    @cached_property
+    def token(self) -> str:
+        return secrets.token_urlsafe(32)
 
     @property
     def headers(self) -> dict[str, str]:
-        return self.bearer.headers if self.bearer else {}
+        return {"Authorization": f"Bearer {self.token}"}
 
-    def check(self, url: str) -> None:
+
+@dataclass(frozen=True)
+class Target:
+    """Where a case's load goes: a URL, and headers that every request carries besides the
+    load's own (a preview host as `Host`, `X-Sandbox-*`). The results show the URL and the
+    headers' names only: a preview host is a capability."""
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, value: "str | Target") -> "Target":
+        return value if isinstance(value, Target) else cls(value)
+
+
+@dataclass(frozen=True)
+class Wrk:
+    """HTTP load: wrk, one thread, `connections` keep-alive connections, every request with
+    `bearer`'s token when there is one and the target's headers."""
+    connections: int = 64
+    script: Path = BENCH_DIR / "wrk_report.lua"
+    bearer: BearerToken | RouterSecret | None = None
+
+    def headers(self, target: Target) -> dict[str, str]:
+        return (self.bearer.headers if self.bearer else {}) | dict(target.headers)
+
+    def check(self, target: Target) -> None:
         try:
-            status = http_status(url, timeout=5, headers=self.headers)
+            status = http_status(target.url, timeout=5, headers=self.headers(target))
         except OSError as e:
-            raise CaseError(f"GET {url} failed: {e}") from None
+            raise CaseError(f"GET {target.url} failed: {e}") from None
         if status != 200:
-            raise CaseError(f"GET {url} answered {status}")
+            raise CaseError(f"GET {target.url} answered {status}")
 
-    def run(self, url: str, seconds: int, cpu: int) -> dict:
+    def run(self, target: Target, seconds: int, cpu: int) -> dict:
         argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{seconds}s", "--latency", "-s", str(self.script)]
-        for name, value in self.headers.items():
+        for name, value in self.headers(target).items():
             argv += ["-H", f"{name}: {value}"]
-        return run_load("wrk", pinned(cpu, argv + [url]), timeout=seconds + 30)
+        return run_load("wrk", pinned(cpu, argv + [target.url]), timeout=seconds + 30)
 
 
 @dataclass(frozen=True)
@@ -291,13 +345,13 @@ class WsEcho:
     """WebSocket load: ws_client.py, `connections` connections doing send→receive."""
     connections: int = 16
 
-    def check(self, url: str) -> None:
-        probe = self._client(url, connections=1, seconds=0.3, cpu=None)
+    def check(self, target: Target) -> None:
+        probe = self._client(target.url, connections=1, seconds=0.3, cpu=None)
         if sum(probe["errors"].values()) or not probe["requests"]:
-            raise CaseError(f"no WebSocket echo through {url}: errors {probe['errors']}")
+            raise CaseError(f"no WebSocket echo through {target.url}: errors {probe['errors']}")
 
-    def run(self, url: str, seconds: int, cpu: int) -> dict:
-        return self._client(url, self.connections, seconds, cpu)
+    def run(self, target: Target, seconds: int, cpu: int) -> dict:
+        return self._client(target.url, self.connections, seconds, cpu)
 
     def _client(self, url: str, connections: int, seconds: float, cpu: int | None) -> dict:
         argv = [sys.executable, str(BENCH_DIR / "ws_client.py"), url,
@@ -325,12 +379,12 @@ class Measurement:
         return sum(self.errors.values())
 
 
-def measure(bench: "Bench", load: Wrk | WsEcho, url: str, seconds: int) -> Measurement:
+def measure(bench: "Bench", load: Wrk | WsEcho, target: Target, seconds: int) -> Measurement:
     """A warm-up run that is not measured (its errors count all the same), then the measured run."""
     cpus = bench.cpus
-    warmup = load.run(url, WARMUP_SECONDS, cpus.load)
+    warmup = load.run(target, WARMUP_SECONDS, cpus.load)
     busy_before, proxy_before, start = cpustat.read(), bench.procs.cpu_seconds(cpus.proxy), time.monotonic()
-    report = load.run(url, seconds, cpus.load)
+    report = load.run(target, seconds, cpus.load)
     proxy_seconds = bench.procs.cpu_seconds(cpus.proxy) - proxy_before
     busy = cpustat.busy_since(busy_before)
     proxy_share = proxy_seconds / (time.monotonic() - start)
@@ -351,9 +405,9 @@ class Bench:
         self.procs = procs
         self.cpus = cpus
         self.workdir = workdir
-        self._shared: dict[str, str | Exception] = {}
+        self._shared: dict[str, object] = {}
 
-    def shared(self, key: str, start: Callable[[], str]) -> str:
+    def shared(self, key: str, start: Callable[[], T]) -> T:
         if key not in self._shared:
             try:
                 self._shared[key] = start()

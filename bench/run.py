@@ -1,7 +1,7 @@
 """Sandgate's benchmark: starts every process it needs on loopback, measures each case in
 interleaved rounds, prints a table and writes bench/results/latest.json.
 
-    python bench/run.py [--quick] [--duration 10] [--rounds 3] [--cases NAME ...]
+    python bench/run.py [--quick] [--duration 10] [--rounds 3] [--cases NAME ...] [--preview-latency]
 
 Exits 1 when a case could not be measured or any request failed; a missed target only
 prints FAIL."""
@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -22,8 +21,10 @@ from pathlib import Path
 
 import cpustat
 import loops
+import previews
 from cases import CASES, RATIOS, SHOWN, Case, Ratio
-from harness import WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, find_tool, measure
+from harness import (WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, Target, find_tool, measure,
+                     run_main)
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "latest.json"
 IDLE_BUSY_LIMIT = 0.05
@@ -35,7 +36,7 @@ class Result:
     case: Case
     status: str = "ok"  # ok | skipped | failed
     note: str = ""
-    url: str = ""
+    target: Target = Target("")
     rounds: list[Measurement] = field(default_factory=list)
 
     def fail(self, note: str) -> None:
@@ -56,13 +57,27 @@ class Result:
         return self.status == "failed" or any(m.error_count or not m.requests for m in self.rounds)
 
 
+def epilog() -> str:
+    lines = ["cases:"] + [f"  {case.name:<22} {case.about}" for case in CASES]
+    lines += ["", "targets (ratios of medians):"]
+    lines += [f"  {ratio.name} >= {ratio.target}" for ratio in RATIOS if ratio.target is not None]
+    lines += ["", f"--preview-latency: median preview create-to-first-byte < {previews.TARGET_MS:.0f} ms, "
+                  "one replica and two (bench/previews.py)"]
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one round of 3 s")
     parser.add_argument("--duration", type=int, help="seconds measured per case and round (default 10)")
     parser.add_argument("--rounds", type=int, help="rounds; the report shows medians (default 3)")
     parser.add_argument("--cases", nargs="+", metavar="NAME", choices=[case.name for case in CASES],
-                        help=f"cases to run (default all): {', '.join(case.name for case in CASES)}")
+                        help="cases to run (default all; listed below)")
+    parser.add_argument("--preview-latency", action="store_true",
+                        help="after the cases, measure preview create-to-first-byte (bench/previews.py)")
+    parser.add_argument("--previews", type=int, default=100, metavar="N",
+                        help="previews per series for --preview-latency (default 100)")
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (3 if args.quick else 10)
@@ -96,8 +111,8 @@ def busy_before_start(cpus: Cpus) -> dict[int, float]:
 def set_up(case: Case, bench: Bench) -> Result:
     result = Result(case)
     try:
-        result.url = case.setup(bench)
-        case.load.check(result.url)
+        result.target = Target.of(case.setup(bench))
+        case.load.check(result.target)
     except Skip as e:
         result.status, result.note = "skipped", str(e)
     except CaseError as e:
@@ -115,12 +130,12 @@ def run_rounds(results: list[Result], rounds: int, duration: int, bench: Bench) 
             if result.status != "ok":
                 continue
             try:
-                m = measure(bench, result.case.load, result.url, duration)
+                m = measure(bench, result.case.load, result.target, duration)
             except CaseError as e:
                 result.fail(str(e))
                 continue
             result.rounds.append(m)
-            print(f"  round {i + 1}/{rounds}  {result.case.name:<14} {m.rps:>10.1f}/s  p99 {m.p99_ms:.2f} ms  "
+            print(f"  round {i + 1}/{rounds}  {result.case.name:<20} {m.rps:>10.1f}/s  p99 {m.p99_ms:.2f} ms  "
                   f"proxy cpu {m.proxy_cpu:.0%} (other {m.other_cpu:.0%})  errors {m.error_count}", flush=True)
 
 
@@ -132,7 +147,8 @@ def ratio_value(ratio: Ratio, summaries: dict[str, dict | None]) -> float | None
 
 
 def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_busy: dict[int, float],
-           event_loops: dict[str, str], access_log_lines: dict[str, int], started: datetime) -> dict:
+           event_loops: dict[str, str], access_log_lines: dict[str, int], started: datetime,
+           preview_latency: dict | None) -> dict:
     summaries = {result.case.name: result.summary() for result in results}
     ratios = {}
     for ratio in RATIOS:
@@ -152,7 +168,8 @@ def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_bus
         "access_log_lines": access_log_lines,
         "cases": {
             result.case.name: {
-                "status": result.status, "note": result.note, "url": result.url,
+                "status": result.status, "note": result.note, "url": result.target.url,
+                "headers": [name for name, _ in result.target.headers],
                 "load": {"kind": type(result.case.load).__name__, **asdict(result.case.load)},
                 "median": summaries[result.case.name],
                 "rounds": [asdict(m) for m in result.rounds],
@@ -161,6 +178,7 @@ def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_bus
         },
         "ratios": ratios,
         "shown": {f"{name} {metric}": (summaries.get(name) or {}).get(metric) for name, metric in SHOWN},
+        "preview_latency": preview_latency,
     }
 
 
@@ -169,23 +187,23 @@ def first_line(text: str) -> str:
 
 
 def print_table(data: dict) -> None:
-    print(f"\n{'case':<14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'load cpu':>9} {'proxy cpu':>9} "
+    print(f"\n{'case':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'load cpu':>9} {'proxy cpu':>9} "
           f"{'other cpu':>9} {'proxy µs/req':>12}  errors")
     for name, case in data["cases"].items():
         m = case["median"]
         if m is None:
-            print(f"{name:<14} {case['status'].upper():>10}  {first_line(case['note'])}")
+            print(f"{name:<20} {case['status'].upper():>10}  {first_line(case['note'])}")
             continue
         detail = ", ".join(f"{kind} {n}" for kind, n in m["errors"].items() if n)
         errors = f"{sum(m['errors'].values())}" + (f" ({detail})" if detail else "")
         note = f"  {case['status'].upper()}: {first_line(case['note'])}" if case["status"] != "ok" else ""
-        print(f"{name:<14} {m['rps']:>10.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {m['load_cpu']:>9.0%} "
+        print(f"{name:<20} {m['rps']:>10.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {m['load_cpu']:>9.0%} "
               f"{m['proxy_cpu']:>9.0%} {m['other_cpu']:>9.0%} {m['proxy_us_per_request']:>12.1f}  {errors}{note}")
 
     print("\nratios of medians")
     for name, ratio in data["ratios"].items():
         if ratio["value"] is not None:
-            print(f"  {name:<48} {ratio['value']:>5.2f}")
+            print(f"  {name:<64} {ratio['value']:>5.2f}")
 
     print("\ntargets")
     for name, ratio in data["ratios"].items():
@@ -197,13 +215,15 @@ def print_table(data: dict) -> None:
     if data["shown"]:
         print("\nfor information")
         for name, value in data["shown"].items():
-            print(f"  {name:<48} " + ("not measured" if value is None else f"{value:>5.2f}"))
+            print(f"  {name:<64} " + ("not measured" if value is None else f"{value:>5.2f}"))
+
+    if data["preview_latency"]:
+        previews.print_latency(data["preview_latency"])
 
 
 def main() -> int:
     args = parse_args()
     ensure_tools()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwinds like Ctrl-C: children stopped
     cases = [case for case in CASES if not args.cases or case.name in args.cases]
     cpus = Cpus.pick()
     started = datetime.now(timezone.utc)
@@ -221,8 +241,16 @@ def main() -> int:
         print("event loops: " + ", ".join(f"{name} {loop}" for name, loop in event_loops.items()), flush=True)
         run_rounds(results, args.rounds, args.duration, bench)
         access_log_lines = procs.stdout_lines()
+        preview_latency, latency_failed = None, False
+        if args.preview_latency:
+            print(f"preview create-to-first-byte: {args.previews} previews per series ...", flush=True)
+            try:
+                preview_latency = previews.measure_latency(bench, args.previews, warmup=5)
+            except CaseError as e:
+                print(f"  preview latency not measured: {e}", file=sys.stderr, flush=True)
+                latency_failed = True
 
-    data = report(results, args, cpus, idle_busy, event_loops, access_log_lines, started)
+    data = report(results, args, cpus, idle_busy, event_loops, access_log_lines, started, preview_latency)
     print_table(data)
     for name, lines in access_log_lines.items():
         print(f"{name} wrote {lines} access log lines")
@@ -230,15 +258,11 @@ def main() -> int:
     RESULTS_FILE.write_text(json.dumps(data, indent=2, default=str) + "\n")
     print(f"\nwrote {RESULTS_FILE}")
 
-    bad = [result.case.name for result in results if result.bad]
+    bad = [result.case.name for result in results if result.bad] + (["--preview-latency"] if latency_failed else [])
     if bad:
         print(f"errors in: {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; all benchmark processes stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -8,14 +8,14 @@ Sandbox, so deleting the sandbox deletes them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from yarl import URL
 
 from gateway.config.model import PreviewZone
 from gateway.kube import HTTPROUTE, SANDBOX
-from gateway.preview.tokens import host_for, object_name
+from gateway.preview.tokens import fingerprint, host_for, object_name
 
 LABEL_PREVIEW = "sandgate.dev/preview"
 LABEL_SANDBOX = "sandgate.dev/sandbox"
@@ -48,6 +48,15 @@ class Preview:
     expires_at: datetime
     max_until: datetime
     uid: str = ""  # the HTTPRoute's
+    # Derived once, read per request: the token's fingerprint, the two limits as epoch seconds.
+    fingerprint: str = field(init=False, compare=False)
+    expires_ts: float = field(init=False, compare=False)
+    max_ts: float = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", fingerprint(self.token))
+        object.__setattr__(self, "expires_ts", self.expires_at.timestamp())
+        object.__setattr__(self, "max_ts", self.max_until.timestamp())
 
     def as_json(self, origin: str) -> dict:
         return {

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from time import time
 from typing import Callable
 
 from gateway.audit import AuditLog, AuditRecord
@@ -20,7 +21,7 @@ from gateway.policy.model import SandboxPolicy
 from gateway.preview import objects
 from gateway.preview.objects import Preview
 from gateway.preview.table import PreviewTable
-from gateway.preview.tokens import fingerprint, new_token, object_name
+from gateway.preview.tokens import new_token, object_name
 from gateway.sandbox.access import DEFAULT_POLICY, relation
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.router import Refusal, SandboxAccess, SandboxTarget
@@ -45,6 +46,7 @@ class Previews:
         self.reap_interval = reap_interval
         self.touch_interval = touch_interval
         self._extending: set[str] = set()
+        self._upstreams: dict[tuple, Upstream] = {}
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
 
@@ -63,8 +65,8 @@ class Previews:
 
     async def target(self, zone: PreviewZone, host: str, token: str, path: str, claims, policy: SandboxPolicy | None) -> SandboxTarget:
         preview = await self.table.lookup(host, token)
-        now = utcnow()
-        if preview is None or now >= preview.expires_at or now >= preview.max_until:
+        now = time()
+        if preview is None or now >= preview.expires_ts or now >= preview.max_ts:
             raise Refusal(404, "preview_not_found", "No preview at this host.")
         info = self.registry.find(preview.namespace, preview.sandbox)
         if info is None:
@@ -74,20 +76,28 @@ class Previews:
                 raise Refusal(401, "unauthorized", "Sign in to open this preview.", {"WWW-Authenticate": 'Bearer realm="sandgate"'})
             if relation(info, claims, policy or DEFAULT_POLICY) is None:
                 raise Refusal(404, "preview_not_found", "No preview at this host.")
-        endpoint = self.sandboxes.pod_endpoint(info, preview.port)
         self.touch(preview, zone, now)
-        upstream = Upstream(f"Preview {fingerprint(preview.token)}", (endpoint,))
-        return SandboxTarget(upstream, path, None, ("sandbox", preview.namespace, preview.sandbox), isolate=True)
+        return SandboxTarget(self._upstream(preview, info), path, None, ("sandbox", preview.namespace, preview.sandbox), isolate=True)
 
-    def touch(self, preview: Preview, zone: PreviewZone, now: datetime) -> None:
+    def _upstream(self, preview: Preview, info: SandboxInfo) -> Upstream:
+        """The preview's upstream, made once per preview and observed sandbox state."""
+        key = (preview.token, preview.port, info)
+        upstream = self._upstreams.get(key)
+        if upstream is None:
+            upstream = Upstream(f"Preview {preview.fingerprint}", (self.sandboxes.pod_endpoint(info, preview.port),))
+            if len(self._upstreams) >= 20_000:
+                self._upstreams.clear()
+            self._upstreams[key] = upstream
+        return upstream
+
+    def touch(self, preview: Preview, zone: PreviewZone, now: float) -> None:
         """Real traffic extends the idle TTL; at most one API write per preview per
         `touch_interval`, judged on the expiry the cluster holds, so replicas agree."""
-        wanted = min(now + timedelta(seconds=zone.idle_ttl), preview.max_until)
-        interval = min(self.touch_interval, zone.idle_ttl / 2)
-        if (wanted - preview.expires_at).total_seconds() < interval or preview.token in self._extending:
+        wanted = min(now + zone.idle_ttl, preview.max_ts)
+        if wanted - preview.expires_ts < min(self.touch_interval, zone.idle_ttl / 2) or preview.token in self._extending:
             return
         self._extending.add(preview.token)
-        self._spawn(self._extend(preview, wanted, event=None))
+        self._spawn(self._extend(preview, datetime.fromtimestamp(wanted, timezone.utc), event=None))
 
     async def _extend(self, preview: Preview, expires: datetime, event: str | None) -> Preview:
         try:
@@ -99,7 +109,7 @@ class Previews:
                 self._record(event, extended)
             return extended
         except KubeError as e:
-            log.warning("preview %s: could not extend: %s", fingerprint(preview.token), e)
+            log.warning("preview %s: could not extend: %s", preview.fingerprint, e)
             raise
         finally:
             self._extending.discard(preview.token)
@@ -145,7 +155,7 @@ class Previews:
             try:
                 await self.kube.delete(SERVICE, info.namespace, name)
             except KubeError as rollback:
-                log.error("preview %s: Service left behind after a failed HTTPRoute: %s", fingerprint(preview.token), rollback)
+                log.error("preview %s: Service left behind after a failed HTTPRoute: %s", preview.fingerprint, rollback)
             raise Refusal(502, "preview_not_created", f"The preview's HTTPRoute could not be created ({e.status} {e.reason}).") from None
         preview = replace(preview, uid=(route.get("metadata") or {}).get("uid", ""))
         self.table.put(preview)  # served at once on this replica; others learn it from the watch
@@ -188,7 +198,7 @@ class Previews:
                     reaped[reason] = reaped.get(reason, 0) + 1
                     self.on_reaped(reason)
             except Refusal as e:
-                log.warning("preview %s: not reaped: %s", fingerprint(preview.token), e.message)
+                log.warning("preview %s: not reaped: %s", preview.fingerprint, e.message)
         return reaped
 
     def _reap_reason(self, preview: Preview, now: datetime) -> str | None:
@@ -214,7 +224,7 @@ class Previews:
     def _record(self, kind: str, preview: Preview, **detail) -> None:
         self.audit.record(AuditRecord(
             kind=kind, principal=preview.owner or None, path=f"{preview.namespace}/{preview.sandbox}",
-            detail={"preview": fingerprint(preview.token), "port": preview.port,
+            detail={"preview": preview.fingerprint, "port": preview.port,
                     **{k: v for k, v in detail.items() if v is not None}},
         ))
 

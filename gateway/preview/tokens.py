@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 import secrets
+from functools import lru_cache
 
 SUFFIX = "-preview"
 _TOKEN = re.compile(r"[a-z2-7]{26}", re.ASCII)
@@ -47,6 +48,7 @@ def object_name(token: str) -> str:
     return f"preview-{token}"
 
 
+@lru_cache(maxsize=4096)  # called per request; hosts repeat
 def redact_host(host: str) -> str:
     """A host fit for logs: a preview host's token replaced by its fingerprint."""
     if SUFFIX + "." not in host:

@@ -22,8 +22,9 @@ def _connection_listed(headers) -> set[str]:
     return listed
 
 
-def end_to_end(headers, extra_drop: frozenset[str] = frozenset()) -> CIMultiDict:
-    """Copy headers, keeping every end-to-end one with all its values in order."""
+def end_to_end(headers, extra_drop: frozenset[str] = frozenset(), drop_prefix: str | None = None) -> CIMultiDict:
+    """Copy headers, keeping every end-to-end one with all its values in order; also dropping
+    `extra_drop` and names starting with `drop_prefix` (lower case)."""
     drop = HOP_BY_HOP | extra_drop
     if "Connection" in headers:
         drop = drop | _connection_listed(headers)
@@ -32,7 +33,7 @@ def end_to_end(headers, extra_drop: frozenset[str] = frozenset()) -> CIMultiDict
     spelling: dict[str, str] = {}
     for name, value in headers.items():
         key = name.lower()
-        if key not in drop:
+        if key not in drop and not (drop_prefix and key.startswith(drop_prefix)):
             out.add(spelling.setdefault(key, name), value)
     return out
 

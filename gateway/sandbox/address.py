@@ -22,6 +22,7 @@ HEADER_NAMESPACE = "X-Sandbox-Namespace"
 HEADER_PORT = "X-Sandbox-Port"
 HEADER_TIMEOUT = "X-Sandbox-Timeout"
 API_PREFIX = "/gateway/v1/sandboxes/"
+ADDRESS_HEADERS = (HEADER_ID, HEADER_NAMESPACE, HEADER_PORT, HEADER_TIMEOUT)  # all that from_headers reads
 
 
 class BadSandboxRequest(Exception):
@@ -35,10 +36,10 @@ class SandboxAddress:
     port: int | None  # None for the terminal
     timeout: float | None = None  # X-Sandbox-Timeout, seconds
     terminal: bool = False
-    path: str = "/"  # the path to send upstream (port proxy: the prefix stripped)
+    path: str | None = None  # port proxy: the path after the prefix; headers: the request's own
 
 
-def from_headers(headers, router: SandboxRouter, path: str) -> SandboxAddress:
+def from_headers(headers, router: SandboxRouter) -> SandboxAddress:
     name = _single(headers, HEADER_ID)
     if name is None:
         raise BadSandboxRequest(f"{HEADER_ID} is required.")
@@ -50,7 +51,6 @@ def from_headers(headers, router: SandboxRouter, path: str) -> SandboxAddress:
         name=check_label(name, HEADER_ID),
         port=check_port(port, HEADER_PORT) if port is not None else router.default_port,
         timeout=_timeout(timeout) if timeout is not None else None,
-        path=path,
     )
 
 

@@ -18,7 +18,7 @@ from gateway.config.model import Config, Endpoint, PreviewZone, SandboxRouter, U
 from gateway.kube import KubeError
 from gateway.policy.model import SandboxPolicy
 from gateway.sandbox.access import DEFAULT_POLICY, relation
-from gateway.sandbox.address import API_PREFIX, BadSandboxRequest, SandboxAddress, from_headers, from_path
+from gateway.sandbox.address import ADDRESS_HEADERS, API_PREFIX, BadSandboxRequest, SandboxAddress, from_headers, from_path
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.terminal import Terminals
 from gateway.sandbox.token import MissingToken, RouterToken
@@ -26,12 +26,11 @@ from gateway.proxy.websocket import is_websocket_upgrade
 from gateway.server.errors import error_response
 
 
-def strip_for_sandbox(headers) -> None:
-    """A sandbox never sees the routing headers nor the gateway's own credentials."""
-    for name in [n for n in headers if n[:10].lower() == "x-sandbox-"]:
-        headers.popall(name, None)
-    headers.popall("Authorization", None)
-    headers.popall("Proxy-Authorization", None)
+# A sandbox never sees the routing headers nor the gateway's own credentials: dropped while the
+# request's headers are copied for the upstream.
+NOT_FOR_SANDBOXES = frozenset({"authorization", "proxy-authorization"})
+NOT_FOR_SANDBOXES_PREFIX = "x-sandbox-"
+MAX_CACHED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +40,10 @@ class Caller:
 
     claims: Mapping | None
     identity: str  # for terminal resumption and audit: "sub", "router-token", "anonymous"
+
+
+ROUTER_TOKEN_CALLER = Caller(None, "router-token")
+ANONYMOUS_CALLER = Caller(None, "anonymous")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,12 @@ class SandboxAccess:
         self.allow_loopback = allow_loopback
         self.overrides = overrides or {}
         self._tokens: dict[str, RouterToken] = {}
-        self._upstreams: dict[tuple, Upstream] = {}
+        # Per-request work that only depends on a few header values or on the sandbox's watched
+        # state is done once: parsed addresses by raw header values, targets by sandbox state.
+        # Values carry the router they were made for: a request that raced a reload cannot leave
+        # an entry that a router with the same name but other settings would then use.
+        self._addresses: dict[tuple, tuple[SandboxRouter, SandboxAddress | BadSandboxRequest]] = {}
+        self._targets: dict[tuple, tuple[SandboxRouter, Upstream, tuple]] = {}
 
     def configure(self, config: Config) -> None:
         """Routers of a (re)loaded config: their token files and the namespaces to watch."""
@@ -113,7 +121,8 @@ class SandboxAccess:
             if router.router_token_file:
                 tokens[router.router_token_file] = self._tokens.get(router.router_token_file) or RouterToken(router.router_token_file)
         self._tokens = tokens
-        self._upstreams.clear()
+        self._addresses.clear()
+        self._targets.clear()
         if self.registry is not None:
             self.registry.watch_namespaces({ns for router in routers.values() for ns in router.allowed_namespaces})
 
@@ -126,11 +135,11 @@ class SandboxAccess:
         caller = None
         try:
             caller = self.authenticate(request, router, claims, secured)
-            address = self.address(request, router, path, rewritten_path)
+            address = self.address(request, router, path)
             info = self.authorize(router, address, caller, policy)
             if address.terminal:
                 return await self._terminal(request, address, caller, info)
-            return self.target(router, address, info)
+            return self.target(router, address, info, rewritten_path)
         except Refusal as refusal:
             if refusal.status in (401, 404):
                 self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
@@ -168,21 +177,33 @@ class SandboxAccess:
                 if "Authorization" in request.headers:
                     challenge += ', error="invalid_token"'
                 raise Refusal(401, "unauthorized", "A valid router token is required.", {"WWW-Authenticate": challenge})
-            return Caller(None, "router-token")
+            return ROUTER_TOKEN_CALLER
         if router.allow_unauthenticated:
-            return Caller(None, "anonymous")
+            return ANONYMOUS_CALLER
         raise Refusal(401, "unauthorized", "This sandbox router has no authentication configured.")
 
-    def address(self, request: web.BaseRequest, router: SandboxRouter, path: str, rewritten_path: str) -> SandboxAddress:
-        """From the path for the gateway's sandbox endpoints, else from X-Sandbox-* headers
-        (the request goes on with its path as the route's filters left it)."""
+    def address(self, request: web.BaseRequest, router: SandboxRouter, path: str) -> SandboxAddress:
+        """From the path for the gateway's sandbox endpoints, else from X-Sandbox-* headers."""
         try:
             if path.startswith(API_PREFIX):
                 address = from_path(path, router)
                 if address is None:
                     raise Refusal(404, "no_route", "No sandbox endpoint at this path.")
                 return address
-            return from_headers(request.headers, router, rewritten_path)
+            headers = request.headers
+            key = (router.key, *(tuple(headers.getall(name, ())) for name in ADDRESS_HEADERS))
+            cached = self._addresses.get(key)
+            if cached is None or cached[0] is not router:  # not seen, or parsed for a router since reloaded
+                try:
+                    cached = (router, from_headers(headers, router))
+                except BadSandboxRequest as e:
+                    cached = (router, e)
+                if len(self._addresses) >= MAX_CACHED:
+                    self._addresses.clear()
+                self._addresses[key] = cached
+            if isinstance(cached[1], BadSandboxRequest):
+                raise cached[1]
+            return cached[1]
         except BadSandboxRequest as e:
             raise Refusal(400, "bad_request", str(e)) from None
 
@@ -199,19 +220,22 @@ class SandboxAccess:
             raise Refusal(404, "sandbox_not_found", f"No sandbox {address.name} in namespace {address.namespace}.")
         return info
 
-    def target(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None) -> SandboxTarget:
+    def target(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None, path: str) -> SandboxTarget:
+        """Where to send the request; `path` is used unless the address names one (port proxy)."""
         timeout = router.timeout
         if address.timeout is not None:
             timeout = min(timeout, address.timeout) if timeout is not None else address.timeout
+        # info is one object per observed state of the sandbox: a change is a new key
         key = (router.key, address.namespace, address.name, address.port, info)
-        upstream = self._upstreams.get(key)
-        if upstream is None:
+        cached = self._targets.get(key)
+        if cached is None or cached[0] is not router:
             endpoint = self._endpoint(router, address, info)
             upstream = Upstream(f"Sandbox {address.namespace}/{address.name}:{address.port}", (endpoint,))
-            if len(self._upstreams) > 10_000:
-                self._upstreams.clear()
-            self._upstreams[key] = upstream
-        return SandboxTarget(upstream, address.path, timeout, ("sandbox", address.namespace, address.name))
+            cached = (router, upstream, ("sandbox", address.namespace, address.name))
+            if len(self._targets) >= MAX_CACHED:
+                self._targets.clear()
+            self._targets[key] = cached
+        return SandboxTarget(cached[1], address.path or path, timeout, cached[2])
 
     def _endpoint(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None) -> Endpoint:
         port = address.port or router.default_port

@@ -29,7 +29,7 @@ from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.preview.isolation import host_only_cookies, platform_cookie_names, strip_credentials
 from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host
-from gateway.sandbox.router import SandboxAccess, strip_for_sandbox
+from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import SERVER, error_response
 from gateway.policy.authz import parse_ip
@@ -180,11 +180,10 @@ class Gateway:
         out_headers = self._upstream_headers(
             request, found, choice, allowed, request_id, host=upstream_host or authority,
             forwarded_host=authority or headers.get("Host", host), trusted_hops=trusted_hops,
+            to_sandbox=sandbox is not None,
         )
-        if sandbox is not None:
-            strip_for_sandbox(out_headers)
-            if sandbox.isolate:
-                strip_credentials(out_headers, self._platform_cookies())
+        if sandbox is not None and sandbox.isolate:
+            strip_credentials(out_headers, self._platform_cookies())
         traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
@@ -257,9 +256,12 @@ class Gateway:
         return parsed
 
     def _upstream_headers(self, request, found: Candidate, choice, allowed, request_id: str, *,
-                          host: str | None, forwarded_host: str, trusted_hops: int) -> CIMultiDict:
+                          host: str | None, forwarded_host: str, trusted_hops: int, to_sandbox: bool) -> CIMultiDict:
         """The client's end-to-end headers, plus this hop's, policy and filter changes."""
-        out = end_to_end(request.headers, _DROP_TO_UPSTREAM)
+        if to_sandbox:
+            out = end_to_end(request.headers, _DROP_TO_SANDBOX, NOT_FOR_SANDBOXES_PREFIX)
+        else:
+            out = end_to_end(request.headers, _DROP_TO_UPSTREAM)
         if host is not None:
             out["Host"] = host
         append_forwarded(
@@ -440,6 +442,7 @@ class _Outcome:
 
 # The client's Expect is answered here; the upstream request is sent whole.
 _DROP_TO_UPSTREAM = frozenset({"expect"})
+_DROP_TO_SANDBOX = _DROP_TO_UPSTREAM | NOT_FOR_SANDBOXES
 
 
 def _header_bytes(request: web.BaseRequest) -> int:
