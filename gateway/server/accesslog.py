@@ -10,7 +10,18 @@ import asyncio
 import json
 import sys
 import time
+from json.encoder import c_make_encoder, encode_basestring_ascii
 from typing import TextIO
+
+# One encoder for every line: json.dumps with separators builds a new encoder per call, which is
+# measurable at thousands of lines a second. Same output as json.dumps(separators=(",", ":")).
+if c_make_encoder is not None:
+    _ENCODE = c_make_encoder(None, json.JSONEncoder().default, encode_basestring_ascii, None, ":", ",", False, False, True)
+
+    def _line(record: dict) -> str:
+        return "".join(_ENCODE(record, 0))
+else:  # pragma: no cover - CPython always has the C encoder
+    _line = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class AccessLog:
@@ -23,7 +34,7 @@ class AccessLog:
 
     def write(self, record: dict) -> None:
         record["ts"] = round(time.time(), 3)
-        self._buffer.append(json.dumps(record, separators=(",", ":")))
+        self._buffer.append(_line(record))
         if len(self._buffer) >= self._max:
             self.flush()
 
