@@ -52,11 +52,19 @@ class ValueMatch:
     kind: ValueKind
     value: str
     pattern: re.Pattern[str] | None = None
+    # A pattern that every value matches (".*"): a presence test, no regex run per request.
+    any_value: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "any_value", self.pattern is not None and self.pattern.pattern in _MATCH_ANYTHING)
 
     def accepts(self, actual: str) -> bool:
         if self.pattern is not None:
-            return self.pattern.search(actual) is not None
+            return self.any_value or self.pattern.search(actual) is not None
         return actual == self.value
+
+
+_MATCH_ANYTHING = frozenset({".*", "^.*", ".*$", "^.*$"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +154,10 @@ class SandboxRouter:
     allow_unauthenticated: bool = False
     router_token_file: str | None = None
     source: Source | None = None
+    key: str = field(init=False, compare=False)  # "namespace/name", read per request
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
 
 
 @dataclass(frozen=True, slots=True)

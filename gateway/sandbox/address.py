@@ -29,7 +29,7 @@ class BadSandboxRequest(Exception):
     """The request names a sandbox in a way that must be refused with 400."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity: parsed addresses are cached and reused
 class SandboxAddress:
     namespace: str
     name: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -18,7 +18,10 @@ from gateway.config.model import Config, Endpoint, PreviewZone, SandboxRouter, U
 from gateway.kube import KubeError
 from gateway.policy.model import SandboxPolicy
 from gateway.sandbox.access import DEFAULT_POLICY, relation
-from gateway.sandbox.address import ADDRESS_HEADERS, API_PREFIX, BadSandboxRequest, SandboxAddress, from_headers, from_path
+from gateway.sandbox.address import (
+    API_PREFIX, HEADER_ID, HEADER_NAMESPACE, HEADER_PORT, HEADER_TIMEOUT,
+    BadSandboxRequest, SandboxAddress, from_headers, from_path,
+)
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.terminal import Terminals
 from gateway.sandbox.token import MissingToken, RouterToken
@@ -128,34 +131,39 @@ class SandboxAccess:
 
     # --- the request path -----------------------------------------------------------------
 
-    async def route(self, request: web.BaseRequest, router: SandboxRouter, *, path: str, rewritten_path: str,
-                    claims: Mapping | None, secured: bool, policy: SandboxPolicy | None, request_id: str,
-                    route_key: str) -> SandboxTarget | web.StreamResponse:
-        """Where to forward this request, or the response that ends it."""
+    def route(self, request: web.BaseRequest, router: SandboxRouter, *, path: str, rewritten_path: str,
+              claims: Mapping | None, secured: bool, policy: SandboxPolicy | None, request_id: str,
+              route_key: str) -> SandboxTarget | web.StreamResponse | Awaitable[web.StreamResponse]:
+        """Where to forward this request, or the response that ends it; for the terminal, an
+        awaitable that serves it (the common path stays free of coroutines)."""
         caller = None
         try:
             caller = self.authenticate(request, router, claims, secured)
             address = self.address(request, router, path)
             info = self.authorize(router, address, caller, policy)
             if address.terminal:
-                return await self._terminal(request, address, caller, info)
+                return self._terminal(request, address, caller, info, request_id)
             return self.target(router, address, info, rewritten_path)
         except Refusal as refusal:
             if refusal.status in (401, 404):
                 self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
             return refusal_response(refusal, request, request_id)
 
-    async def _terminal(self, request: web.BaseRequest, address: SandboxAddress, caller: Caller, info: SandboxInfo):
-        if not is_websocket_upgrade(request.headers):
-            raise Refusal(400, "bad_request", "The terminal is a WebSocket endpoint.")
-        if not info.ready:
-            raise Refusal(503, "sandbox_not_ready", f"Sandbox {address.namespace}/{address.name} is not ready: {info.not_ready_reason}")
-        if self.terminals is None:
-            raise Refusal(503, "kubernetes_unavailable", "The terminal needs a Kubernetes connection.")
+    async def _terminal(self, request: web.BaseRequest, address: SandboxAddress, caller: Caller, info: SandboxInfo,
+                        request_id: str) -> web.StreamResponse:
         try:
-            return await self.terminals.open(request, (caller.identity, address.namespace, address.name), info.pod_name)
-        except KubeError as e:
-            raise Refusal(502, "exec_failed", f"The sandbox's shell could not be started ({e.status} {e.reason}).") from None
+            if not is_websocket_upgrade(request.headers):
+                raise Refusal(400, "bad_request", "The terminal is a WebSocket endpoint.")
+            if not info.ready:
+                raise Refusal(503, "sandbox_not_ready", f"Sandbox {address.namespace}/{address.name} is not ready: {info.not_ready_reason}")
+            if self.terminals is None:
+                raise Refusal(503, "kubernetes_unavailable", "The terminal needs a Kubernetes connection.")
+            try:
+                return await self.terminals.open(request, (caller.identity, address.namespace, address.name), info.pod_name)
+            except KubeError as e:
+                raise Refusal(502, "exec_failed", f"The sandbox's shell could not be started ({e.status} {e.reason}).") from None
+        except Refusal as refusal:
+            return refusal_response(refusal, request, request_id)
 
     def _audit_denial(self, request, refusal: Refusal, caller: Caller | None, policy, router, request_id, route_key, path) -> None:
         self.audit.record(AuditRecord(
@@ -190,12 +198,13 @@ class SandboxAccess:
                 if address is None:
                     raise Refusal(404, "no_route", "No sandbox endpoint at this path.")
                 return address
-            headers = request.headers
-            key = (router.key, *(tuple(headers.getall(name, ())) for name in ADDRESS_HEADERS))
+            getall = request.headers.getall
+            key = (router.key, tuple(getall(HEADER_ID, ())), tuple(getall(HEADER_NAMESPACE, ())),
+                   tuple(getall(HEADER_PORT, ())), tuple(getall(HEADER_TIMEOUT, ())))
             cached = self._addresses.get(key)
             if cached is None or cached[0] is not router:  # not seen, or parsed for a router since reloaded
                 try:
-                    cached = (router, from_headers(headers, router))
+                    cached = (router, from_headers(request.headers, router))
                 except BadSandboxRequest as e:
                     cached = (router, e)
                 if len(self._addresses) >= MAX_CACHED:
@@ -225,16 +234,18 @@ class SandboxAccess:
         timeout = router.timeout
         if address.timeout is not None:
             timeout = min(timeout, address.timeout) if timeout is not None else address.timeout
-        # info is one object per observed state of the sandbox: a change is a new key
-        key = (router.key, address.namespace, address.name, address.port, info)
-        cached = self._targets.get(key)
+        # Both are one object per meaning: an address per distinct header values (cached by
+        # address()), an info per observed state of the sandbox; a change is a new key.
+        key = (address, info)
+        cached = self._targets.get(key) if address.path is None else None  # port-proxy addresses are per request
         if cached is None or cached[0] is not router:
             endpoint = self._endpoint(router, address, info)
             upstream = Upstream(f"Sandbox {address.namespace}/{address.name}:{address.port}", (endpoint,))
             cached = (router, upstream, ("sandbox", address.namespace, address.name))
-            if len(self._targets) >= MAX_CACHED:
-                self._targets.clear()
-            self._targets[key] = cached
+            if address.path is None:
+                if len(self._targets) >= MAX_CACHED:
+                    self._targets.clear()
+                self._targets[key] = cached
         return SandboxTarget(cached[1], address.path or path, timeout, cached[2])
 
     def _endpoint(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None) -> Endpoint:

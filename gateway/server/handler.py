@@ -7,6 +7,7 @@ glue between them and the only place that turns their outcomes into statuses.
 from __future__ import annotations
 
 import asyncio
+from inspect import isawaitable
 from random import getrandbits
 import re
 from dataclasses import dataclass, field
@@ -172,7 +173,9 @@ class Gateway:
             if isinstance(choice.special, PreviewZone):
                 sandbox = await self._preview(request, choice.special, found, gateway, host, path, allowed, request_id)
             else:
-                sandbox = await self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id)
+                sandbox = self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id)
+                if isawaitable(sandbox):  # the terminal
+                    sandbox = await sandbox
             if isinstance(sandbox, web.StreamResponse):
                 outcome.status = 101 if isinstance(sandbox, web.WebSocketResponse) else sandbox.status
                 return sandbox
@@ -301,18 +304,22 @@ class Gateway:
         response.headers["Retry-After"] = str(max(1, verdict.retry_after))
         return response
 
-    async def _sandbox(self, request, router, found: Candidate, gateway: str, path: str, upstream_path: str,
-                       allowed, policy, request_id: str):
-        """A SandboxRouter backend: the sandbox to forward to, or the response that ends it."""
+    def _sandbox(self, request, router, found: Candidate, gateway: str, path: str, upstream_path: str,
+                 allowed, policy, request_id: str):
+        """A SandboxRouter backend: the sandbox to forward to, or the response that ends it (an
+        awaitable for the terminal)."""
         if self.sandboxes is None:
             return self._error(request, 503, "sandboxes_unavailable", "Sandbox access is not running.", request_id)
         token = allowed.decision.token if allowed is not None and allowed.decision is not None else None
-        return await self.sandboxes.route(
+        routed = self.sandboxes.route(
             request, router, path=path, rewritten_path=upstream_path,
             claims=token.claims if token is not None else None, secured=policy is not None,
-            policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway),
+            # who may reach which sandbox is read from the claims: without a SecurityPolicy there are none
+            policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway)
+            if policy is not None else None,
             request_id=request_id, route_key=found.route.key,
         )
+        return routed
 
     async def _preview(self, request, zone: PreviewZone, found: Candidate, gateway: str, host: str, path: str,
                        allowed, request_id: str):
