@@ -62,7 +62,7 @@ async def dev(tmp_path):
     async with dev_environment(ROUTES, f"127.0.0.1:{_free_port()}", "127.0.0.1:0", data_dir=str(tmp_path)) as env:
         running = await start_gateway(env.options)  # what `serve` does first
         try:
-            assert await wait_ready(running, timeout=10)
+            assert await wait_ready(running, timeout=30)  # a loaded CI machine lists slowly
             yield Dev(env, running)
         finally:
             await running.drain()
