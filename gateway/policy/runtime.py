@@ -58,6 +58,14 @@ class PolicyRuntime:
         self._enforcement: dict[int, Enforcement] = {}  # by id() of a policy of this runtime
         self.mcp_by_route: dict[str, McpResource] = {}
         self.mcp_by_metadata_path: dict[str, McpResource] = {}
+        # Cookies any policy reads a credential from: never forwarded where credentials must not go.
+        self.credential_cookies = frozenset(
+            name
+            for policy in policies.security
+            for source in (*(p.source.cookies for p in (policy.jwt.providers if policy.jwt else ())),
+                           policy.api_key.cookies if policy.api_key else ())
+            for name in source
+        )
         for route in config.routes:
             resource = self._mcp_resource(route)
             if resource is not None:

@@ -4,21 +4,6 @@ host, so it never receives the platform's credentials, and the cookies it sets s
 
 from __future__ import annotations
 
-from gateway.policy.loader import PolicySet
-
-
-def platform_cookie_names(policies: PolicySet) -> frozenset[str]:
-    """Cookies the platform's policies read credentials from: never forwarded to a preview."""
-    names: set[str] = set()
-    for policy in policies.security:
-        if policy.jwt is not None:
-            for provider in policy.jwt.providers:
-                names.update(provider.source.cookies)
-        if policy.api_key is not None:
-            names.update(policy.api_key.cookies)
-    return frozenset(names)
-
-
 def strip_credentials(headers, cookie_names: frozenset[str]) -> None:
     headers.popall("Authorization", None)
     headers.popall("Proxy-Authorization", None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from aiohttp import web
 
@@ -20,14 +20,16 @@ class PreviewRouter:
         self.api = api
 
     async def route(self, request: web.BaseRequest, zone: PreviewZone, *, host: str, path: str,
-                    claims: Mapping | None, policy: SandboxPolicy | None, request_id: str,
-                    origin: str) -> SandboxTarget | web.StreamResponse:
+                    claims: Mapping | None, policy: Callable[[], SandboxPolicy | None], request_id: str,
+                    origin: Callable[[], str]) -> SandboxTarget | web.StreamResponse:
+        """`policy` and `origin` are asked for only where they are used (the API, owner mode)."""
         try:
             token = token_from_host(host, zone.zone)
             if token is not None:  # every path of a preview host is the sandbox app's, the API's too
-                return await self.previews.target(zone, host, token, path, claims, policy)
+                owner_policy = policy() if zone.access_mode == "owner" else None
+                return await self.previews.target(zone, host, token, path, claims, owner_policy)
             if is_api_path(path):
-                return await self.api.handle(request, zone, path, claims, policy, origin)
+                return await self.api.handle(request, zone, path, claims, policy(), origin())
             raise Refusal(404, "preview_not_found", "No preview at this host.")
         except Refusal as refusal:
             return refusal_response(refusal, request, request_id)

@@ -27,7 +27,7 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
-from gateway.preview.isolation import host_only_cookies, platform_cookie_names, strip_credentials
+from gateway.preview.isolation import host_only_cookies, strip_credentials
 from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host
 from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
@@ -90,7 +90,6 @@ class Gateway:
         self.sockets = websocket.OpenSockets()
         self.sandboxes: SandboxAccess | None = None  # set when a SandboxRouter is configured
         self.previews: PreviewRouter | None = None  # set when a PreviewZone is configured
-        self._cookie_names: tuple[object, frozenset[str]] = (None, frozenset())
         self.draining = False
 
     def handler_for_port(self, port: int):
@@ -186,7 +185,7 @@ class Gateway:
             to_sandbox=sandbox is not None,
         )
         if sandbox is not None and sandbox.isolate:
-            strip_credentials(out_headers, self._platform_cookies())
+            strip_credentials(out_headers, self.policies.credential_cookies)
         traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
@@ -327,17 +326,13 @@ class Gateway:
         if self.previews is None:
             return self._error(request, 503, "previews_unavailable", "Previews are not running.", request_id)
         token = allowed.decision.token if allowed is not None and allowed.decision is not None else None
+        sandbox_attached = self.policies.policies.sandbox_attached
         return await self.previews.route(
             request, zone, host=host, path=path, claims=token.claims if token is not None else None,
-            policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway),
-            request_id=request_id, origin=self._origin(request),
+            # read only by the API and owner access mode, not per capability-host request
+            policy=lambda: sandbox_attached.for_rule(found.route.key, found.rule.index, gateway),
+            request_id=request_id, origin=lambda: self._origin(request),
         )
-
-    def _platform_cookies(self) -> frozenset[str]:
-        policies = self.policies
-        if self._cookie_names[0] is not policies:
-            self._cookie_names = (policies, platform_cookie_names(policies.policies))
-        return self._cookie_names[1]
 
     async def sandbox_deleted(self, namespace: str, name: str) -> None:
         """Close what still reaches a sandbox that is gone: relayed WebSockets and terminals."""
