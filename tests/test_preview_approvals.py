@@ -85,3 +85,43 @@ async def test_denied_and_lapsed_requests(tmp_path, world, issuer):
     assert stranger[0] == 404
     assert late[0] == 409
     assert routes == []
+
+
+async def test_hostile_api_input_gets_clear_errors_and_changes_nothing(tmp_path, world, issuer):
+    import aiohttp
+
+    from tests.support.harness import url
+
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    alice = user(issuer, "alice@example.com")
+    auth = {"Authorization": f"Bearer {alice}"}
+    async with replica(tmp_path, "one", world, issuer) as gw:
+        _, pending = await api(gw, "POST", "/gateway/v1/previews", alice, {"namespace": "agents", "sandbox": "box-1", "port": port})
+        approval = f"/gateway/v1/approvals/{pending['approval_id']}"
+        async with aiohttp.ClientSession() as session:
+            async def raw(method, path, data=None):
+                async with session.request(method, url(gw, path), headers=auth, data=data) as response:
+                    return response.status, await response.json()
+
+            cases = [
+                (("POST", "/gateway/v1/previews", b"x" * 20_000), 413),
+                (("POST", "/gateway/v1/previews", b"{not json"), 400),
+                (("POST", "/gateway/v1/previews", b"[1, 2]"), 400),
+                (("POST", "/gateway/v1/previews", b'{"namespace": "agents", "sandbox": "box-1", "port": true}'), 400),
+                (("POST", "/gateway/v1/previews", b'{"namespace": "agents", "sandbox": "box-1", "port": 70000}'), 400),
+                (("POST", "/gateway/v1/previews", b'{"namespace": "agents", "sandbox": "box-1\\n", "port": 80}'), 400),
+                (("POST", approval, b'{"decision": "maybe"}'), 400),
+                (("POST", approval, b"\xff\xfe"), 400),
+                (("GET", approval + "?wait=forever", None), 400),
+                (("GET", "/gateway/v1/approvals/..%2F..%2Fetc", None), 404),
+                (("GET", "/gateway/v1/approvals/" + "A" * 32, None), 404),
+                (("GET", "/gateway/v1/previews/" + "z" * 200, None), 404),
+                (("DELETE", "/gateway/v1/previews/../approvals", None), 404),
+            ]
+            for (method, path, data), status in cases:
+                got, body = await raw(method, path, data)
+                assert got == status, (method, path, data, body)
+                assert body["error"] and body["message"] and body["request_id"]
+        still = await api(gw, "GET", approval, alice)
+    assert still[1]["status"] == "pending"
+    assert world.api.list("v1", "Service", "agents") == []

@@ -75,6 +75,12 @@ async def test_shell_input_output_resize_ping_and_exit_code(terminal_gateway):
             assert "error" in await read_until(ws, '"error"')
             await ws.send_str(json.dumps({"type": "resize", "cols": -1, "rows": 10**9}))
             assert "error" in await read_until(ws, '"error"')
+            for hostile in ({"type": "input", "data": 123}, {"type": ["input"]}, [1, 2], {"data": "ls\n"}):
+                await ws.send_str(json.dumps(hostile))
+                assert "error" in await read_until(ws, '"error"')
+            await ws.send_bytes(b"\x00binary")
+            assert "error" in await read_until(ws, '"error"')
+            assert "alive" in await run(ws, "echo still-alive", "alive")
             await ws.send_str(json.dumps({"type": "input", "data": "exit 3\n"}))
             ending = await read_until(ws, '"exit"')
             assert json.loads(ending[ending.index("{"):])["code"] == 3
