@@ -5,18 +5,22 @@ upstream. Every refused request is also checked never to have reached the upstre
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import jwt as pyjwt
 import pytest
 
 from gateway.server.handler import Settings
 from tests.support.fixtures import issuer, recording_echo  # noqa: F401 (fixtures)
-from tests.support.harness import GATEWAY, backend, echo_routes, mcp_routes, route_to, running_gateway, url
+from tests.support.harness import (GATEWAY, access_records, backend, echo_routes, mcp_routes, route_to, running_gateway,
+                                   url)
 from tests.support.issuer import ISSUER, claims
 from tests.support.policy_harness import (
     assert_denied,
@@ -32,6 +36,7 @@ from tests.support.policy_harness import (
     provider,
     route_target,
     security_policy,
+    wait_for,
     wait_ready,
 )
 
@@ -215,6 +220,58 @@ async def test_a_repeated_token_is_decided_afresh_for_each_header_method_and_pat
         for path, method, headers, status in cases:
             await expect(gw, upstream, path, status, "authorization-default-deny" if status == 403 else None,
                          token=token, method=method, headers=headers)
+
+
+async def test_a_repeated_allowed_request_is_recorded_and_forwarded_like_the_first(tmp_path, issuer, upstream):
+    """Repeats of an allowed token, route, method and path reuse its decision: each still gets
+    its own audit record, log fields and count, and claimToHeaders; expiry and a policy reload
+    end the reuse."""
+    spec = {"jwt": {"providers": [provider(issuer, claimToHeaders=[{"claim": "sub", "header": "X-User-Sub"}])]},
+            **authorization([READ_DOCS])}
+    token = issuer.mint(claims())
+    short_lived = issuer.mint(claims(sub="user-2", exp=int(time.time()) + 2))
+    async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=security_policy("p", spec),
+                               reload_interval=0.1) as gw:
+        assert await wait_ready(gw)
+        for _ in range(3):
+            await expect(gw, upstream, "/docs/a", 200, token=token, headers={"X-User-Sub": "forged"})
+            assert upstream.headers(-1, "X-User-Sub") == ["user-1"]
+        lines = [r for r in access_records(gw) if r["path"] == "/docs/a"]
+        assert len(lines) == 3
+        assert len({r["audit_id"] for r in lines}) == len({r["request_id"] for r in lines}) == 3
+        assert {(r["policy"], r["decision"], r["principal"], r["credential"]) for r in lines} == {
+            ("infra/p", "allow", "user-1", lines[0]["credential"])}
+        assert lines[0]["credential"] and lines[0]["reasons"] == []
+        assert await wait_for(lambda: _decisions_stored(gw, 3))
+        stored = {r.id: r for r in await gw.store.list_audit(kind="decision")}
+        for line in lines:
+            record = stored[line["audit_id"]]
+            assert (record.request_id, record.path, record.method, record.principal, record.decision) == (
+                line["request_id"], "/docs/a", "GET", "user-1", "allow")
+            assert record.detail == {"credential": line["credential"]} and record.latency_ms >= 0
+        assert await metric_value(gw, "sandgate_policy_decisions_total", policy="infra/p", decision="allow") == 3
+
+        await expect(gw, upstream, "/docs/a", 200, token=short_lived)
+        await asyncio.sleep(max(0.0, claims_of(short_lived)["exp"] - time.time()) + 0.1)
+        await expect(gw, upstream, "/docs/a", 401, "token-expired", token=short_lived)
+
+        stricter = {**spec, **authorization([], default="Deny")}
+        (tmp_path / "policies" / "policies.yaml").write_text(security_policy("p", stricter))
+        reloaded = await wait_for(lambda: _refused(gw, token), timeout=10)
+        assert reloaded, "the decision kept from before the reload still allowed the token"
+        await expect(gw, upstream, "/docs/a", 403, "authorization-default-deny", token=token)
+
+
+async def _decisions_stored(gw, count: int) -> bool:
+    return await gw.store.count_audit(kind="decision") >= count
+
+
+async def _refused(gw, token: str) -> bool:
+    return (await call(gw, "/docs/a", token=token))[0] == 403
+
+
+def claims_of(token: str) -> dict:
+    return pyjwt.decode(token, options={"verify_signature": False})
 
 
 # --- 401 vs 403, optional JWT -----------------------------------------------------------------

@@ -100,6 +100,16 @@ class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
             method, host, path, decision, reasons, latency_ms, {} if detail is None else detail,
         ))
 
+    def again(self, request_id: str, host: str, latency_ms: float) -> AuditRecord:
+        """This decision once more, for another request: a new id and time, that request's id,
+        host and latency, every other field shared (repeating a cached decision costs a tuple)."""
+        at_us = time_ns() // 1000
+        s = self
+        return tuple.__new__(AuditRecord, (
+            new_id(at_us // 1000), at_us, s[2], request_id, s[4], s[5], s[6], s[7], s[8], host, s[10], s[11], s[12],
+            latency_ms, s[14],
+        ))
+
     @property
     def at(self) -> datetime:
         return EPOCH + timedelta(microseconds=self.at_us)

@@ -43,8 +43,10 @@ class VerifiedToken:
     scopes: frozenset[str] = field(init=False)  # of the `scope` / `scp` claim
     subject: str | None = field(init=False)  # `sub`, as the principal of decisions and audit
     # What policy code derives from this token and keeps as long as the token is cached
-    # (gateway.policy.decision keeps decisions here); not part of the token's value.
+    # (gateway.policy.decision keeps decisions here, gateway.server.enforce what recording an
+    # allowed request needs); not part of the token's value.
     memo: dict = field(init=False, default_factory=dict, compare=False, repr=False)
+    repeats: dict = field(init=False, default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scopes", frozenset(scopes_of(self.claims)))
@@ -84,23 +86,33 @@ class JwtVerifier:
         self._cache: OrderedDict[tuple, VerifiedToken] = OrderedDict()
         self._cache_size = cache_size
 
+    def cached(self, token: str, providers: tuple[JwtProvider, ...], required_audience: str | None = None) -> VerifiedToken | None:
+        """The token as verified earlier, if it is cached and not expired; no signature check."""
+        if len(token) > MAX_TOKEN_BYTES:
+            return None
+        cached = self._cache.get(self._key(token, providers, required_audience))
+        return cached if cached is not None and cached.expires_at > time() else None
+
     async def verify(self, token: str, providers: tuple[JwtProvider, ...], required_audience: str | None = None) -> VerifiedToken:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("token-too-large", "The token is too large.")
-        digest = hashlib.sha256(token.encode()).digest()
-        # Per provider settings, not just names: the providers tuple of a loaded policy lives as
-        # long as this verifier (a reload makes a new one), so its identity is a cheap key.
-        key = (id(providers), required_audience, digest)
+        key = self._key(token, providers, required_audience)
         cached = self._cache.get(key)
         if cached is not None:
             if cached.expires_at > time():
                 return cached
             del self._cache[key]
-        verified = await self._verify(token, providers, required_audience, digest.hex()[:16])
+        verified = await self._verify(token, providers, required_audience, key[2].hex()[:16])
         if len(self._cache) >= self._cache_size:
             self._cache.popitem(last=False)
         self._cache[key] = verified
         return verified
+
+    @staticmethod
+    def _key(token: str, providers: tuple[JwtProvider, ...], required_audience: str | None) -> tuple:
+        # Per provider settings, not just names: the providers tuple of a loaded policy lives as
+        # long as this verifier (a reload makes a new one), so its identity is a cheap key.
+        return (id(providers), required_audience, hashlib.sha256(token.encode()).digest())
 
     async def _verify(self, token, providers, required_audience, fingerprint) -> VerifiedToken:
         try:

@@ -103,7 +103,7 @@ def _authorize_cached(policy: SecurityPolicy, facts: RequestFacts, token: Verifi
     if decision is not None and decision.policy is policy:  # the id of a live policy is its own
         return decision
     decision = _authorize(policy, facts, token, True)
-    if _reads_token_and_operation_only(policy):
+    if reads_token_and_operation_only(policy):
         if len(token.memo) >= _MEMO_SIZE:  # a client walking many paths with one token
             token.memo.clear()
         token.memo[key] = decision
@@ -113,7 +113,7 @@ def _authorize_cached(policy: SecurityPolicy, facts: RequestFacts, token: Verifi
 _MEMO_SIZE = 64
 
 
-def _reads_token_and_operation_only(policy: SecurityPolicy) -> bool:
+def reads_token_and_operation_only(policy: SecurityPolicy) -> bool:
     """Whether no authorization rule reads request headers or the client address."""
     authorization = policy.authorization
     return authorization is None or not any(r.principal.headers or r.principal.client_cidrs for r in authorization.rules)

@@ -10,6 +10,7 @@ from gateway.auth.apikeys import ApiKeyVerifier, Lookup, read_pepper
 from gateway.auth.jwks import Fetch, KeySet
 from gateway.auth.jwt import JwtVerifier
 from gateway.config.model import Config, Route
+from gateway.policy.decision import reads_token_and_operation_only
 from gateway.policy.loader import PolicySet
 from gateway.policy.model import BackendTrafficPolicy, ClientTrafficPolicy, Cors, JwtProvider, SecurityPolicy
 
@@ -25,6 +26,9 @@ class Enforcement:
     key: str  # namespace/name, the metric label and the audit record's `policy`
     # Headers the policy itself sets upstream (or sanitizes): never taken from the client.
     strip_headers: tuple[str, ...]
+    # (header, lowercase prefix) of the bearer token when an allowed decision can be repeated
+    # for the same token, route, method and path (see repeat_source); None when it cannot.
+    repeat_source: tuple[str, str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +119,7 @@ class PolicyRuntime:
         # (every nested tuple of it) would cost more than deriving the entry again.
         found = self._enforcement.get(id(policy))
         if found is None or found.policy is not policy:
-            found = self._enforcement[id(policy)] = Enforcement(policy, policy.key, _strip_headers(policy))
+            found = self._enforcement[id(policy)] = Enforcement(policy, policy.key, _strip_headers(policy), repeat_source(policy))
         return found
 
     def _mcp_resource(self, route: Route) -> McpResource | None:
@@ -128,6 +132,18 @@ class PolicyRuntime:
         prefixes = [m.path.value for rule in route.rules for m in rule.matches if m.path.kind == "PathPrefix"]
         path = (prefixes[0] if prefixes else "/mcp").rstrip("/") or "/"
         return McpResource(route, path, policy)
+
+
+def repeat_source(policy: SecurityPolicy) -> tuple[str, str] | None:
+    """Where a repeated decision's token is read from: the first header of the first JWT provider,
+    which is what extract_token reads first, when nothing but the token, the route, the method
+    and the path can change an allowed outcome (no rule reads other headers or the client
+    address). CORS and MCP requests are told apart by the caller."""
+    jwt = policy.jwt
+    if jwt is None or not jwt.providers or not jwt.providers[0].source.headers or not reads_token_and_operation_only(policy):
+        return None
+    name, prefix = jwt.providers[0].source.headers[0]
+    return name, prefix.lower()
 
 
 def _strip_headers(policy: SecurityPolicy) -> tuple[str, ...]:

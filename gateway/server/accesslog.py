@@ -32,9 +32,10 @@ class AccessLog:
         self._max = max_buffer
         self._task: asyncio.Task | None = None
 
-    def write(self, record: dict) -> None:
-        record["ts"] = round(time.time(), 3)
-        self._buffer.append(_line(record))
+    def write(self, record: dict, encoded: str = "") -> None:
+        """One line: `record`, then `encoded` (JSON members already encoded, each after a comma:
+        what many lines repeat is encoded once by their callers), then the time."""
+        self._buffer.append(f'{_line(record)[:-1]}{encoded},"ts":{round(time.time(), 3)!r}}}')
         if len(self._buffer) >= self._max:
             self.flush()
 

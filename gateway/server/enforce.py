@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from time import monotonic
+from typing import Callable
 
 from aiohttp import web
 
@@ -27,6 +28,19 @@ class Allowed:
     upstream_headers: tuple[tuple[str, str], ...] = ()  # claimToHeaders values
     strip_headers: tuple[str, ...] = ()  # every claimToHeaders name: never taken from the client
     response_headers: tuple[tuple[str, str], ...] = ()  # CORS
+
+
+@dataclass(slots=True)
+class Repeat:
+    """An allowed decision kept with its verified token for one route, method and path, with
+    what recording it again needs: a repeated request costs a lookup and a tuple, not a new
+    evaluation, audit record and log fields."""
+
+    policy: SecurityPolicy
+    allowed: Allowed
+    record: AuditRecord  # the first request's: again() makes the next ones
+    log_json: str  # decision_json(record)
+    counter: object  # its policy_decisions_total child
 
 
 def metadata_response(policies: PolicyRuntime, path: str, origin: str) -> web.Response | None:
@@ -46,7 +60,7 @@ async def enforce(
     route_key: str,
     path: str,
     query: str,
-    origin: str,
+    origin_of: Callable[[web.BaseRequest], str],  # the public origin clients use (read only when needed)
     client_ip: str,
     is_websocket: bool,
     request_id: str,
@@ -57,9 +71,27 @@ async def enforce(
 ) -> Allowed | web.Response:
     headers = request.headers
     client_origin = headers.get("Origin")
+    method = request.method
+    enforcement = policies.enforcement(policy)
+    repeat_source = enforcement.repeat_source
+    # Not for browsers' requests (CORS and Origin checks) nor MCP routes (their own checks).
+    if repeat_source is not None and client_origin is None and route_key not in policies.mcp_by_route:
+        name, prefix = repeat_source
+        value = headers.get(name)
+        if value is not None and value[:len(prefix)].lower() == prefix:
+            started = monotonic()
+            token = policies.verifier.cached(value[len(prefix):].strip(), policy.jwt.providers)
+            repeat = token.repeats.get((id(policy), route_key, method, path)) if token is not None else None
+            if repeat is not None and repeat.policy is policy:  # the id of a live policy is its own
+                repeat.counter.inc()
+                record = repeat.record.again(request_id, host, int((monotonic() - started) * 1_000_000 + 0.5) / 1000)
+                audit.record(record)
+                outcome.decision = record
+                outcome.decision_json = repeat.log_json
+                return repeat.allowed
     cors = policy.cors
     mcp = policies.mcp_by_route.get(route_key)
-    method = request.method
+    origin = origin_of(request)
     if client_origin:
         if cors is not None and method == "OPTIONS" and "Access-Control-Request-Method" in headers:
             if origin_allowed(cors, client_origin, origin):
@@ -75,10 +107,10 @@ async def enforce(
     started = monotonic()
     decision = await evaluate(policy, facts, policies.verifier, policies.api_keys)
     latency_ms = int((monotonic() - started) * 1_000_000 + 0.5) / 1000  # to the µs; round() is slower
-    enforcement = policies.enforcement(policy)
     reasons = decision.reasons
     token = decision.token
-    metrics.observe_decision(enforcement.key, decision.allowed, reasons[0].code if reasons else "allowed")
+    counter = metrics.decision_counter(enforcement.key, decision.allowed, reasons[0].code if reasons else "allowed")
+    counter.inc()
     record = AuditRecord(
         kind="decision",
         request_id=request_id,
@@ -97,6 +129,7 @@ async def enforce(
     )
     audit.record(record)
     outcome.decision = record  # the access log line of this request carries the decision
+    outcome.decision_json = log_json = decision_json(record)
     if not decision.allowed:
         challenge = None
         if decision.status in (400, 401) or (decision.status == 403 and mcp is not None):
@@ -110,7 +143,29 @@ async def enforce(
             headers={"WWW-Authenticate": challenge} if challenge else None,
         )
     response_headers = _cors_headers(cors, client_origin) if cors and client_origin and origin_allowed(cors, client_origin, origin) else ()
-    return Allowed(decision, decision.upstream_headers, enforcement.strip_headers, response_headers)
+    allowed = Allowed(decision, decision.upstream_headers, enforcement.strip_headers, response_headers)
+    if repeat_source is not None and client_origin is None and mcp is None and token is not None and decision.token_sent:
+        if len(token.repeats) >= _REPEATS_PER_TOKEN:  # a client walking many paths with one token
+            token.repeats.clear()
+        token.repeats[(id(policy), route_key, method, path)] = Repeat(policy, allowed, record, log_json, counter)
+    return allowed
+
+
+_REPEATS_PER_TOKEN = 64
+
+
+def decision_json(record: AuditRecord) -> str:
+    """The policy decision of a request as fields of its access log line (credentials as
+    fingerprints), but the audit id: encoded JSON members, each after a comma."""
+    fields = {
+        "policy": record.policy,
+        "revision": record.revision,
+        "decision": record.decision,
+        "reasons": list(record.reasons),
+        "principal": record.principal,
+        "credential": record.detail.get("credential"),
+    }
+    return "," + json.dumps(fields, separators=(",", ":"))[1:-1]
 
 
 def _preflight(cors: Cors, client_origin: str, headers) -> web.Response:

@@ -149,7 +149,7 @@ class Gateway:
         if policy is not None:
             result = await enforce(
                 self.policies, policy, request, route_key=found.route.key, path=path, query=query,
-                origin=self._origin(request), client_ip=client_ip, is_websocket=is_websocket,
+                origin_of=self._origin, client_ip=client_ip, is_websocket=is_websocket,
                 request_id=request_id, host=redact_host(host), metrics=self.metrics, audit=self.audit, outcome=outcome,
             )
             if isinstance(result, web.StreamResponse):
@@ -403,8 +403,8 @@ class Gateway:
                 "duration_ms": round(seconds * 1000, 3),
                 "upstream_ms": round(outcome.upstream_seconds * 1000, 3),
                 "bytes": outcome.bytes_sent,
-                **(_decision_fields(decision) if decision is not None else {}),
-            }
+            },
+            "" if decision is None else f'{outcome.decision_json},"audit_id":"{decision.id}"',
         )
 
     async def close(self) -> None:
@@ -414,26 +414,15 @@ class Gateway:
         await self.pool.close()
 
 
-def _decision_fields(record) -> dict:
-    """The policy decision of a request, for its access log line (credentials as fingerprints)."""
-    return {
-        "policy": record.policy,
-        "revision": record.revision,
-        "decision": record.decision,
-        "reasons": list(record.reasons),
-        "principal": record.principal,
-        "credential": record.detail.get("credential"),
-        "audit_id": record.id,
-    }
-
-
 class _Outcome:
-    __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent", "client", "decision")
+    __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent", "client", "decision",
+                 "decision_json")
 
     def __init__(self) -> None:
         self.status = 0
         self.client = ""
         self.decision = None  # the AuditRecord of the policy decision, if a policy applied
+        self.decision_json = ""  # its fields of the access log line but the audit id (enforce.decision_json)
         self.route = ""
         self.host = ""
         self.path = ""

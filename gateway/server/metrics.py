@@ -79,11 +79,15 @@ class Metrics:
             histogram.observe(upstream_seconds)
 
     def observe_decision(self, policy: str, allowed: bool, reason: str) -> None:
+        self.decision_counter(policy, allowed, reason).inc()
+
+    def decision_counter(self, policy: str, allowed: bool, reason: str):
+        """The policy_decisions_total child of these labels (kept by callers that repeat a decision)."""
         key = (policy, allowed, reason)
         counter = self._decision_children.get(key)
         if counter is None:
             counter = self._decision_children[key] = self.decisions.labels(policy, "allow" if allowed else "deny", reason)
-        counter.inc()
+        return counter
 
     def observe_ratelimited(self, route: str) -> None:
         self.ratelimited.labels(route).inc()

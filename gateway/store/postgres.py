@@ -12,7 +12,7 @@ from gateway.store import schema
 from gateway.store.approvals_postgres import PostgresApprovals
 from gateway.store.base import ApiKeyRecord, Store
 from gateway.store.query import (
-    API_KEY_COLUMNS, AUDIT_COLUMNS, api_key_from_row, audit_from_row, audit_row, audit_where, dumps,
+    API_KEY_COLUMNS, AUDIT_COLUMNS, api_key_from_row, audit_from_row, audit_rows, audit_where, dumps,
 )
 
 _TYPES = {"uuid": "uuid", "time": "timestamptz", "json": "jsonb", "float": "double precision"}
@@ -69,7 +69,7 @@ class PostgresStore(PostgresApprovals, Store):
     async def write_audit(self, records: Sequence[AuditRecord]) -> int:
         if not records:
             return 0
-        columns = [list(c) for c in zip(*(audit_row(r, _datetime_of_us) for r in records))]
+        columns = [list(c) for c in zip(*audit_rows(records, _datetime_of_us))]
         status = await self._pool.execute(_INSERT_AUDIT, *columns)
         return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
 

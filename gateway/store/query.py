@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from gateway.audit.record import AUDIT_FIELDS, AuditRecord
 from gateway.store.base import ApiKeyRecord
@@ -67,14 +67,27 @@ def _strings_only(value: Any) -> bool:
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
-def audit_row(rec: AuditRecord, encode_at: Callable[[int], Any]) -> tuple:
-    """The record as column values in AUDIT_COLUMNS order: `at` as encode_at(at_us) gives it,
-    `reasons` and `detail` as JSON text."""
-    texts = rec[2:12]  # kind ... decision
-    joined = "".join([t for t in texts if t is not None])  # one check instead of ten
-    if not joined.isascii() or "\x00" in joined:
-        texts = tuple(None if v is None else clean(v) for v in texts)
-    return (rec.id, encode_at(rec.at_us), *texts, dumps(rec.reasons), rec.latency_ms, dumps(rec.detail))
+def audit_rows(records: Iterable[AuditRecord], encode_at: Callable[[int], Any]) -> list[tuple]:
+    """The records as column values in AUDIT_COLUMNS order: `at` as encode_at(at_us) gives it,
+    `reasons` and `detail` as JSON text. Records of one repeated decision (AuditRecord.again)
+    share their reasons and detail objects: each distinct object is encoded once per call."""
+    encoded: dict[int, tuple[Any, str]] = {}  # id(object) -> (object, its JSON), objects kept alive
+    rows = []
+    for rec in records:
+        texts = rec[2:12]  # kind ... decision
+        joined = "".join([t for t in texts if t is not None])  # one check instead of ten
+        if not joined.isascii() or "\x00" in joined:
+            texts = tuple(None if v is None else clean(v) for v in texts)
+        reasons, detail = rec[12], rec[14]
+        found = encoded.get(id(reasons))
+        if found is None:
+            found = encoded[id(reasons)] = (reasons, dumps(reasons))
+        reasons_json = found[1]
+        found = encoded.get(id(detail))
+        if found is None:
+            found = encoded[id(detail)] = (detail, dumps(detail))
+        rows.append((rec[0], encode_at(rec[1]), *texts, reasons_json, rec[13], found[1]))
+    return rows
 
 
 def audit_from_row(row: Mapping[str, Any], decode_at: DecodeAt) -> AuditRecord:

@@ -20,7 +20,7 @@ from gateway.store import schema
 from gateway.store.approvals_sqlite import SqliteApprovals
 from gateway.store.base import ApiKeyRecord, Store
 from gateway.store.query import (
-    API_KEY_COLUMNS, AUDIT_COLUMNS, api_key_from_row, audit_from_row, audit_row, audit_where, dumps,
+    API_KEY_COLUMNS, AUDIT_COLUMNS, api_key_from_row, audit_from_row, audit_rows, audit_where, dumps,
 )
 
 T = TypeVar("T")
@@ -120,8 +120,8 @@ class SqliteStore(SqliteApprovals, Store):
         # sqlite3 releases the GIL for each statement step, and taking it back from a busy event
         # loop costs thread switches, which on a gateway pinned to one CPU cost the requests.
         values: list = []
-        for rec in records:
-            values += audit_row(rec, _encode_at_us)
+        for row in audit_rows(records, _encode_at_us):
+            values += row
         whole = len(records) // _CHUNK * _CHUNK * _WIDTH
         chunks = [values[i:i + _CHUNK * _WIDTH] for i in range(0, whole, _CHUNK * _WIDTH)]
         rest = values[whole:]
