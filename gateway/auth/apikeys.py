@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Awaitable, Callable
 
+from gateway.secrets import MissingSecret, SecretFile
+
+__all__ = ["ApiKeyPrincipal", "ApiKeyVerifier", "MissingSecret", "hash_key", "mint_key", "pepper_secret", "read_pepper"]
+
 KEY_PREFIX = "sgk_"
 CACHE_SECONDS = 2.0
 DEFAULT_PEPPER_FILE = "/etc/sandgate/secrets/api-key-pepper"
-
-
-class MissingSecret(Exception):
-    """A required secret file is missing; the message names it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +33,15 @@ class ApiKeyPrincipal:
     scopes: tuple[str, ...]
 
 
-def read_pepper(path: str | None = None) -> bytes:
+def pepper_secret(path: str | None = None) -> SecretFile:
+    """The pepper's secret file (SANDGATE_API_KEY_PEPPER_FILE), re-read when it changes. A new
+    pepper changes every key's hash: rotating it retires every key issued before."""
     path = path or os.environ.get("SANDGATE_API_KEY_PEPPER_FILE", DEFAULT_PEPPER_FILE)
-    try:
-        with open(path, "rb") as f:
-            pepper = f.read().strip()
-    except OSError:
-        raise MissingSecret(f"missing secret: API key pepper file {path}") from None
-    if len(pepper) < 16:
-        raise MissingSecret(f"secret too short: API key pepper file {path} needs at least 16 bytes")
-    return pepper
+    return SecretFile(path, "API key pepper", min_bytes=16)  # MissingSecret names the file
+
+
+def read_pepper(path: str | None = None) -> bytes:
+    return pepper_secret(path).value()
 
 
 def hash_key(pepper: bytes, key: str) -> str:
@@ -65,8 +64,8 @@ Lookup = Callable[[str], Awaitable[object | None]]  # key hash -> stored record 
 
 
 class ApiKeyVerifier:
-    def __init__(self, pepper: bytes, lookup: Lookup, *, cache_size: int = 10_000):
-        self._pepper = pepper
+    def __init__(self, pepper: Callable[[], bytes], lookup: Lookup, *, cache_size: int = 10_000):
+        self._pepper = pepper  # the current pepper (SecretFile.value)
         self._lookup = lookup
         self._cache: OrderedDict[str, tuple[float, ApiKeyPrincipal | None]] = OrderedDict()
         self._cache_size = cache_size
@@ -74,7 +73,7 @@ class ApiKeyVerifier:
     async def verify(self, key: str) -> ApiKeyPrincipal | None:
         if len(key) > 256 or not key.startswith(KEY_PREFIX):
             return None
-        digest = hash_key(self._pepper, key)
+        digest = hash_key(self._pepper(), key)
         cached = self._cache.get(digest)
         now = monotonic()
         if cached is not None and cached[0] > now:

@@ -52,6 +52,7 @@ def run_serve(args, load_options: LoadOptions) -> int:
         drain_seconds=args.drain_seconds,
         load=load_options,
         database_url=os.environ.get("SANDGATE_DATABASE_URL") or None,
+        database_password_file=os.environ.get("SANDGATE_DATABASE_PASSWORD_FILE") or None,
         data_dir=args.data_dir,
         # Workers share the store but not a spool file: a worker slot replays its own leftovers.
         spool_dir=os.path.join(args.data_dir, f"worker-{slot}") if (slot := os.environ.pop(_SLOT_ENV, None)) else None,

@@ -26,7 +26,8 @@ def run_store_command(args) -> int:
 async def _run(args) -> int:
     url = os.environ.get("SANDGATE_DATABASE_URL") or None
     try:
-        store = await open_store(url, data_dir=args.data_dir)
+        store = await open_store(url, data_dir=args.data_dir,
+                                 password_file=os.environ.get("SANDGATE_DATABASE_PASSWORD_FILE") or None)
     except Exception as e:  # noqa: BLE001 - one clear line
         print(f"sandgate: cannot open the store: {e}", file=sys.stderr)
         return 1

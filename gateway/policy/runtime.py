@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from gateway.auth.apikeys import ApiKeyVerifier, Lookup, read_pepper
+from gateway.auth.apikeys import ApiKeyVerifier, Lookup, pepper_secret
 from gateway.auth.jwks import Fetch, KeySet
 from gateway.auth.jwt import JwtVerifier
 from gateway.config.model import Config, Route
@@ -52,7 +52,7 @@ class PolicyRuntime:
         self.policies = policies
         self.api_keys: ApiKeyVerifier | None = None
         if api_key_lookup is not None and any(p.api_key for p in policies.security):
-            self.api_keys = ApiKeyVerifier(read_pepper(), api_key_lookup)  # MissingSecret names the file
+            self.api_keys = ApiKeyVerifier(pepper_secret().value, api_key_lookup)  # MissingSecret names the file
         self._fetch = fetch
         self._on_refresh = on_refresh
         self._key_sets: dict[tuple, KeySet] = {}

@@ -24,7 +24,8 @@ from gateway.sandbox.address import (
 )
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.terminal import Terminals
-from gateway.sandbox.token import MissingToken, RouterToken
+from gateway.sandbox.token import RouterToken
+from gateway.secrets import MissingSecret
 from gateway.proxy.websocket import is_websocket_upgrade
 from gateway.server.errors import error_response
 
@@ -85,7 +86,7 @@ def router_errors(config: Config, secured: Callable[[str, int, str], bool]) -> l
                 if router.router_token_file:
                     try:
                         RouterToken(router.router_token_file)
-                    except MissingToken as e:
+                    except MissingSecret as e:
                         errors.append(f"{where}: {e}")
                         seen.add(router.key)
                         continue

@@ -57,6 +57,7 @@ class ServeOptions:
     drain_seconds: float = 30.0
     load: LoadOptions = field(default_factory=LoadOptions)
     database_url: str | None = None  # PostgreSQL; None = the embedded store in data_dir
+    database_password_file: str | None = None  # its password's secret file, re-read per connection
     data_dir: str = "/tmp/sandgate"  # embedded store and audit spool: mount a volume to keep them
     spool_dir: str | None = None  # default data_dir; each --workers process gets its own
     settings: Settings = field(default_factory=Settings)
@@ -275,7 +276,8 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     access_log = AccessLog(options.access_log)
     metrics = Metrics()
     try:
-        store = await open_store(options.database_url, data_dir=options.data_dir)
+        store = await open_store(options.database_url, data_dir=options.data_dir,
+                                 password_file=options.database_password_file)
         await store.migrate()
     except Exception as e:  # noqa: BLE001 - one clear line for the operator
         raise StartupError(f"cannot open the store ({'PostgreSQL' if options.database_url else options.data_dir}): {e}") from e

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Sequence
+from typing import Callable, Sequence
 
 import asyncpg
 
@@ -50,9 +50,11 @@ class PostgresStore(PostgresApprovals, Store):
         self._pool = pool
 
     @classmethod
-    async def connect(cls, url: str) -> PostgresStore:
+    async def connect(cls, url: str, *, password: Callable[[], str] | None = None) -> PostgresStore:
+        """`password`: called for each new connection (a secret file re-read when it changes)."""
         pool = await asyncpg.create_pool(
             url, min_size=1, max_size=4, command_timeout=_COMMAND_TIMEOUT, timeout=_COMMAND_TIMEOUT,
+            **({"password": password} if password is not None else {}),
         )
         return cls(pool)
 

@@ -57,8 +57,9 @@ class Cluster:
     """A PostgreSQL cluster of its own. Run as the `postgres` user when we are root, because
     initdb and postgres refuse to run as root."""
 
-    def __init__(self, bin_dir: str, root: str):
+    def __init__(self, bin_dir: str, root: str, host_auth: str = "trust"):
         self.root = root
+        self.host_auth = host_auth  # how TCP clients authenticate; the unix socket always trusts
         self.data = os.path.join(root, "data")
         self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
@@ -75,7 +76,7 @@ class Cluster:
     def init(self) -> None:
         subprocess.run(
             [*self._as_user, os.path.join(self._bin, "initdb"), "-D", self.data, "-U", "postgres",
-             "--auth=trust", "--no-sync", "-E", "UTF8"],
+             "--auth-local=trust", f"--auth-host={self.host_auth}", "--no-sync", "-E", "UTF8"],
             check=True, capture_output=True,
         )
         subprocess.run(self._start_args(), check=True, capture_output=True)
@@ -100,15 +101,17 @@ async def _run(args: list[str]) -> None:
 
 
 @contextmanager
-def throwaway_cluster():
-    """A running Cluster, stopped and removed afterwards whatever happens."""
+def throwaway_cluster(host_auth: str = "trust"):
+    """A running Cluster, stopped and removed afterwards whatever happens. `host_auth`: the
+    pg_hba method for TCP clients (e.g. scram-sha-256); Cluster.root is the unix socket's
+    directory, which trusts."""
     bin_dir = _bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
     root = tempfile.mkdtemp(prefix="sandgate-pg-")
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    cluster = Cluster(bin_dir, root)
+    cluster = Cluster(bin_dir, root, host_auth)
     try:
         cluster.init()
         yield cluster
