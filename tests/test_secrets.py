@@ -13,6 +13,9 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -163,3 +166,31 @@ async def _stored(gw, count: int) -> bool:
         return await gw.store.count_audit(kind="decision") >= count
     except (OSError, asyncpg.PostgresError):
         return False
+
+
+# --- Azure Key Vault at run time ----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_secrets_from_key_vault_are_fetched_refreshed_and_named_when_missing():
+    """kv://VAULT/NAME through the real Azure SDK (DefaultAzureCredential, SecretClient) against
+    tests/support/keyvault.py's vault and managed-identity endpoint, in a network namespace with
+    only loopback: nothing the credential chain might try can leave the machine."""
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs unshare and ip (util-linux, iproute2) for a network namespace")
+    script = "ip link set lo up && ip -brief link && exec \"$0\" -m tests.support.keyvault"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "IDENTITY_", "MSI_", "SANDGATE_"))}
+    done = subprocess.run(["unshare", "--net", "sh", "-c", script, sys.executable], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *links, last = done.stdout.strip().splitlines()
+    assert [line.split()[0] for line in links] == ["lo"], f"not an isolated namespace: {links}"
+    report = json.loads(last)
+    assert report["before_rotation"] == [200, 401], report
+    assert report["after_rotation"] == [401, 200], "a rotated secret in the vault was not picked up"
+    assert report["after_secret_deleted"] == 200, "a failed refresh dropped the last good pepper"
+    assert report["missing_secret"].startswith("missing secret: API key pepper kv://"), report["missing_secret"]
+    assert "no-such-secret" in report["missing_secret"] and "\n" not in report["missing_secret"]
+    assert report["token_resources"] and all(r.startswith("https://vault.sandgate.test") for r in report["token_resources"])
+    assert report["secret_requests"]["with_token"] >= 3 and report["secret_requests"]["challenged"] >= 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Awaitable, Callable
 
-from gateway.secrets import MissingSecret, SecretFile
+from gateway.secrets import MissingSecret, SecretFile, VaultSecret, open_secret
 
 __all__ = ["ApiKeyPrincipal", "ApiKeyVerifier", "MissingSecret", "hash_key", "mint_key", "pepper_secret", "read_pepper"]
 
@@ -33,11 +33,11 @@ class ApiKeyPrincipal:
     scopes: tuple[str, ...]
 
 
-def pepper_secret(path: str | None = None) -> SecretFile:
+def pepper_secret(path: str | None = None) -> SecretFile | VaultSecret:
     """The pepper's secret file (SANDGATE_API_KEY_PEPPER_FILE), re-read when it changes. A new
     pepper changes every key's hash: rotating it retires every key issued before."""
     path = path or os.environ.get("SANDGATE_API_KEY_PEPPER_FILE", DEFAULT_PEPPER_FILE)
-    return SecretFile(path, "API key pepper", min_bytes=16)  # MissingSecret names the file
+    return open_secret(path, "API key pepper", min_bytes=16)  # MissingSecret names it
 
 
 def read_pepper(path: str | None = None) -> bytes:

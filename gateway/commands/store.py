@@ -11,6 +11,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 from gateway.auth.apikeys import MissingSecret, hash_key, mint_key, read_pepper
+from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME
 from gateway.config.durations import parse_duration
 from gateway.store import open_store
 
@@ -25,20 +26,29 @@ def run_store_command(args) -> int:
 
 async def _run(args) -> int:
     url = os.environ.get("SANDGATE_DATABASE_URL") or None
+    password_file = os.environ.get("SANDGATE_DATABASE_PASSWORD_FILE") or None
     try:
-        store = await open_store(url, data_dir=args.data_dir,
-                                 password_file=os.environ.get("SANDGATE_DATABASE_PASSWORD_FILE") or None)
-    except Exception as e:  # noqa: BLE001 - one clear line
-        print(f"sandgate: cannot open the store: {e}", file=sys.stderr)
-        return 1
-    try:
-        await store.migrate()
-        if args.command == "db":
-            print("store schema is up to date")
-            return 0
-        return await _keys(store, args)
+        await KEY_VAULT.load({ref: wanted for ref, wanted in {
+            password_file or "": ("database password", 1),
+            os.environ.get("SANDGATE_API_KEY_PEPPER_FILE", ""): ("API key pepper", 16),
+        }.items() if ref.startswith(KEY_VAULT_SCHEME)})
+        try:
+            store = await open_store(url, data_dir=args.data_dir, password_file=password_file)
+        except MissingSecret:
+            raise
+        except Exception as e:  # noqa: BLE001 - one clear line
+            print(f"sandgate: cannot open the store: {e}", file=sys.stderr)
+            return 1
+        try:
+            await store.migrate()
+            if args.command == "db":
+                print("store schema is up to date")
+                return 0
+            return await _keys(store, args)
+        finally:
+            await store.close()
     finally:
-        await store.close()
+        await KEY_VAULT.close()
 
 
 async def _keys(store, args) -> int:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hmac
 
-from gateway.secrets import SecretFile
+from gateway.secrets import open_secret
 
 
 class RouterToken:
     def __init__(self, path: str):
         self.path = path
-        self._secret = SecretFile(path, "router token")  # MissingSecret names the file
+        self._secret = open_secret(path, "router token")  # MissingSecret names it
 
     def matches(self, authorization: str | None) -> bool:
         token = self._secret.value()
-        if not authorization or not authorization[:7].lower() == "bearer ":
+        if not token or not authorization or not authorization[:7].lower() == "bearer ":
             return False
         return hmac.compare_digest(authorization[7:].strip().encode(), token)

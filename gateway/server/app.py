@@ -20,14 +20,14 @@ from aiohttp import web
 
 from gateway.config.loader import LoadOptions, load_routes
 from gateway.audit import AuditLog
-from gateway.auth.apikeys import MissingSecret
 from gateway.auth.fetch import JwksFetcher
-from gateway.config.model import Config, Listener
+from gateway.config.model import Config, Listener, SandboxRouter
 from gateway.policy.loader import load_policies
 from gateway.policy.runtime import PolicyRuntime
 from gateway.routing.table import RouteTable, compile_table
 from gateway.sandbox.router import router_errors
 from gateway.sandbox.terminal import TerminalSettings
+from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME, MissingSecret
 from gateway.server.accesslog import AccessLog
 from gateway.server.admin import make_admin_app
 from gateway.server.cluster import ClusterFeatures
@@ -187,6 +187,10 @@ class RunningGateway:
             if stamp == last:
                 continue
             last = stamp
+            try:  # Key Vault references the new files name, before reload() builds with them
+                await KEY_VAULT.load(vault_references(load_routes(self.options.routes, self.options.load), None))
+            except MissingSecret:
+                pass  # reload() refuses the files, naming the secret
             self.reload()
 
     def reload(self) -> bool:
@@ -248,6 +252,7 @@ class RunningGateway:
         await self.jwks_fetcher.close()
         await self.gateway.audit.stop()  # to the store, or to the spool if it is down
         await self.store.close()
+        await KEY_VAULT.close()
         await self.gateway.access_log.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -270,6 +275,10 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise StartupError("\n".join(policies.errors))
     for line in policies.problems:
         event(log, "policy problem", logging.WARNING, problem=line)
+    try:
+        await KEY_VAULT.load(vault_references(config, options.database_password_file))
+    except MissingSecret as e:
+        raise StartupError(str(e)) from e
     sandbox_errors = router_errors(config, _secured(policies))
     if sandbox_errors:
         raise StartupError("\n".join(sandbox_errors))
@@ -310,11 +319,22 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     _freeze_long_lived()
     running._tasks.append(asyncio.ensure_future(running._keep_keys_loaded()))
     running._tasks.append(asyncio.ensure_future(running._watch_store()))
+    running._tasks.append(asyncio.ensure_future(KEY_VAULT.refresh_forever()))
     if options.reload_interval > 0:
         running._tasks.append(asyncio.ensure_future(running._watch_routes()))
         running._tasks.append(asyncio.ensure_future(running.certificates.watch(max(options.reload_interval, 1.0))))
     running.ready = True
     return running
+
+
+def vault_references(config: Config, database_password_file: str | None) -> dict[str, tuple[str, int]]:
+    """The kv:// secrets this configuration reads (ref -> what, minimum bytes), so that they can
+    be fetched before anything that reads them is built."""
+    refs = {router.router_token_file: ("router token", 1) for router in config.served(SandboxRouter).values()
+            if router.router_token_file}
+    refs[os.environ.get("SANDGATE_API_KEY_PEPPER_FILE", "")] = ("API key pepper", 16)
+    refs[database_password_file or ""] = ("database password", 1)
+    return {ref: wanted for ref, wanted in refs.items() if ref.startswith(KEY_VAULT_SCHEME)}
 
 
 def _secured(policies):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from gateway.secrets import SecretFile
+from gateway.secrets import open_secret
 from gateway.store.base import ApiKeyRecord, Store
 
 __all__ = ["ApiKeyRecord", "Store", "open_store", "SQLITE_FILE"]
@@ -30,7 +30,7 @@ async def open_store(url: str | None, *, data_dir: str, password_file: str | Non
         # Imported here so that a gateway on the embedded store does not need asyncpg.
         from gateway.store.postgres import PostgresStore
 
-        password = SecretFile(password_file, "database password").text if password_file else None
+        password = open_secret(password_file, "database password").text if password_file else None
         return await PostgresStore.connect(url, password=password)
     # Only the scheme is named: the rest of the URL may hold a password.
     raise ValueError(f"unsupported database URL scheme {scheme!r} (use postgresql://)")
