@@ -3,6 +3,7 @@ header and body limits), through a running gateway to a real upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import aiohttp
@@ -118,6 +119,34 @@ async def test_client_policy_limits_headers_and_body(app, tmp_path):
         async with session.post(url(gw, "/"), data=b"x" * 512) as resp:
             assert resp.status == 200
             assert (await resp.json())["body_length"] == 512
+
+
+async def test_client_policy_connection_limit_closes_connections_over_it(app, tmp_path):
+    """connection.connectionLimit: while 3 connections are open a 4th is closed unanswered; once
+    one of them closes, a new one is served again."""
+    policy = client_policy("  connection:\n    connectionLimit: {value: 3}\n")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw:
+        host, port = next(iter(gw.addresses.values()))
+        request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+        async def connect_and_get():
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            return reader, writer, await reader.read(65536)
+
+        held = [await connect_and_get() for _ in range(3)]
+        assert all(answer.startswith(b"HTTP/1.1 200") for _, _, answer in held)
+        reader, writer, answer = await connect_and_get()
+        assert answer == b"", f"a 4th connection was answered: {answer[:60]!r}"
+        writer.close()
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        await asyncio.sleep(0.1)
+        _, writer, answer = await connect_and_get()
+        assert answer.startswith(b"HTTP/1.1 200"), "a connection under the limit was refused"
+        writer.close()
+        for _, w, _ in held[1:]:
+            w.close()
 
 
 async def test_traffic_policy_request_timeout_gives_504(app, tmp_path):

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TextIO
 
 from aiohttp import web
@@ -143,7 +144,8 @@ class RunningGateway:
                 ssl_context = self.certificates.context_for(https) if https else None
             except (OSError, ValueError) as e:
                 raise StartupError(f"port {port}: cannot load TLS certificate from {self.options.tls_dir}: {e}") from e
-            runner = web.ServerRunner(make_server(self.gateway.handler_for_port(port)), handle_signals=False,
+            server = make_server(self.gateway.handler_for_port(port), partial(self.gateway.connection_limit, port))
+            runner = web.ServerRunner(server, handle_signals=False,
                                       shutdown_timeout=self.options.drain_seconds)
             await runner.setup()
             site = web.TCPSite(runner, host, bind_port, ssl_context=ssl_context, reuse_port=self.options.reuse_port or None,

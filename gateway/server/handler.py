@@ -92,6 +92,13 @@ class Gateway:
         self.previews: PreviewRouter | None = None  # set when a PreviewZone is configured
         self.draining = False
 
+    def connection_limit(self, port: int) -> int | None:
+        """ClientTrafficPolicy connection.connectionLimit for `port`: the lowest of the Gateways
+        listening there (read per new connection, so it follows reloads)."""
+        limits = [client.connection_limit for listener in self.table.config.listeners if listener.port == port
+                  if (client := self.policies.client_policy(listener.gateway)) is not None and client.connection_limit]
+        return min(limits) if limits else None
+
     def handler_for_port(self, port: int):
         """The request handler of the socket(s) serving Gateway listeners on `port`."""
 

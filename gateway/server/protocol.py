@@ -8,6 +8,7 @@ become SPEC §3.3 JSON bodies, and header-size overflows become 431 instead of 4
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from aiohttp import web
 from aiohttp import HttpVersion10
@@ -24,6 +25,15 @@ PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers":
 
 
 class _GatewayRequestHandler(RequestHandler):
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        limit = self._manager.connection_limit()
+        if limit is not None and len(self._manager.connections) > limit:
+            # ClientTrafficPolicy connectionLimit: a connection over the limit is closed at once
+            # (Envoy's connection_limit filter without closeDelay), before it is read from.
+            self.force_close()
+            transport.close()
+
     def handle_error(self, request, status=500, exc=None, message=None):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error page")
@@ -49,6 +59,10 @@ def _accept(request) -> str:
 
 
 class GatewayServer(web.Server):
+    def __init__(self, handler, *, connection_limit: Callable[[], int | None], **kwargs):
+        super().__init__(handler, **kwargs)
+        self.connection_limit = connection_limit  # the current limit of open connections, if any
+
     def __call__(self) -> RequestHandler:
         return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -65,7 +79,8 @@ def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
     return request
 
 
-def make_server(handler) -> GatewayServer:
+def make_server(handler, connection_limit: Callable[[], int | None] = lambda: None) -> GatewayServer:
     return GatewayServer(
-        handler, request_factory=_make_request, handler_cancellation=True, access_log=None, **PARSER_LIMITS
+        handler, connection_limit=connection_limit, request_factory=_make_request, handler_cancellation=True,
+        access_log=None, **PARSER_LIMITS
     )
