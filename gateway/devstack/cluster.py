@@ -28,7 +28,6 @@ tests/support/kubeapi.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import re
 import uuid
@@ -205,7 +204,7 @@ async def patch(request: web.Request, resource: Resource, current: dict) -> web.
     if request.content_type != MERGE_PATCH:
         raise ApiError(415, "UnsupportedMediaType", f"the dev stand-in accepts {MERGE_PATCH} only")
     changes = await _json_object(request)
-    obj = merge_patch(copy.deepcopy(current), changes)
+    obj = merge_patch(current, changes)
     meta, was = obj.get("metadata"), current["metadata"]
     name = was["name"]
     if not isinstance(meta, dict) or (meta.get("name"), meta.get("namespace")) != (name, was["namespace"]):
@@ -324,15 +323,16 @@ def make_app(owner: str, token: str) -> web.Application:
     return app
 
 
-def write_kubeconfig(path: str | Path, server: str, token: str) -> Path:
-    """A kubeconfig (token auth, no TLS: loopback only) pointing a client at this stand-in."""
-    name = "sandgate-dev"
+def write_kubeconfig(path: str | Path, server: str, token: str, *, namespace: str = SANDBOX_NAMESPACE,
+                     name: str = "sandgate-dev") -> Path:
+    """A kubeconfig (token auth, no TLS: loopback only) pointing a client at this stand-in (or
+    at the tests' API server double, which has its own name and default namespace)."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": name, "cluster": {"server": server}}],
         "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": SANDBOX_NAMESPACE}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": namespace}}],
         "current-context": name,
     }
     path = Path(path)

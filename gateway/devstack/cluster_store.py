@@ -168,7 +168,7 @@ def merge_patch(target: object, patch: object) -> object:
     """RFC 7386: objects merge key by key, null removes a key, anything else replaces."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    merged = dict(target) if isinstance(target, dict) else {}
+    merged = copy.deepcopy(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             merged.pop(key, None)

@@ -1,23 +1,11 @@
-"""The kubeconfig file that points a real client at the double."""
+"""The kubeconfig file that points a real client at the double (the dev stand-in's format)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-_NAME = "sandgate-kube-api-double"
+from gateway.devstack.cluster import write_kubeconfig as _write
 
 
 def write_kubeconfig(path: Path, server: str, token: str, namespace: str = "default") -> Path:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": _NAME, "cluster": {"server": server}}],
-        "users": [{"name": _NAME, "user": {"token": token}}],
-        "contexts": [{"name": _NAME, "context": {"cluster": _NAME, "user": _NAME, "namespace": namespace}}],
-        "current-context": _NAME,
-        "preferences": {},
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return _write(path, server, token, namespace=namespace, name="sandgate-kube-api-double")

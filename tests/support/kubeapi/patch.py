@@ -6,6 +6,8 @@ import copy
 import json
 from typing import Any
 
+from gateway.devstack.cluster_store import merge_patch  # RFC 7386, as the dev stand-in applies it
+
 from .status import bad_request, unprocessable, unsupported_media_type
 
 JSON_PATCH = "application/json-patch+json"
@@ -31,19 +33,6 @@ def apply_patch(current: dict, content_type: str, body: bytes, *, strategic: boo
     if media_type == STRATEGIC_MERGE_PATCH:
         patch = _without_directives(patch)
     return merge_patch(current, patch)
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: objects merge key by key, null removes, anything else replaces (lists included)."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    merged = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = merge_patch(merged.get(key), value)
-    return merged
 
 
 def _without_directives(patch: Any) -> Any:
