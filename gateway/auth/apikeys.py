@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Awaitable, Callable
 
-from gateway.secrets import MissingSecret, SecretFile, VaultSecret, open_secret
-
-__all__ = ["ApiKeyPrincipal", "ApiKeyVerifier", "MissingSecret", "hash_key", "mint_key", "pepper_secret", "read_pepper"]
+from gateway.secrets import SecretFile, VaultSecret, open_secret
 
 KEY_PREFIX = "sgk_"
 CACHE_SECONDS = 2.0

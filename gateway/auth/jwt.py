@@ -22,6 +22,7 @@ from gateway.policy.model import JwtProvider
 
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "ES256K", "EdDSA"})
 MAX_TOKEN_BYTES = 16 * 1024
+MEMO_SIZE = 128  # entries per cached token (VerifiedToken.remember)
 
 
 class TokenError(Exception):
@@ -44,9 +45,15 @@ class VerifiedToken:
     subject: str | None = field(init=False)  # `sub`, as the principal of decisions and audit
     # What policy code derives from this token and keeps as long as the token is cached
     # (gateway.policy.decision keeps decisions here, gateway.server.enforce what recording an
-    # allowed request needs); not part of the token's value.
+    # allowed request needs); not part of the token's value. Written through remember().
     memo: dict = field(init=False, default_factory=dict, compare=False, repr=False)
-    repeats: dict = field(init=False, default_factory=dict, compare=False, repr=False)
+
+    def remember(self, key: tuple, value: object) -> None:
+        """memo[key] = value, keeping at most MEMO_SIZE entries: a client walking many paths
+        with one token starts the memo afresh rather than growing it."""
+        if len(self.memo) >= MEMO_SIZE:
+            self.memo.clear()
+        self.memo[key] = value
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scopes", frozenset(scopes_of(self.claims)))

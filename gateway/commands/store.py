@@ -10,8 +10,8 @@ import os
 import sys
 from datetime import datetime, timedelta, timezone
 
-from gateway.auth.apikeys import MissingSecret, hash_key, mint_key, read_pepper
-from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME
+from gateway.auth.apikeys import hash_key, mint_key, read_pepper
+from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME, MissingSecret
 from gateway.config.durations import parse_duration
 from gateway.store import open_store
 

@@ -104,13 +104,8 @@ def _authorize_cached(policy: SecurityPolicy, facts: RequestFacts, token: Verifi
         return decision
     decision = _authorize(policy, facts, token, True)
     if reads_token_and_operation_only(policy):
-        if len(token.memo) >= _MEMO_SIZE:  # a client walking many paths with one token
-            token.memo.clear()
-        token.memo[key] = decision
+        token.remember(key, decision)
     return decision
-
-
-_MEMO_SIZE = 64
 
 
 def reads_token_and_operation_only(policy: SecurityPolicy) -> bool:

@@ -81,7 +81,7 @@ async def enforce(
         if value is not None and value[:len(prefix)].lower() == prefix:
             started = monotonic()
             token = policies.verifier.cached(value[len(prefix):].strip(), policy.jwt.providers)
-            repeat = token.repeats.get((id(policy), route_key, method, path)) if token is not None else None
+            repeat = token.memo.get((id(policy), route_key, method, path)) if token is not None else None
             if repeat is not None and repeat.policy is policy:  # the id of a live policy is its own
                 repeat.counter.inc()
                 record = repeat.record.again(request_id, host, int((monotonic() - started) * 1_000_000 + 0.5) / 1000)
@@ -145,13 +145,9 @@ async def enforce(
     response_headers = _cors_headers(cors, client_origin) if cors and client_origin and origin_allowed(cors, client_origin, origin) else ()
     allowed = Allowed(decision, decision.upstream_headers, enforcement.strip_headers, response_headers)
     if repeat_source is not None and client_origin is None and mcp is None and token is not None and decision.token_sent:
-        if len(token.repeats) >= _REPEATS_PER_TOKEN:  # a client walking many paths with one token
-            token.repeats.clear()
-        token.repeats[(id(policy), route_key, method, path)] = Repeat(policy, allowed, record, log_json, counter)
+        # Keyed like decision.py's memo entries plus the route: the two kinds never collide.
+        token.remember((id(policy), route_key, method, path), Repeat(policy, allowed, record, log_json, counter))
     return allowed
-
-
-_REPEATS_PER_TOKEN = 64
 
 
 def decision_json(record: AuditRecord) -> str:
