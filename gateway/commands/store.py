@@ -11,7 +11,8 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 from gateway.auth.apikeys import hash_key, mint_key, read_pepper
-from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME, MissingSecret
+from gateway.secrets import KEY_VAULT, MissingSecret
+from gateway.server.app import vault_references
 from gateway.config.durations import parse_duration
 from gateway.store import open_store
 
@@ -28,10 +29,7 @@ async def _run(args) -> int:
     url = os.environ.get("SANDGATE_DATABASE_URL") or None
     password_file = os.environ.get("SANDGATE_DATABASE_PASSWORD_FILE") or None
     try:
-        await KEY_VAULT.load({ref: wanted for ref, wanted in {
-            password_file or "": ("database password", 1),
-            os.environ.get("SANDGATE_API_KEY_PEPPER_FILE", ""): ("API key pepper", 16),
-        }.items() if ref.startswith(KEY_VAULT_SCHEME)})
+        await KEY_VAULT.load(vault_references(None, password_file))
         try:
             store = await open_store(url, data_dir=args.data_dir, password_file=password_file)
         except MissingSecret:

@@ -329,11 +329,11 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     return running
 
 
-def vault_references(config: Config, database_password_file: str | None) -> dict[str, tuple[str, int]]:
-    """The kv:// secrets this configuration reads (ref -> what, minimum bytes), so that they can
-    be fetched before anything that reads them is built."""
-    refs = {router.router_token_file: ("router token", 1) for router in config.served(SandboxRouter).values()
-            if router.router_token_file}
+def vault_references(config: Config | None, database_password_file: str | None) -> dict[str, tuple[str, int]]:
+    """The kv:// secrets this configuration (routes, if any, and the environment) reads: ref ->
+    (what, minimum bytes), so that they can be fetched before anything that reads them is built."""
+    routers = config.served(SandboxRouter).values() if config is not None else ()
+    refs = {router.router_token_file: ("router token", 1) for router in routers if router.router_token_file}
     refs[os.environ.get("SANDGATE_API_KEY_PEPPER_FILE", "")] = ("API key pepper", 16)
     refs[database_password_file or ""] = ("database password", 1)
     return {ref: wanted for ref, wanted in refs.items() if ref.startswith(KEY_VAULT_SCHEME)}
