@@ -38,6 +38,7 @@ from tests.support.policy_harness import (
     security_policy,
 )
 from tests.support.postgres import fresh_database
+from tests.support.rawhttp import send
 from tests.support.store_gateway import sandgate_cli
 
 KEY = re.compile(r"sgk_(?P<id>[a-z2-7]{8})_(?P<secret>[A-Za-z0-9_-]{43})")
@@ -263,6 +264,11 @@ async def test_a_bad_key_is_401_and_never_reaches_the_upstream(gateway, pepper_f
         result = await with_key(gateway, value)
         assert result[0] == 401, (name, result[0], result[2])
         assert_refused(result, "api-key-invalid", upstream)
+    assert_missing(await call(gateway, "/"), upstream)
+    # bytes that are not UTF-8, which aiohttp's client cannot send
+    raw = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: sgk_" + key_id.encode() + b"_\xff\xfe\r\n\r\n"
+    [response] = await send(gateway, raw)
+    assert response.status == 401 and response.json()["violations"][0]["code"] == "api-key-invalid", response
     assert_missing(await call(gateway, "/"), upstream)
     assert (await with_key(gateway, key))[0] == 200, "the right key still works after the bad ones"
 

@@ -36,6 +36,7 @@ from tests.support.policy_harness import (
     wait_for,
     wait_ready,
 )
+from tests.support.rawhttp import send
 
 REFETCH_INTERVAL = 5.0  # "at most one refetch per few seconds per provider"
 CLAIM_HEADERS = [{"claim": "sub", "header": "X-User-Sub"}, {"claim": "org.team", "header": "X-User-Team"},
@@ -108,6 +109,28 @@ async def test_hostile_token_is_refused_and_never_reaches_the_upstream(tmp_path,
         assert_refused(await call(gw, token=make(issuer)), code, upstream)
     # jku / x5u / kid values are never dereferenced: the issuer saw nothing but its JWKS URI
     assert set(issuer.paths) == {"/jwks.json"}, issuer.paths
+
+
+async def test_token_bytes_that_are_not_utf8_are_refused_on_first_and_repeated_use(tmp_path, issuer, upstream):
+    """Raw non-UTF-8 bytes in the Authorization header, before any token and after a good one
+    that is cached already (the repeated-decision lookup hashes what it is given)."""
+    token = issuer.mint(claims()).encode()
+    async with jwt_gateway(tmp_path, issuer, upstream) as gw:
+        for header in (b"Authorization: Bearer \xff\xfe" + token, b"Authorization: Bearer " + token):
+            await raw_get(gw, header)  # the second one is the good token: cached from here on
+        before = len(upstream.requests)
+        for header in (b"Authorization: Bearer \xff\xfe" + token, b"Authorization: Bearer " + token + b"\xc3\x28",
+                       b"Authorization: Bearer \xed\xa0\x80"):
+            response = await raw_get(gw, header)
+            assert response.status == 401 and response.json()["violations"][0]["code"] == "token-malformed", response
+        assert len(upstream.requests) == before, "a refused request reached the upstream"
+        assert (await raw_get(gw, b"Authorization: Bearer " + token)).status == 200
+
+
+async def raw_get(gw, header: bytes):
+    """A GET with `header` as raw bytes (aiohttp's client sends only UTF-8)."""
+    [response] = await send(gw, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + header + b"\r\n\r\n")
+    return response
 
 
 async def test_token_over_the_header_limit_gets_431(tmp_path, issuer, upstream):

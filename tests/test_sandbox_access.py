@@ -115,9 +115,9 @@ async def test_hostile_sandbox_headers_get_400_and_reach_nothing(tmp_path, world
     assert world.received == []
 
 
-async def test_raw_hostile_headers_newline_and_repeats_get_400(tmp_path, world, token_file):
+async def test_raw_hostile_headers_newline_and_repeats_get_400_and_bad_token_bytes_401(tmp_path, world, token_file):
     """What an HTTP library would not send: a repeated X-Sandbox-* header, a name with a
-    trailing newline smuggled as an obs-fold, a NUL."""
+    trailing newline smuggled as an obs-fold, a NUL; and a token that is not UTF-8 (401)."""
     from tests.support.rawhttp import send
 
     _, port = await world.add("agents", "box-1")
@@ -136,6 +136,11 @@ async def test_raw_hostile_headers_newline_and_repeats_get_400(tmp_path, world, 
             raw = f"GET / HTTP/1.1\r\nHost: x\r\n{auth}{extra}Connection: close\r\n\r\n".encode()
             [response] = await send(gw, raw)
             assert response.status == 400, (extra, response)
+        # a router token with bytes that are not UTF-8
+        raw = (f"GET / HTTP/1.1\r\nHost: x\r\nX-Sandbox-ID: box-1\r\nX-Sandbox-Port: {port}\r\n"
+               f"Connection: close\r\nAuthorization: Bearer {TOKEN}").encode() + b"\xff\r\n\r\n"
+        [response] = await send(gw, raw)
+        assert response.status == 401, response
     assert world.received == []
 
 

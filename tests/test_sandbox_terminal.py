@@ -78,6 +78,9 @@ async def test_shell_input_output_resize_ping_and_exit_code(terminal_gateway):
             for hostile in ({"type": "input", "data": 123}, {"type": ["input"]}, [1, 2], {"data": "ls\n"}):
                 await ws.send_str(json.dumps(hostile))
                 assert "error" in await read_until(ws, '"error"')
+            # a lone surrogate (valid JSON, no UTF-8 form) reaches the shell as U+FFFD
+            await ws.send_str('{"type": "input", "data": "echo lone-\\ud800-ok\\n"}')
+            assert "lone-" in await read_until(ws, "-ok")
             await ws.send_bytes(b"\x00binary")
             assert "error" in await read_until(ws, '"error"')
             assert "alive" in await run(ws, "echo still-alive", "alive")

@@ -69,7 +69,7 @@ class ApiKeyVerifier:
         self._cache_size = cache_size
 
     async def verify(self, key: str) -> ApiKeyPrincipal | None:
-        if len(key) > 256 or not key.startswith(KEY_PREFIX):
+        if len(key) > 256 or not key.isascii() or not key.startswith(KEY_PREFIX):
             return None
         digest = hash_key(self._pepper(), key)
         cached = self._cache.get(digest)

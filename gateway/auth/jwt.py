@@ -95,7 +95,7 @@ class JwtVerifier:
 
     def cached(self, token: str, providers: tuple[JwtProvider, ...], required_audience: str | None = None) -> VerifiedToken | None:
         """The token as verified earlier, if it is cached and not expired; no signature check."""
-        if len(token) > MAX_TOKEN_BYTES:
+        if len(token) > MAX_TOKEN_BYTES or not token.isascii():
             return None
         cached = self._cache.get(self._key(token, providers, required_audience))
         return cached if cached is not None and cached.expires_at > time() else None
@@ -103,6 +103,8 @@ class JwtVerifier:
     async def verify(self, token: str, providers: tuple[JwtProvider, ...], required_audience: str | None = None) -> VerifiedToken:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("token-too-large", "The token is too large.")
+        if not token.isascii():  # a JWT is base64url and dots; raw header bytes that are not UTF-8 arrive as surrogates
+            raise TokenError("token-malformed", "The token cannot be parsed.")
         key = self._key(token, providers, required_audience)
         cached = self._cache.get(key)
         if cached is not None:

@@ -89,7 +89,8 @@ class TerminalSession:
             await self._client_error("A frame is a JSON object with a type.")
             return
         if kind == "input" and isinstance(frame.get("data"), str):
-            await self.exec.send_bytes(bytes([STDIN]) + frame["data"].encode())
+            # "replace": JSON may escape lone surrogates, which have no UTF-8 form
+            await self.exec.send_bytes(bytes([STDIN]) + frame["data"].encode("utf-8", "replace"))
         elif kind == "resize" and _dimension(frame.get("cols")) and _dimension(frame.get("rows")):
             size = json.dumps({"Width": frame["cols"], "Height": frame["rows"]})
             await self.exec.send_bytes(bytes([RESIZE]) + size.encode())

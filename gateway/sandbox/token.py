@@ -20,4 +20,5 @@ class RouterToken:
         token = self._secret.value()
         if not token or not authorization or not authorization[:7].lower() == "bearer ":
             return False
-        return hmac.compare_digest(authorization[7:].strip().encode(), token)
+        presented = authorization[7:].strip()
+        return presented.isascii() and hmac.compare_digest(presented.encode(), token)
