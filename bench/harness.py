@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -395,6 +396,15 @@ def measure(bench: "Bench", load: Wrk | WsEcho, target: Target, seconds: int) ->
         other_cpu=round(max(0.0, busy[cpus.proxy] - proxy_share), 3),
         proxy_us_per_request=round(proxy_seconds * 1e6 / report["requests"], 1) if report["requests"] else 0.0,
     )
+
+
+def measure_together(bench: "Bench", a: tuple[Wrk | WsEcho, Target], b: tuple[Wrk | WsEcho, Target],
+                     seconds: int) -> tuple[dict, dict]:
+    """Two loads at once, each against its own target, for `seconds`: the wrk reports (requests,
+    rps, p50_ms, p99_ms, errors), in the order given."""
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(load.run, target, seconds, bench.cpus.load) for load, target in (a, b)]
+        return running[0].result(), running[1].result()
 
 
 class Bench:
