@@ -105,6 +105,20 @@ async def test_hostile_text_does_not_poison_a_batch(store):
     assert stored.detail == {"h\ufffd": ["?", "\ufffd"]}
 
 
+async def test_separators_and_backslashes_read_back_as_written(store):
+    # PostgreSQL takes batches as COPY text, where tab, newline, CR and backslash are syntax and
+    # \N means NULL: request data holding them must come back unchanged, next to real NULLs.
+    tricky = decision(
+        path="/a\tb\nc\rd\\e", principal="\\N", host="h\\", request_id=None, revision="\t",
+        reasons=("a\tb", "\\N"), latency_ms=None, detail={"k\\": "v\n\"q\"", "t": "\t"},
+    )
+    plain = decision(principal=None, latency_ms=0.25)
+    assert await store.write_audit([tricky, plain]) == 2
+    stored = {r.id: r for r in await store.list_audit()}
+    assert stored[tricky.id] == tricky and stored[plain.id] == plain
+    assert stored[tricky.id].principal == "\\N" and stored[tricky.id].request_id is None
+
+
 async def test_filters_and_order(store):
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
     records = [
