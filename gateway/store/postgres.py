@@ -22,20 +22,13 @@ _MIGRATION_LOCK = 0x73616E6467617465
 _MIGRATION_TIMEOUT = 60.0  # waiting for another replica's migration may take longer than a query
 _COMMAND_TIMEOUT = 5.0
 
-# Batches travel by COPY (text format) into a per-connection temporary table, then move with one
-# INSERT ... ON CONFLICT: the gateway only joins strings, and PostgreSQL parses the values (a
-# parameterised INSERT of arrays made asyncpg encode every value: twice the gateway's CPU per record).
-_STAGE = "sandgate_audit_stage"
-_CREATE_STAGE = (
-    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} (id uuid, at_us bigint, kind text, request_id text, route text,"
-    " policy text, revision text, principal text, method text, host text, path text, decision text, reasons jsonb,"
-    " latency_ms double precision, detail jsonb) ON COMMIT DELETE ROWS"
-)
-_MOVE_STAGED = (
-    f"INSERT INTO audit_events ({', '.join(AUDIT_COLUMNS)}) "
-    f"SELECT id, timestamptz 'epoch' + at_us * interval '1 microsecond', {', '.join(AUDIT_COLUMNS[2:])} FROM {_STAGE} "
-    "ON CONFLICT (id) DO NOTHING"
-)
+# Batches travel by COPY (text format): the gateway only joins strings and PostgreSQL parses the
+# values (a parameterised INSERT of arrays made asyncpg encode every value: twice the gateway's
+# CPU per record). COPY has no ON CONFLICT, so a batch holding an id stored before (a spool
+# replayed after a write whose answer was lost) goes again through a temporary table created
+# in its own transaction (so that a transaction-pooling proxy in front of the database works).
+_CREATE_STAGE = "CREATE TEMPORARY TABLE sandgate_audit_stage (LIKE audit_events) ON COMMIT DROP"
+_MOVE_STAGED = "INSERT INTO audit_events SELECT * FROM sandgate_audit_stage ON CONFLICT (id) DO NOTHING"
 _COPY_NULL = "\\N"
 _TABS_PER_LINE = len(AUDIT_COLUMNS) - 1
 _COPY_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -47,9 +40,9 @@ def _same(at: datetime | None) -> datetime | None:
 
 
 def _copy_text(records: Sequence[AuditRecord]) -> bytes:
-    """The records as lines of COPY's text format, in the staging table's columns."""
+    """The records as lines of COPY's text format, in AUDIT_COLUMNS order."""
     lines = []
-    for row in audit_rows(records, str):  # `at` as its integer microseconds
+    for row in audit_rows(records):
         fields = [_COPY_NULL if v is None else v if type(v) is str else repr(v) for v in row]
         line = "\t".join(fields)
         # Only the separators and the NULL markers' backslashes: then no value needs escaping.
@@ -68,10 +61,6 @@ def _placeholder(n: int) -> str:
     return f"${n}"
 
 
-async def _init(con: asyncpg.Connection) -> None:
-    await con.execute(_CREATE_STAGE)
-
-
 class PostgresStore(PostgresApprovals, Store):
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool
@@ -80,7 +69,7 @@ class PostgresStore(PostgresApprovals, Store):
     async def connect(cls, url: str, *, password: Callable[[], str] | None = None) -> PostgresStore:
         """`password`: called for each new connection (a secret file re-read when it changes)."""
         pool = await asyncpg.create_pool(
-            url, min_size=1, max_size=4, command_timeout=_COMMAND_TIMEOUT, timeout=_COMMAND_TIMEOUT, init=_init,
+            url, min_size=1, max_size=4, command_timeout=_COMMAND_TIMEOUT, timeout=_COMMAND_TIMEOUT,
             **({"password": password} if password is not None else {}),
         )
         return cls(pool)
@@ -99,10 +88,18 @@ class PostgresStore(PostgresApprovals, Store):
         if not records:
             return 0
         data = _copy_text(records)
-        async with self._pool.acquire() as con, con.transaction():
-            await con.copy_to_table(_STAGE, source=_one(data))
-            status = await con.execute(_MOVE_STAGED)
-        return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
+        async with self._pool.acquire() as con:
+            try:
+                async with con.transaction():
+                    status = await con.copy_to_table("audit_events", source=_one(data), columns=AUDIT_COLUMNS)
+                return int(status.rsplit(" ", 1)[1])  # "COPY <rows>"
+            except asyncpg.UniqueViolationError:
+                pass
+            async with con.transaction():
+                await con.execute(_CREATE_STAGE)
+                await con.copy_to_table("sandgate_audit_stage", source=_one(data), columns=AUDIT_COLUMNS)
+                status = await con.execute(_MOVE_STAGED)
+            return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
 
     async def count_audit(self, **filters) -> int:
         where, args = audit_where(filters, _placeholder, _same)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping
 
-from gateway.audit.record import AUDIT_FIELDS, AuditRecord
+from gateway.audit.record import AUDIT_FIELDS, EPOCH, AuditRecord
 from gateway.store.base import ApiKeyRecord
 
 # Column order of audit_events, as both stores insert and select it: an AuditRecord's fields
@@ -67,8 +68,20 @@ def _strings_only(value: Any) -> bool:
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
-def audit_rows(records: Iterable[AuditRecord], encode_at: Callable[[int], Any]) -> list[tuple]:
-    """The records as column values in AUDIT_COLUMNS order: `at` as encode_at(at_us) gives it,
+def encode_at_us(at_us: int) -> str:
+    """A record's time (microseconds since the epoch) as fixed-width UTC ISO-8601 text, which
+    both stores take for their time column (SQLite keeps it as such; it sorts in time order)."""
+    second, micro = divmod(at_us, 1_000_000)
+    return f"{_second_text(second)}.{micro:06d}+00:00"
+
+
+@lru_cache(maxsize=4)  # a batch spans a second or two
+def _second_text(second: int) -> str:
+    return (EPOCH + timedelta(seconds=second)).isoformat()[:-6]  # without "+00:00"
+
+
+def audit_rows(records: Iterable[AuditRecord]) -> list[tuple]:
+    """The records as column values in AUDIT_COLUMNS order: `at` as encode_at_us text,
     `reasons` and `detail` as JSON text. Records of one repeated decision (AuditRecord.again)
     share their reasons and detail objects: each distinct object is encoded once per call."""
     encoded: dict[int, tuple[Any, str]] = {}  # id(object) -> (object, its JSON), objects kept alive
@@ -86,7 +99,7 @@ def audit_rows(records: Iterable[AuditRecord], encode_at: Callable[[int], Any]) 
         found = encoded.get(id(detail))
         if found is None:
             found = encoded[id(detail)] = (detail, dumps(detail))
-        rows.append((rec[0], encode_at(rec[1]), *texts, reasons_json, rec[13], found[1]))
+        rows.append((rec[0], encode_at_us(rec[1]), *texts, reasons_json, rec[13], found[1]))
     return rows
 
 

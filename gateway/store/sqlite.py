@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from datetime import datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import datetime, timezone
 from typing import Callable, Sequence, TypeVar
 
-from gateway.audit.record import EPOCH, AuditRecord
+from gateway.audit.record import AuditRecord
 from gateway.store import schema
 from gateway.store.approvals_sqlite import SqliteApprovals
 from gateway.store.base import ApiKeyRecord, Store
@@ -42,17 +41,6 @@ def _insert_audit(rows: int) -> str:
 _INSERT_AUDIT_CHUNK = _insert_audit(_CHUNK)
 def _encode_at(at: datetime) -> str:
     return at.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _encode_at_us(at_us: int) -> str:
-    """_encode_at of a record's time, from its microseconds since the epoch."""
-    second, micro = divmod(at_us, 1_000_000)
-    return f"{_second_text(second)}.{micro:06d}+00:00"
-
-
-@lru_cache(maxsize=4)  # a batch spans a second or two
-def _second_text(second: int) -> str:
-    return (EPOCH + timedelta(seconds=second)).isoformat()[:-6]  # without "+00:00"
 
 
 def _decode_at(text: str | None) -> datetime | None:
@@ -120,7 +108,7 @@ class SqliteStore(SqliteApprovals, Store):
         # sqlite3 releases the GIL for each statement step, and taking it back from a busy event
         # loop costs thread switches, which on a gateway pinned to one CPU cost the requests.
         values: list = []
-        for row in audit_rows(records, _encode_at_us):
+        for row in audit_rows(records):
             values += row
         whole = len(records) // _CHUNK * _CHUNK * _WIDTH
         chunks = [values[i:i + _CHUNK * _WIDTH] for i in range(0, whole, _CHUNK * _WIDTH)]
