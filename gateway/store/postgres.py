@@ -26,7 +26,7 @@ _COMMAND_TIMEOUT = 5.0
 # values (a parameterised INSERT of arrays made asyncpg encode every value: twice the gateway's
 # CPU per record). COPY has no ON CONFLICT, so a batch holding an id stored before (a spool
 # replayed after a write whose answer was lost) goes again through a temporary table created
-# in its own transaction (so that a transaction-pooling proxy in front of the database works).
+# in its own transaction: the store keeps no state in a connection between transactions.
 _CREATE_STAGE = "CREATE TEMPORARY TABLE sandgate_audit_stage (LIKE audit_events) ON COMMIT DROP"
 _MOVE_STAGED = "INSERT INTO audit_events SELECT * FROM sandgate_audit_stage ON CONFLICT (id) DO NOTHING"
 _COPY_NULL = "\\N"
