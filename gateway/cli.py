@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin", default=_env("admin", DEFAULT_ADMIN), help="admin address, or 'off'")
     serve.add_argument("--workers", type=int, default=int(_env("workers", "1")))
     serve.add_argument("--public-url", default=_env("public-url"))
-    serve.add_argument("--tls-dir", default=_env("tls-dir", "/etc/sandgate/tls"))
+    serve.add_argument("--tls-dir", default=_env("tls-dir", "/etc/sandgate/tls"),
+                       help="certificates as <dir>/<name>/tls.{crt,key}, or kv://VAULT: Key Vault certificate <name>")
     serve.add_argument("--watch-httproutes", action="store_true", default=_env("watch-httproutes") in ("1", "true"))
     serve.add_argument("--kubeconfig", default=_env("kubeconfig"),
                        help="kubeconfig for sandbox state and terminals (default: in-cluster, else $KUBECONFIG)")

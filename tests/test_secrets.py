@@ -194,3 +194,9 @@ def test_secrets_from_key_vault_are_fetched_refreshed_and_named_when_missing():
     assert "no-such-secret" in report["missing_secret"] and "\n" not in report["missing_secret"]
     assert report["token_resources"] and all(r.startswith("https://vault.sandgate.test") for r in report["token_resources"])
     assert report["secret_requests"]["with_token"] >= 3 and report["secret_requests"]["challenged"] >= 1
+    tls = report["tls"]  # --tls-dir kv://VAULT
+    assert tls["first"], "the listener did not serve the vault's PEM certificate"
+    assert tls["rotated_to_pkcs12"], "a certificate rotated in the vault (as PKCS#12) was not served"
+    assert tls["after_garbage"], "an unusable value in the vault replaced the last good certificate"
+    assert tls["missing"].startswith("missing secret: TLS certificate no-such-cert kv://"), tls["missing"]
+    assert "\n" not in tls["missing"]

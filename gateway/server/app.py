@@ -36,7 +36,7 @@ from gateway.server.handler import Gateway, Settings
 from gateway.server.logs import event
 from gateway.server.metrics import Metrics
 from gateway.server.protocol import make_server
-from gateway.server.tls import CertificateStore
+from gateway.server.tls import CertificateStore, vault_certificate_refs
 from gateway.store import Store, open_store
 
 log = logging.getLogger("sandgate")
@@ -190,7 +190,8 @@ class RunningGateway:
                 continue
             last = stamp
             try:  # Key Vault references the new files name, before reload() builds with them
-                await KEY_VAULT.load(vault_references(load_routes(self.options.routes, self.options.load), None))
+                await KEY_VAULT.load(vault_references(load_routes(self.options.routes, self.options.load), None,
+                                                      self.options.tls_dir))
             except MissingSecret:
                 pass  # reload() refuses the files, naming the secret
             self.reload()
@@ -278,7 +279,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     for line in policies.problems:
         event(log, "policy problem", logging.WARNING, problem=line)
     try:
-        await KEY_VAULT.load(vault_references(config, options.database_password_file))
+        await KEY_VAULT.load(vault_references(config, options.database_password_file, options.tls_dir))
     except MissingSecret as e:
         raise StartupError(str(e)) from e
     sandbox_errors = router_errors(config, _secured(policies))
@@ -329,11 +330,16 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     return running
 
 
-def vault_references(config: Config | None, database_password_file: str | None) -> dict[str, tuple[str, int]]:
-    """The kv:// secrets this configuration (routes, if any, and the environment) reads: ref ->
-    (what, minimum bytes), so that they can be fetched before anything that reads them is built."""
+def vault_references(config: Config | None, database_password_file: str | None,
+                     tls_dir: str = "") -> dict[str, tuple[str, int]]:
+    """The kv:// secrets this configuration (routes, if any, the TLS source and the environment)
+    reads: ref -> (what, minimum bytes), so that they can be fetched before anything that reads
+    them is built."""
     routers = config.served(SandboxRouter).values() if config is not None else ()
     refs = {router.router_token_file: ("router token", 1) for router in routers if router.router_token_file}
+    if config is not None:
+        refs |= {ref: (f"TLS certificate {name}", 1)
+                 for ref, name in vault_certificate_refs(tls_dir, config.listeners).items()}
     refs[os.environ.get("SANDGATE_API_KEY_PEPPER_FILE", "")] = ("API key pepper", 16)
     refs[database_password_file or ""] = ("database password", 1)
     return {ref: wanted for ref, wanted in refs.items() if ref.startswith(KEY_VAULT_SCHEME)}

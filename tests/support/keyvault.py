@@ -67,8 +67,9 @@ class KeyVaultDouble:
         self.vault_port = tls._server.sockets[0].getsockname()[1]
         return self
 
-    def ref(self, name: str) -> str:
-        return f"kv://{VAULT_HOST}:{self.vault_port}/{name}"
+    def ref(self, name: str = "") -> str:
+        """kv://VAULT/NAME of a secret here; without a name, kv://VAULT (a --tls-dir)."""
+        return f"kv://{VAULT_HOST}:{self.vault_port}" + (f"/{name}" if name else "")
 
     @property
     def ca_file(self) -> str:
@@ -190,12 +191,64 @@ async def scenario(workdir: str) -> dict:
             report["missing_secret"] = "started"
     except StartupError as e:
         report["missing_secret"] = str(e)
+    del os.environ["SANDGATE_API_KEY_PEPPER_FILE"]  # the TLS part has no API keys
+    report["tls"] = await tls_scenario(vault, echo_port, workdir)
     report["token_resources"] = sorted({q.get("resource", "") for q in vault.token_requests})
     report["secret_requests"] = {"with_token": sum(1 for _, ok in vault.secret_requests if ok),
                                  "challenged": sum(1 for _, ok in vault.secret_requests if not ok)}
     report["vault_ref"] = vault.ref("api-key-pepper")
     await echo.cleanup()
     await vault.stop()
+    return report
+
+
+async def served_certificate(gw, ca) -> bytes:
+    """The DER certificate a new TLS handshake with the gateway gets (SNI edge.example.test)."""
+    from tests.support.certs import client_context
+
+    host, port = next(iter(gw.addresses.values()))
+    _, writer = await asyncio.open_connection(host, port, ssl=client_context(ca), server_hostname="edge.example.test")
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return der
+
+
+async def tls_scenario(vault: KeyVaultDouble, echo_port: int, workdir: str) -> dict:
+    """--tls-dir kv://VAULT: an HTTPS listener's certificate `edge-cert` is the vault's secret
+    edge-cert, first PEM (key and certificate), then rotated to a base64 PKCS#12, then replaced
+    by garbage (the last good one stays); a certificate missing from the vault stops startup."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, pkcs12
+
+    from gateway.server.app import StartupError
+    from tests.support.certs import https_routes, issue, make_authority
+    from tests.support.harness import running_gateway
+
+    report: dict = {}
+    ca = make_authority()
+    first_pem, first_key, first_der = issue(ca, "edge.example.test")
+    second_pem, second_key, second_der = issue(ca, "edge.example.test")
+    vault.secrets["edge-cert"] = (first_key + first_pem).decode()
+    routes = https_routes(echo_port, [("https", None, "edge-cert")])
+    async with running_gateway(Path(tempfile.mkdtemp(dir=workdir)), routes, tls_dir=vault.ref(),
+                               reload_interval=0.2) as gw:
+        report["first"] = await served_certificate(gw, ca) == first_der
+        pfx = pkcs12.serialize_key_and_certificates(
+            b"edge", load_pem_private_key(second_key, None), x509.load_pem_x509_certificate(second_pem), None,
+            serialization.NoEncryption())
+        vault.secrets["edge-cert"] = base64.b64encode(pfx).decode()
+        deadline = time.monotonic() + 10
+        while await served_certificate(gw, ca) != second_der and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        report["rotated_to_pkcs12"] = await served_certificate(gw, ca) == second_der
+        vault.secrets["edge-cert"] = "not a certificate"
+        await asyncio.sleep(2.0)  # a refresh (0.5 s) and a certificate check (1 s) later
+        report["after_garbage"] = await served_certificate(gw, ca) == second_der
+    missing = https_routes(echo_port, [("https", None, "no-such-cert")])
+    try:
+        async with running_gateway(Path(tempfile.mkdtemp(dir=workdir)), missing, tls_dir=vault.ref()):
+            report["missing"] = "started"
+    except StartupError as e:
+        report["missing"] = str(e)
     return report
 
 
