@@ -149,6 +149,84 @@ async def test_client_policy_connection_limit_closes_connections_over_it(app, tm
             w.close()
 
 
+async def _raw_get(host: str, port: int, reader=None, writer=None, extra: str = ""):
+    """One GET on a kept (or new) connection, its body read whole: (reader, writer, response head)."""
+    if reader is None:
+        reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+    return reader, writer, head
+
+
+async def _closed_within(reader, seconds: float) -> bool:
+    """Whether the server closes the connection within `seconds` (a close with our request still
+    unread arrives as a reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(1), seconds) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def test_client_policy_max_requests_per_connection_closes_after_the_last(app, tmp_path):
+    """connectionLimit.maxRequestsPerConnection: 2: the first response keeps the connection, the
+    second says Connection: close and the gateway closes it."""
+    policy = client_policy("  connection:\n    connectionLimit: {value: 100, maxRequestsPerConnection: 2}\n")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw:
+        host, port = next(iter(gw.addresses.values()))
+        reader, writer, first = await _raw_get(host, port)
+        assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower()
+        _, _, second = await _raw_get(host, port, reader, writer)
+        assert second.startswith(b"HTTP/1.1 200") and b"connection: close" in second.lower()
+        assert await _closed_within(reader, 2), "the connection stayed open after its last request"
+        writer.close()
+
+
+async def test_client_policy_max_connection_duration_closes_an_idle_connection(app, tmp_path):
+    """connectionLimit.maxConnectionDuration: a kept-alive connection idle past it is closed; one
+    busy at that time gets Connection: close on its next response."""
+    policy = client_policy("  connection:\n    connectionLimit: {value: 100, maxConnectionDuration: 600ms}\n")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw:
+        host, port = next(iter(gw.addresses.values()))
+        reader, writer, head = await _raw_get(host, port)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+        assert not await _closed_within(reader, 0.2), "closed before maxConnectionDuration"
+        assert await _closed_within(reader, 2), "an idle connection outlived maxConnectionDuration"
+        writer.close()
+        # Busy when the duration passes: the response in flight completes, then the connection closes.
+        reader, writer, head = await _raw_get(host, port, extra="X-Echo-Delay: 1\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await _closed_within(reader, 0.5), "a connection busy past maxConnectionDuration stayed open"
+        writer.close()
+
+
+async def test_client_policy_close_delay_holds_rejected_connections_without_counting_them(app, tmp_path):
+    """connectionLimit {value: 1, closeDelay: 1s}: a connection over the limit gets no answer and
+    is closed after about a second, not at once; while it is held, it does not count against the
+    limit, so a connection made after the served one closed is served."""
+    policy = client_policy("  connection:\n    connectionLimit: {value: 1, closeDelay: 1s}\n")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw:
+        host, port = next(iter(gw.addresses.values()))
+        served_reader, served_writer, head = await _raw_get(host, port)
+        assert head.startswith(b"HTTP/1.1 200")
+        held_reader, held_writer = await asyncio.open_connection(host, port)
+        held_writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        started = asyncio.get_running_loop().time()
+        assert not await _closed_within(held_reader, 0.4), "a rejected connection was closed before closeDelay"
+        served_writer.close()
+        await served_writer.wait_closed()
+        await asyncio.sleep(0.1)
+        _, writer, head = await _raw_get(host, port)  # the held one does not count
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+        assert await _closed_within(held_reader, 2), "a rejected connection was never closed"
+        assert asyncio.get_running_loop().time() - started >= 0.9
+        held_writer.close()
+
+
 async def test_traffic_policy_request_timeout_gives_504(app, tmp_path):
     policy = traffic_policy("""  timeout:
     http: {requestTimeout: 300ms}
@@ -216,6 +294,29 @@ def test_sandbox_policy_loads_and_attaches(tmp_path):
     errors = load_policies(str(tmp_path), config).errors
     assert len(errors) == 1 and "ports.min 9500 is greater than ports.max 9000" in errors[0]
     assert errors[0].startswith(f"{tmp_path / 'sandbox.yaml'}:")
+
+
+@pytest.mark.parametrize("spec, field", [
+    ("  timeout:\n    http: {idleTimeout: 5s}\n", "timeout"),
+    ("  tls: {minVersion: '1.3'}\n", "tls"),
+    ("  headers: {preserveXRequestID: true}\n", "headers.preserveXRequestID"),
+    ("  connection:\n    connectionLimit: {value: 5, maxStreamDuration: 5s}\n", "maxStreamDuration"),
+    ("  connection: {socketBufferLimit: 1Mi}\n", "connection.socketBufferLimit"),
+    ("  clientIPDetection:\n    customHeader: {name: X-Real-IP}\n", "clientIPDetection.customHeader"),
+])
+def test_client_policy_fields_this_build_does_not_apply_are_refused(tmp_path, spec, field):
+    """A ClientTrafficPolicy setting Sandgate does not apply is an error naming it (file and
+    line), as for the other kinds: a user's policy must not load as if it were enforced."""
+    from gateway.config.loader import load_routes_from_string
+    from gateway.policy.loader import load_policies
+
+    config = load_routes_from_string(GATEWAY + backend("app", 1) + route_to("app"))
+    (tmp_path / "client.yaml").write_text(client_policy(spec))
+    errors = load_policies(str(tmp_path), config).errors
+    assert len(errors) == 1 and f"{field} is not supported by this build" in errors[0], errors
+    assert errors[0].startswith(f"{tmp_path / 'client.yaml'}:")
+    (tmp_path / "client.yaml").write_text(client_policy("  connection:\n    connectionLimit: {value: 5, closeDelay: 1s}\n"))
+    assert load_policies(str(tmp_path), config).errors == []
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from gateway.config import schemas
-from gateway.config.durations import parse_duration
+from gateway.config.durations import parse_duration, parse_timeout
 from gateway.config.loader import age_key
 from gateway.config.model import Config, Source
 from gateway.config.yamldoc import Document, YamlError, load_documents
@@ -27,6 +27,7 @@ from gateway.policy.model import (
     BackendTrafficPolicy,
     ClaimMatch,
     ClientTrafficPolicy,
+    ConnectionLimits,
     Cors,
     Jwt,
     JwtProvider,
@@ -236,6 +237,10 @@ def _rate_rule(path: tuple, spec: dict) -> RateLimitRule:
     return RateLimitRule(limit["requests"], UNIT_SECONDS[limit["unit"]], tuple(headers), source, methods)
 
 
+_CLIENT_UNSUPPORTED = ("enableProxyProtocol", "grpc", "healthCheck", "http1", "http2", "http3", "path",
+                       "proxyProtocol", "scheme", "tcpKeepalive", "timeout", "tls")
+
+
 def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
     spec = doc.obj["spec"]
     xff = (spec.get("clientIPDetection") or {}).get("xForwardedFor") or {}
@@ -243,6 +248,16 @@ def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
         raise _Invalid(("spec", "clientIPDetection"), "trustedCIDRs is not supported (use numTrustedHops)")
     connection = spec.get("connection") or {}
     headers = spec.get("headers") or {}
+    # As for the other kinds: a field this build does not apply is refused, never ignored.
+    for path, value in (
+        *((("spec", name), spec.get(name)) for name in _CLIENT_UNSUPPORTED),
+        *((("spec", "connection", name), connection.get(name)) for name in ("maxAcceptPerSocketEvent", "socketBufferLimit")),
+        *((("spec", "headers", name), value) for name, value in headers.items() if name != "maxRequestHeaderLimit"),
+        *((("spec", "clientIPDetection", name), value) for name, value in (spec.get("clientIPDetection") or {}).items()
+          if name != "xForwardedFor"),
+    ):
+        if value not in (None, False, {}, []):
+            raise _Invalid(path, f"{'.'.join(path[1:])} is not supported by this build")
     try:
         max_headers = _quantity(headers.get("maxRequestHeaderLimit"))
         max_body = _quantity(connection.get("bufferLimit"))
@@ -253,8 +268,24 @@ def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
         trusted_hops=int(xff.get("numTrustedHops") or 0),
         max_header_bytes=max_headers,
         max_body_bytes=max_body,
-        connection_limit=(connection.get("connectionLimit") or {}).get("value"),
+        connection=_connection_limits(connection.get("connectionLimit")),
     )
+
+
+def _connection_limits(spec: dict | None) -> ConnectionLimits | None:
+    if not spec:
+        return None
+    if spec.get("maxStreamDuration"):
+        raise _Invalid(("spec", "connection", "connectionLimit", "maxStreamDuration"), "maxStreamDuration is not supported by this build")
+    try:
+        return ConnectionLimits(
+            limit=spec.get("value"),
+            close_delay=parse_duration(spec["closeDelay"]) if spec.get("closeDelay") else None,
+            max_seconds=parse_timeout(spec.get("maxConnectionDuration")),
+            max_requests=spec.get("maxRequestsPerConnection") or None,
+        )
+    except ValueError as e:
+        raise _Invalid(("spec", "connection", "connectionLimit"), str(e)) from None
 
 
 _QUANTITY = re.compile(r"^([0-9]+)([KMGTPE]i|[kMGTPE])?$")

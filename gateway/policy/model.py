@@ -149,7 +149,24 @@ class ClientTrafficPolicy(Policy):
     trusted_hops: int = 0
     max_header_bytes: int | None = None
     max_body_bytes: int | None = None
-    connection_limit: int | None = None
+    connection: ConnectionLimits | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """ClientTrafficPolicy connection.connectionLimit, for the connections of a listener port."""
+
+    limit: int | None = None  # open connections; more are closed unread
+    close_delay: float | None = None  # seconds a connection over the limit is held before it is closed
+    max_seconds: float | None = None  # maxConnectionDuration: drained (closed after its response) then
+    max_requests: int | None = None  # maxRequestsPerConnection: the last one is answered with Connection: close
+
+    def tightest(self, other: ConnectionLimits) -> ConnectionLimits:
+        """Each limit at the lower of the two (several Gateways listening on one port)."""
+        def low(a, b):
+            return b if a is None else a if b is None else min(a, b)
+        return ConnectionLimits(low(self.limit, other.limit), low(self.close_delay, other.close_delay),
+                                low(self.max_seconds, other.max_seconds), low(self.max_requests, other.max_requests))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
 from gateway.proxy.upstream import UpstreamPool
+from gateway.policy.model import ConnectionLimits
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
@@ -92,12 +93,15 @@ class Gateway:
         self.previews: PreviewRouter | None = None  # set when a PreviewZone is configured
         self.draining = False
 
-    def connection_limit(self, port: int) -> int | None:
-        """ClientTrafficPolicy connection.connectionLimit for `port`: the lowest of the Gateways
-        listening there (read per new connection, so it follows reloads)."""
-        limits = [client.connection_limit for listener in self.table.config.listeners if listener.port == port
-                  if (client := self.policies.client_policy(listener.gateway)) is not None and client.connection_limit]
-        return min(limits) if limits else None
+    def connection_limits(self, port: int) -> ConnectionLimits | None:
+        """ClientTrafficPolicy connection.connectionLimit for `port`: each limit the lowest of the
+        Gateways listening there (read per new connection, so it follows reloads)."""
+        found = None
+        for listener in self.table.config.listeners:
+            client = self.policies.client_policy(listener.gateway) if listener.port == port else None
+            if client is not None and client.connection is not None:
+                found = client.connection if found is None else found.tightest(client.connection)
+        return found
 
     def handler_for_port(self, port: int):
         """The request handler of the socket(s) serving Gateway listeners on `port`."""

@@ -15,6 +15,7 @@ from aiohttp import HttpVersion10
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.policy.model import ConnectionLimits
 from gateway.server.errors import error_response
 
 HTTP09 = web.RequestKey("sandgate_http09", bool)
@@ -25,14 +26,59 @@ PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers":
 
 
 class _GatewayRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with ClientTrafficPolicy connection.connectionLimit applied
+    as Envoy applies it: a connection over `value` is closed unread (after `closeDelay`, if set,
+    held without reading); after `maxRequestsPerConnection` requests, or once
+    `maxConnectionDuration` has passed, a connection is answered with `Connection: close`
+    (a connection idle at that time is closed at once)."""
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        limit = self._manager.connection_limit()
-        if limit is not None and len(self._manager.connections) > limit:
-            # ClientTrafficPolicy connectionLimit: a connection over the limit is closed at once
-            # (Envoy's connection_limit filter without closeDelay), before it is read from.
-            self.force_close()
-            transport.close()
+        self.rejected = False
+        self.started_requests = 0
+        self.draining = False
+        self._limits = limits = self._manager.connection_limits()
+        self._expiry = None
+        if limits is None:
+            return
+        manager = self._manager
+        if limits.limit is not None and len(manager.connections) - manager.rejected_open > limits.limit:
+            self.rejected = True
+            manager.rejected_open += 1
+            transport.pause_reading()
+            if limits.close_delay:
+                self._loop.call_later(limits.close_delay, transport.close)
+            else:
+                self.force_close()
+                transport.close()
+            return
+        if limits.max_seconds:
+            self._expiry = self._loop.call_later(limits.max_seconds, self._drain)
+
+    def connection_lost(self, exc) -> None:
+        if self.rejected:
+            self.rejected = False
+            self._manager.rejected_open -= 1
+        if self._expiry is not None:
+            self._expiry.cancel()
+        super().connection_lost(exc)
+
+    def close_after(self) -> bool:
+        """Called as each request starts: whether it is the connection's last."""
+        self.started_requests += 1
+        limits = self._limits
+        return self.draining or bool(limits and limits.max_requests and self.started_requests >= limits.max_requests)
+
+    def _drain(self) -> None:
+        self.draining = True
+        if not self._request_in_progress and not self._messages:
+            self.force_close()  # idle: nothing to finish
+
+    async def _handle_request(self, request, start_time, request_handler):
+        response, reset = await super()._handle_request(request, start_time, request_handler)
+        if self.draining:
+            response.force_close()  # its headers may have been sent before the drain: close after it
+        return response, reset
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if request.writer.output_size > 0:
@@ -59,9 +105,10 @@ def _accept(request) -> str:
 
 
 class GatewayServer(web.Server):
-    def __init__(self, handler, *, connection_limit: Callable[[], int | None], **kwargs):
+    def __init__(self, handler, *, connection_limits: Callable[[], ConnectionLimits | None], **kwargs):
         super().__init__(handler, **kwargs)
-        self.connection_limit = connection_limit  # the current limit of open connections, if any
+        self.connection_limits = connection_limits  # the port's current limits, if any
+        self.rejected_open = 0  # connections over the limit, held open for closeDelay
 
     def __call__(self) -> RequestHandler:
         return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -73,14 +120,16 @@ def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
     http09 = message.version < HttpVersion10
     if http09:
         message = message._replace(version=HttpVersion10, should_close=True)
+    elif protocol.close_after() and not message.should_close:
+        message = message._replace(should_close=True)  # its response says Connection: close
     request = web.BaseRequest(message, payload, protocol, writer, task, protocol._loop)
     if http09:
         request[HTTP09] = True
     return request
 
 
-def make_server(handler, connection_limit: Callable[[], int | None] = lambda: None) -> GatewayServer:
+def make_server(handler, connection_limits: Callable[[], ConnectionLimits | None] = lambda: None) -> GatewayServer:
     return GatewayServer(
-        handler, connection_limit=connection_limit, request_factory=_make_request, handler_cancellation=True,
+        handler, connection_limits=connection_limits, request_factory=_make_request, handler_cancellation=True,
         access_log=None, **PARSER_LIMITS
     )
