@@ -71,14 +71,10 @@ class _GatewayRequestHandler(RequestHandler):
 
     def _drain(self) -> None:
         self.draining = True
-        if not self._request_in_progress and not self._messages:
-            self.force_close()  # idle: nothing to finish
-
-    async def _handle_request(self, request, start_time, request_handler):
-        response, reset = await super()._handle_request(request, start_time, request_handler)
-        if self.draining:
-            response.force_close()  # its headers may have been sent before the drain: close after it
-        return response, reset
+        if self._waiter is not None and not self._waiter.done():
+            self.force_close()  # idle, waiting for a request (aiohttp's own keep-alive check)
+        else:
+            self.close()  # busy: aiohttp closes it once the response in flight is sent
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if request.writer.output_size > 0:
