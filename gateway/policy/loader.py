@@ -239,6 +239,20 @@ def _rate_rule(path: tuple, spec: dict) -> RateLimitRule:
 
 _CLIENT_UNSUPPORTED = ("enableProxyProtocol", "grpc", "healthCheck", "http1", "http2", "http3", "path",
                        "proxyProtocol", "scheme", "tcpKeepalive", "timeout", "tls")
+# What this build applies in the sections it reads; anything else set in them is refused.
+_CLIENT_SUPPORTED_IN = {"connection": {"bufferLimit", "connectionLimit"}, "headers": {"maxRequestHeaderLimit"},
+                        "clientIPDetection": {"xForwardedFor"}}
+
+
+def _refuse_unsupported_client_fields(spec: dict) -> None:
+    """As for the other kinds: a ClientTrafficPolicy field this build does not apply is an
+    error naming it, never silently ignored."""
+    fields = [(("spec", name), spec.get(name)) for name in _CLIENT_UNSUPPORTED]
+    fields += [(("spec", section, name), value) for section, supported in _CLIENT_SUPPORTED_IN.items()
+               for name, value in (spec.get(section) or {}).items() if name not in supported]
+    for path, value in fields:
+        if value not in (None, False, {}, []):
+            raise _Invalid(path, f"{'.'.join(path[1:])} is not supported by this build")
 
 
 def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
@@ -248,16 +262,7 @@ def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
         raise _Invalid(("spec", "clientIPDetection"), "trustedCIDRs is not supported (use numTrustedHops)")
     connection = spec.get("connection") or {}
     headers = spec.get("headers") or {}
-    # As for the other kinds: a field this build does not apply is refused, never ignored.
-    for path, value in (
-        *((("spec", name), spec.get(name)) for name in _CLIENT_UNSUPPORTED),
-        *((("spec", "connection", name), connection.get(name)) for name in ("maxAcceptPerSocketEvent", "socketBufferLimit")),
-        *((("spec", "headers", name), value) for name, value in headers.items() if name != "maxRequestHeaderLimit"),
-        *((("spec", "clientIPDetection", name), value) for name, value in (spec.get("clientIPDetection") or {}).items()
-          if name != "xForwardedFor"),
-    ):
-        if value not in (None, False, {}, []):
-            raise _Invalid(path, f"{'.'.join(path[1:])} is not supported by this build")
+    _refuse_unsupported_client_fields(spec)
     try:
         max_headers = _quantity(headers.get("maxRequestHeaderLimit"))
         max_body = _quantity(connection.get("bufferLimit"))

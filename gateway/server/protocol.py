@@ -28,9 +28,9 @@ PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers":
 class _GatewayRequestHandler(RequestHandler):
     """aiohttp's connection handler, with ClientTrafficPolicy connection.connectionLimit applied
     as Envoy applies it: a connection over `value` is closed unread (after `closeDelay`, if set,
-    held without reading); after `maxRequestsPerConnection` requests, or once
-    `maxConnectionDuration` has passed, a connection is answered with `Connection: close`
-    (a connection idle at that time is closed at once)."""
+    held without reading and not counted); the response to request `maxRequestsPerConnection`
+    says `Connection: close`; once `maxConnectionDuration` has passed, an idle connection is
+    closed at once and a busy one after the response in flight."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
