@@ -158,7 +158,7 @@ class ConnectionLimits:
 
     limit: int | None = None  # open connections; more are closed unread
     close_delay: float | None = None  # seconds a connection over the limit is held before it is closed
-    max_seconds: float | None = None  # maxConnectionDuration: drained (closed after its response) then
+    max_seconds: float | None = None  # maxConnectionDuration: then closed (a busy one after its response)
     max_requests: int | None = None  # maxRequestsPerConnection: the last one is answered with Connection: close
 
     def tightest(self, other: ConnectionLimits) -> ConnectionLimits:
