@@ -240,16 +240,23 @@ def _rate_rule(path: tuple, spec: dict) -> RateLimitRule:
 _CLIENT_UNSUPPORTED = ("enableProxyProtocol", "grpc", "healthCheck", "http1", "http2", "http3", "path",
                        "proxyProtocol", "scheme", "tcpKeepalive", "timeout", "tls")
 # What this build applies in the sections it reads; anything else set in them is refused.
-_CLIENT_SUPPORTED_IN = {"connection": {"bufferLimit", "connectionLimit"}, "headers": {"maxRequestHeaderLimit"},
-                        "clientIPDetection": {"xForwardedFor"}}
+_CLIENT_SUPPORTED_IN = {
+    ("connection",): {"bufferLimit", "connectionLimit"},
+    ("connection", "connectionLimit"): {"value", "closeDelay", "maxConnectionDuration", "maxRequestsPerConnection"},
+    ("headers",): {"maxRequestHeaderLimit"},
+    ("clientIPDetection",): {"xForwardedFor"},
+}
 
 
 def _refuse_unsupported_client_fields(spec: dict) -> None:
     """As for the other kinds: a ClientTrafficPolicy field this build does not apply is an
     error naming it, never silently ignored."""
     fields = [(("spec", name), spec.get(name)) for name in _CLIENT_UNSUPPORTED]
-    fields += [(("spec", section, name), value) for section, supported in _CLIENT_SUPPORTED_IN.items()
-               for name, value in (spec.get(section) or {}).items() if name not in supported]
+    for section, supported in _CLIENT_SUPPORTED_IN.items():
+        found = spec
+        for key in section:
+            found = found.get(key) or {}
+        fields += [(("spec", *section, name), value) for name, value in found.items() if name not in supported]
     for path, value in fields:
         if value not in (None, False, {}, []):
             raise _Invalid(path, f"{'.'.join(path[1:])} is not supported by this build")
@@ -280,8 +287,6 @@ def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
 def _connection_limits(spec: dict | None) -> ConnectionLimits | None:
     if not spec:
         return None
-    if spec.get("maxStreamDuration"):
-        raise _Invalid(("spec", "connection", "connectionLimit", "maxStreamDuration"), "maxStreamDuration is not supported by this build")
     try:
         return ConnectionLimits(
             limit=spec.get("value"),
