@@ -37,7 +37,7 @@ class _GatewayRequestHandler(RequestHandler):
         self.rejected = False
         self.started_requests = 0
         self.draining = False
-        self._limits = limits = self._manager.connection_limits()
+        self.limits = limits = self._manager.connection_limits()
         self._expiry = None
         if limits is None:
             return
@@ -64,10 +64,10 @@ class _GatewayRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def close_after(self) -> bool:
-        """Called as each request starts: whether it is the connection's last."""
+        """Called as each request starts on a connection with limits: whether it is its last."""
         self.started_requests += 1
-        limits = self._limits
-        return self.draining or bool(limits and limits.max_requests and self.started_requests >= limits.max_requests)
+        max_requests = self.limits.max_requests
+        return self.draining or bool(max_requests and self.started_requests >= max_requests)
 
     def _drain(self) -> None:
         self.draining = True
@@ -116,7 +116,7 @@ def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
     http09 = message.version < HttpVersion10
     if http09:
         message = message._replace(version=HttpVersion10, should_close=True)
-    elif protocol.close_after() and not message.should_close:
+    elif protocol.limits is not None and protocol.close_after() and not message.should_close:
         message = message._replace(should_close=True)  # its response says Connection: close
     request = web.BaseRequest(message, payload, protocol, writer, task, protocol._loop)
     if http09:
