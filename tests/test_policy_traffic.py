@@ -185,6 +185,22 @@ async def test_client_policy_max_requests_per_connection_closes_after_the_last(a
         writer.close()
 
 
+async def test_client_policy_max_requests_per_connection_holds_against_pipelining(app, tmp_path):
+    """Three requests sent at once on a connection allowed two: two answers, the second with
+    Connection: close, then the connection ends; the third is never answered."""
+    policy = client_policy("  connection:\n    connectionLimit: {value: 100, maxRequestsPerConnection: 2}\n")
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw:
+        host, port = next(iter(gw.addresses.values()))
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode() * 3)
+        received = b""
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+        assert received.count(b"HTTP/1.1 200") == 2, received[:300]
+        assert received.lower().count(b"connection: close") == 1
+        writer.close()
+
+
 async def test_client_policy_max_connection_duration_closes_an_idle_connection(app, tmp_path):
     """connectionLimit.maxConnectionDuration: a kept-alive connection idle past it is closed; one
     busy at that time gets Connection: close on its next response."""
