@@ -33,6 +33,7 @@ from gateway.policy.model import (
     JwtProvider,
     PathOperation,
     Principal,
+    RetryPolicy,
     SandboxPolicy,
     SecurityPolicy,
     TargetRef,
@@ -186,7 +187,7 @@ def _security_policy(doc: Document, order: int) -> SecurityPolicy:
 
 def _backend_traffic_policy(doc: Document, order: int) -> BackendTrafficPolicy:
     spec = doc.obj["spec"]
-    for unsupported in ("retry", "circuitBreaker", "healthCheck", "faultInjection", "loadBalancer"):
+    for unsupported in ("circuitBreaker", "healthCheck", "faultInjection", "loadBalancer"):
         if spec.get(unsupported):
             raise _Invalid(("spec", unsupported), f"{unsupported} is not supported by this build")
     rate = spec.get("rateLimit") or {}
@@ -201,7 +202,39 @@ def _backend_traffic_policy(doc: Document, order: int) -> BackendTrafficPolicy:
     except ValueError as e:
         raise _Invalid(("spec", "timeout"), str(e)) from None
     return BackendTrafficPolicy(
-        **_common(doc, order), rate_limits=rules, request_timeout=request_timeout or None, connect_timeout=connect_timeout
+        **_common(doc, order), rate_limits=rules, request_timeout=request_timeout or None,
+        connect_timeout=connect_timeout, retry=_retry(spec["retry"]) if spec.get("retry") is not None else None,
+    )
+
+
+# Envoy Gateway's defaults, each kept when `retry` leaves it unset (its translator does the same).
+_DEFAULT_TRIGGERS = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"})
+_DEFAULT_STATUS_CODES = frozenset({503})
+_DEFAULT_BASE_INTERVAL = 0.025  # Envoy's; maxInterval defaults to 10 times the base
+
+
+def _retry(spec: dict) -> RetryPolicy:
+    where = ("spec", "retry")
+    if spec.get("numAttemptsPerPriority"):
+        raise _Invalid(where + ("numAttemptsPerPriority",), "numAttemptsPerPriority is not supported by this build")
+    retry_on = spec.get("retryOn") or {}
+    per_retry = spec.get("perRetry") or {}
+    back_off = per_retry.get("backOff") or {}
+    try:
+        base = parse_duration(back_off["baseInterval"]) if back_off.get("baseInterval") else _DEFAULT_BASE_INTERVAL
+        ceiling = parse_duration(back_off["maxInterval"]) if back_off.get("maxInterval") else 10 * base
+        per_try_timeout = parse_timeout(per_retry.get("timeout"))
+    except ValueError as e:
+        raise _Invalid(where + ("perRetry",), str(e)) from None
+    if base <= 0 or ceiling < base:
+        raise _Invalid(where + ("perRetry", "backOff"), "baseInterval must be positive and maxInterval not below it")
+    return RetryPolicy(
+        attempts=1 + spec.get("numRetries", 2),
+        triggers=frozenset(retry_on.get("triggers") or _DEFAULT_TRIGGERS),
+        status_codes=frozenset(retry_on.get("httpStatusCodes") or _DEFAULT_STATUS_CODES),
+        base_interval=base,
+        max_interval=ceiling,
+        per_try_timeout=per_try_timeout,
     )
 
 

@@ -140,6 +140,19 @@ class BackendTrafficPolicy(Policy):
     rate_limits: tuple = ()  # of ratelimit.RateLimitRule
     request_timeout: float | None = None
     connect_timeout: float | None = None
+    retry: RetryPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """BackendTrafficPolicy `retry`, with Envoy's trigger names and back-off."""
+
+    attempts: int  # the first try plus numRetries
+    triggers: frozenset[str]  # retryOn.triggers
+    status_codes: frozenset[int]  # retryOn.httpStatusCodes, used by the retriable-status-codes trigger
+    base_interval: float  # seconds; a pause before retry n is drawn from [0, (2^n - 1) * base], capped
+    max_interval: float
+    per_try_timeout: float | None = None  # bounds each attempt, the first one included
 
 
 @dataclass(frozen=True, slots=True)

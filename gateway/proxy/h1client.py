@@ -6,8 +6,9 @@ This client keeps aiohttp's tested parts — the C response parser, the payload 
 flow control, the request writer with chunked encoding — and adds only a keep-alive pool.
 
 Exceptions are aiohttp's client exceptions (ServerDisconnectedError, ClientOSError,
-ServerTimeoutError, ClientPayloadError ...) plus OSError / socket.gaierror / TimeoutError from
-connecting, so callers map one family of errors.
+ServerTimeoutError, ClientPayloadError ...), so callers map one family of errors, and
+ConnectFailed around the OSError / socket.gaierror / TimeoutError of a failed connect, so a
+caller knows nothing of the request was sent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ from gateway.config.model import Endpoint
 
 _LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class ConnectFailed(Exception):
+    """No connection to the upstream could be made; `cause` says why."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class UpstreamResponse:
@@ -185,7 +194,10 @@ class H1Client:
                 # has no body already taken from the client.
                 if body is not None or method not in _IDEMPOTENT:
                     raise
-        connection = await pool.connect(connect_timeout)
+        try:
+            connection = await pool.connect(connect_timeout)
+        except (OSError, TimeoutError) as exc:  # refused, unresolved, TLS handshake, timed out
+            raise ConnectFailed(exc) from exc
         return await self._exchange(connection, method, target, headers, body, read_timeout)
 
     async def _exchange(self, connection: _Connection, method, target, headers, body, read_timeout) -> UpstreamResponse:

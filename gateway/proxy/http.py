@@ -21,7 +21,8 @@ from multidict import CIMultiDict
 
 from gateway.config.model import Endpoint
 from gateway.proxy.headers import end_to_end
-from gateway.proxy.h1client import UpstreamResponse
+from gateway.proxy.h1client import ConnectFailed, UpstreamResponse
+from gateway.proxy.retry import RetryPlan, attempts_allowed, pause_before, retry_on_failure, retry_on_response
 from gateway.proxy.upstream import UpstreamPool
 
 # Whole small bodies go out in one write; larger ones (and unknown lengths) stream.
@@ -52,6 +53,7 @@ class ForwardPlan:
     verify_tls: bool = True
     server_hostname: str | None = None
     body_limit: int | None = None  # bytes; a larger chunked body is refused with 413
+    retry: RetryPlan | None = None
 
 
 @dataclass(slots=True)
@@ -61,17 +63,80 @@ class Exchange:
     status: int = 0
     upstream_seconds: float = 0.0
     bytes_sent: int = 0
+    attempts: int = 0
+    endpoint: Endpoint | None = None  # of the attempt whose response was relayed
 
 
 async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPool, exchange: Exchange) -> web.StreamResponse:
     body = request.content if request.body_exists else None
     if body is not None and plan.body_limit is not None and request.content_length is None:
         body = _LimitedBody(body, plan.body_limit)
+    attempts = 1
+    if plan.retry is not None:
+        attempts = attempts_allowed(plan.retry.policy, plan.method, request.body_exists, request.content_length)
     started = monotonic()
     try:
         async with _deadline(plan.deadline):
+            if attempts > 1 and body is not None:
+                body = _Replayable(await request.read())
+            upstream, deadline = await _attempts(plan, pool, body, attempts, exchange)
+    except BaseException as exc:  # noqa: BLE001 - every failure maps to a status
+        raise _as_proxy_error(exc) from exc
+    exchange.upstream_seconds = monotonic() - started
+    exchange.status = upstream.status
+    try:
+        headers = end_to_end(upstream.headers)
+        if plan.edit_response_headers is not None:
+            plan.edit_response_headers(headers)
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY and deadline is None:
+            return await _whole(upstream, headers, exchange)
+        return await _stream(request, upstream, headers, deadline, exchange)
+    finally:
+        upstream.release()
+
+
+async def _attempts(plan: ForwardPlan, pool: UpstreamPool, body, attempts: int, exchange: Exchange):
+    """The upstream response to relay and the deadline of its attempt, after as many attempts as
+    the retry policy allows and calls for; the failure of the last attempt is raised."""
+    endpoint = plan.endpoint
+    upstream, failure, deadline = await _attempt(plan, pool, endpoint, body)
+    exchange.attempts, exchange.endpoint = 1, endpoint
+    retry = plan.retry
+    tried: set[Endpoint] = set()
+    for retry_number in range(1, attempts):
+        if failure is not None:
+            wanted = retry_on_failure(retry.policy, failure)
+        else:
+            wanted = retry_on_response(retry.policy, upstream.status, upstream.headers)
+        if not wanted or not retry.budget.take():
+            break
+        try:
+            if upstream is not None:
+                upstream.close()  # its body is not wanted; the connection goes with it
+            tried.add(endpoint)
+            endpoint = retry.next_endpoint(tried)
+            await asyncio.sleep(pause_before(retry.policy, retry_number))
+            upstream, failure, deadline = await _attempt(plan, pool, endpoint, body)
+            exchange.attempts, exchange.endpoint = retry_number + 1, endpoint
+        finally:
+            retry.budget.give_back()
+    if failure is not None:
+        raise failure
+    return upstream, deadline
+
+
+async def _attempt(plan: ForwardPlan, pool: UpstreamPool, endpoint: Endpoint, body):
+    """(response, None, deadline) or (None, failure, deadline) of one attempt; a per-try timeout
+    bounds it and, once it answers, the relay of its body."""
+    per_try = plan.retry.policy.per_try_timeout if plan.retry is not None else None
+    deadline = plan.deadline
+    if per_try is not None:
+        deadline = min(deadline or float("inf"), monotonic() + per_try)
+    try:
+        async with _deadline(deadline if per_try is not None else None):
             upstream = await pool.http.request(
-                plan.endpoint,
+                endpoint,
                 plan.method,
                 plan.path_and_query,
                 plan.headers,
@@ -82,20 +147,21 @@ async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPoo
                 connect_timeout=plan.connect_timeout,
                 read_timeout=plan.idle_timeout,
             )
-    except BaseException as exc:  # noqa: BLE001 - every failure maps to a status
-        raise _as_proxy_error(exc) from exc
-    exchange.upstream_seconds = monotonic() - started
-    exchange.status = upstream.status
-    try:
-        headers = end_to_end(upstream.headers)
-        if plan.edit_response_headers is not None:
-            plan.edit_response_headers(headers)
-        length = upstream.content_length
-        if length is not None and length <= SMALL_BODY and plan.deadline is None:
-            return await _whole(upstream, headers, exchange)
-        return await _stream(request, upstream, headers, plan.deadline, exchange)
-    finally:
-        upstream.release()
+    except Exception as exc:  # noqa: BLE001 - a cancelled request (BaseException) is never retried
+        return None, exc, deadline
+    return upstream, None, deadline
+
+
+class _Replayable:
+    """A request body kept whole so that a retry can send it again."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    async def iter_any(self):
+        yield self._data
 
 
 class BodyTooLarge(Exception):
@@ -184,6 +250,8 @@ def _loop_time(deadline: float) -> float:
 def _as_proxy_error(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncio.CancelledError):
         return exc
+    if isinstance(exc, ConnectFailed):
+        exc = exc.cause
     if isinstance(exc, BodyTooLarge):
         return ProxyError(413, "body_too_large", "The request body is too large.")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or isinstance(exc, aiohttp.ServerTimeoutError):

@@ -69,6 +69,14 @@ class UpstreamPool:
             cycle = self._round_robin[upstream] = itertools.cycle(upstream.endpoints)
         return next(cycle)
 
+    def pick_for_retry(self, upstream: Upstream, tried: set[Endpoint]) -> Endpoint:
+        """An endpoint not tried yet if a few picks find one (Envoy Gateway's previous_hosts)."""
+        for _ in range(5):
+            endpoint = self.pick(upstream)
+            if endpoint not in tried:
+                break
+        return endpoint
+
     async def close(self) -> None:
         await self.http.close()
         sessions = [s for s in [self._tcp, *self._unix.values()] if s is not None]

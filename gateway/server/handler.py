@@ -22,6 +22,7 @@ from gateway.config.model import Filters, PreviewZone
 from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
+from gateway.proxy.retry import RetryBudget, RetryPlan
 from gateway.proxy.upstream import UpstreamPool
 from gateway.policy.model import ConnectionLimits
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
@@ -88,6 +89,7 @@ class Gateway:
         self.access_log = access_log
         self.pool = UpstreamPool()
         self.rate_limiter = LocalRateLimiter()  # outlives reloads; buckets are keyed by policy revision
+        self._retry_budgets: dict[tuple[str, int], RetryBudget] = {}  # per route rule, as Envoy Gateway's
         self.sockets = websocket.OpenSockets()
         self.sandboxes: SandboxAccess | None = None  # set when a SandboxRouter is configured
         self.previews: PreviewRouter | None = None  # set when a PreviewZone is configured
@@ -234,22 +236,35 @@ class Gateway:
             verify_tls=upstream.verify_tls,
             server_hostname=upstream.sni,
             body_limit=limit,
+            retry=self._retry_plan(traffic, found.route.key, rule.index, upstream) if not is_websocket else None,
         )
         outcome.upstream = str(plan.endpoint)
+        exchange = Exchange()
         try:
             if is_websocket:
                 return await self._websocket(request, plan, outcome, sandbox.tag if sandbox is not None else None)
             if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            exchange = Exchange()
             response = await forward(request, plan, self.pool, exchange)
         except ProxyError as e:
             if sandbox is not None and e.code == "no_endpoint":  # SPEC §4.1: DNS finds no sandbox
                 raise ProxyError(502, "sandbox_unresolved", "The sandbox's address could not be resolved.") from e
             raise
+        finally:
+            if exchange.attempts > 1:
+                outcome.retries = exchange.attempts - 1
+                outcome.upstream = str(exchange.endpoint)  # the one that answered last
         outcome.upstream_seconds = exchange.upstream_seconds
         outcome.bytes_sent = exchange.bytes_sent
         return response
+
+    def _retry_plan(self, traffic, route_key: str, rule_index: int, upstream) -> RetryPlan | None:
+        if traffic is None or traffic.retry is None:
+            return None
+        budget = self._retry_budgets.get((route_key, rule_index))
+        if budget is None:
+            budget = self._retry_budgets[(route_key, rule_index)] = RetryBudget()
+        return RetryPlan(traffic.retry, budget, lambda tried: self.pool.pick_for_retry(upstream, tried))
 
     def _parse(self, request: web.BaseRequest, request_id: str):
         """(host, normalised path, raw query, absolute-form authority), or an error response
@@ -399,6 +414,8 @@ class Gateway:
         seconds = monotonic() - started
         route = outcome.route or UNMATCHED
         self.metrics.observe_request(route, request.method, outcome.status, seconds, outcome.upstream_seconds)
+        if outcome.retries:
+            self.metrics.retries.labels(route).inc(outcome.retries)
         decision = outcome.decision
         self.access_log.write(
             {
@@ -414,6 +431,7 @@ class Gateway:
                 "duration_ms": round(seconds * 1000, 3),
                 "upstream_ms": round(outcome.upstream_seconds * 1000, 3),
                 "bytes": outcome.bytes_sent,
+                "retries": outcome.retries,
             },
             "" if decision is None else f'{outcome.decision_json},"audit_id":"{decision.id}"',
         )
@@ -427,7 +445,7 @@ class Gateway:
 
 class _Outcome:
     __slots__ = ("status", "route", "host", "path", "upstream", "upstream_seconds", "bytes_sent", "client", "decision",
-                 "decision_json")
+                 "decision_json", "retries")
 
     def __init__(self) -> None:
         self.status = 0
@@ -440,6 +458,7 @@ class _Outcome:
         self.upstream = ""
         self.upstream_seconds = 0.0
         self.bytes_sent = 0
+        self.retries = 0
 
 
 # The client's Expect is answered here; the upstream request is sent whole.

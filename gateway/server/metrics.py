@@ -42,6 +42,9 @@ class Metrics:
         self.jwks_refresh = Counter(
             "sandgate_jwks_refresh", "JWKS key set refreshes", ["provider", "result"], registry=r
         )
+        self.retries = Counter(
+            "sandgate_upstream_retries", "Upstream attempts made again under a retry policy", ["route"], registry=r
+        )
         self.ratelimited = Counter("sandgate_ratelimited", "Requests refused by a rate limit", ["route"], registry=r)
         self.audit_queue_depth = Gauge(
             "sandgate_audit_queue_depth", "Audit records waiting to be written", registry=r, multiprocess_mode="livesum"
