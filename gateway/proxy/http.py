@@ -63,23 +63,21 @@ class Exchange:
     status: int = 0
     upstream_seconds: float = 0.0
     bytes_sent: int = 0
-    attempts: int = 0
-    endpoint: Endpoint | None = None  # of the attempt whose response was relayed
+    retries: int = 0
+    endpoint: Endpoint | None = None  # of the last retry, when there was one
 
 
 async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPool, exchange: Exchange) -> web.StreamResponse:
     body = request.content if request.body_exists else None
     if body is not None and plan.body_limit is not None and request.content_length is None:
         body = _LimitedBody(body, plan.body_limit)
-    attempts = 1
-    if plan.retry is not None:
-        attempts = attempts_allowed(plan.retry.policy, plan.method, request.body_exists, request.content_length)
     started = monotonic()
     try:
         async with _deadline(plan.deadline):
-            if attempts > 1 and body is not None:
-                body = _Replayable(await request.read())
-            upstream, deadline = await _attempts(plan, pool, body, attempts, exchange)
+            if plan.retry is None:
+                upstream, deadline = await _send(plan, pool, plan.endpoint, body), plan.deadline
+            else:
+                upstream, deadline = await _with_retries(request, plan, pool, body, exchange)
     except BaseException as exc:  # noqa: BLE001 - every failure maps to a status
         raise _as_proxy_error(exc) from exc
     exchange.upstream_seconds = monotonic() - started
@@ -96,13 +94,15 @@ async def forward(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPoo
         upstream.release()
 
 
-async def _attempts(plan: ForwardPlan, pool: UpstreamPool, body, attempts: int, exchange: Exchange):
+async def _with_retries(request: web.BaseRequest, plan: ForwardPlan, pool: UpstreamPool, body, exchange: Exchange):
     """The upstream response to relay and the deadline of its attempt, after as many attempts as
     the retry policy allows and calls for; the failure of the last attempt is raised."""
+    retry = plan.retry
+    attempts = attempts_allowed(retry.policy, plan.method, request.body_exists, request.content_length)
+    if attempts > 1 and body is not None:
+        body = _Replayable(await request.read())
     endpoint = plan.endpoint
     upstream, failure, deadline = await _attempt(plan, pool, endpoint, body)
-    exchange.attempts, exchange.endpoint = 1, endpoint
-    retry = plan.retry
     tried: set[Endpoint] = set()
     for retry_number in range(1, attempts):
         if failure is not None:
@@ -118,7 +118,7 @@ async def _attempts(plan: ForwardPlan, pool: UpstreamPool, body, attempts: int, 
             endpoint = retry.next_endpoint(tried)
             await asyncio.sleep(pause_before(retry.policy, retry_number))
             upstream, failure, deadline = await _attempt(plan, pool, endpoint, body)
-            exchange.attempts, exchange.endpoint = retry_number + 1, endpoint
+            exchange.retries, exchange.endpoint = retry_number, endpoint
         finally:
             retry.budget.give_back()
     if failure is not None:
@@ -129,27 +129,32 @@ async def _attempts(plan: ForwardPlan, pool: UpstreamPool, body, attempts: int, 
 async def _attempt(plan: ForwardPlan, pool: UpstreamPool, endpoint: Endpoint, body):
     """(response, None, deadline) or (None, failure, deadline) of one attempt; a per-try timeout
     bounds it and, once it answers, the relay of its body."""
-    per_try = plan.retry.policy.per_try_timeout if plan.retry is not None else None
+    per_try = plan.retry.policy.per_try_timeout
     deadline = plan.deadline
     if per_try is not None:
         deadline = min(deadline or float("inf"), monotonic() + per_try)
     try:
         async with _deadline(deadline if per_try is not None else None):
-            upstream = await pool.http.request(
-                endpoint,
-                plan.method,
-                plan.path_and_query,
-                plan.headers,
-                body,
-                scheme=plan.scheme,
-                verify_tls=plan.verify_tls,
-                server_hostname=plan.server_hostname,
-                connect_timeout=plan.connect_timeout,
-                read_timeout=plan.idle_timeout,
-            )
+            upstream = await _send(plan, pool, endpoint, body)
     except Exception as exc:  # noqa: BLE001 - a cancelled request (BaseException) is never retried
         return None, exc, deadline
     return upstream, None, deadline
+
+
+def _send(plan: ForwardPlan, pool: UpstreamPool, endpoint: Endpoint, body):
+    """One upstream request (a coroutine; a plain function, so no frame is added to await)."""
+    return pool.http.request(
+        endpoint,
+        plan.method,
+        plan.path_and_query,
+        plan.headers,
+        body,
+        scheme=plan.scheme,
+        verify_tls=plan.verify_tls,
+        server_hostname=plan.server_hostname,
+        connect_timeout=plan.connect_timeout,
+        read_timeout=plan.idle_timeout,
+    )
 
 
 class _Replayable:

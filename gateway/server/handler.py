@@ -251,8 +251,8 @@ class Gateway:
                 raise ProxyError(502, "sandbox_unresolved", "The sandbox's address could not be resolved.") from e
             raise
         finally:
-            if exchange.attempts > 1:
-                outcome.retries = exchange.attempts - 1
+            if exchange.retries:
+                outcome.retries = exchange.retries
                 outcome.upstream = str(exchange.endpoint)  # the one that answered last
         outcome.upstream_seconds = exchange.upstream_seconds
         outcome.bytes_sent = exchange.bytes_sent
