@@ -282,6 +282,28 @@ def test_explain_mcp_health_on_the_shipped_routes(tmp_path):
     assert re.search(r"http://mcp\.platform\.svc\.cluster\.local:8000/healthz\b", upstream), out
 
 
+def test_explain_describes_the_backend_traffic_policy(tmp_path):
+    (tmp_path / "routes.yaml").write_text(GATEWAY + backend("app", 9) + route_to("app"))
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "traffic.yaml").write_text("""\
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: retries, namespace: infra}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
+  timeout: {http: {requestTimeout: 10s}}
+  retry:
+    numRetries: 3
+    retryOn: {triggers: [connect-failure, retriable-status-codes], httpStatusCodes: [502, 503]}
+    perRetry: {timeout: 2s}
+""")
+    result = sandgate(["explain", "--routes", "routes.yaml", "--policies", "policies", "GET", "http://h/"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert explained(result)["traffic"] == ("BackendTrafficPolicy infra/retries (0 rate-limit rules; request timeout 10s;"
+                                            " 3 retries of idempotent requests on connect-failure, status 502/503,"
+                                            " 2s per try)")
+
+
 def explained(result: subprocess.CompletedProcess) -> dict[str, str]:
     """`explain` output as {"route": ..., "policy": ..., ...}: the first line of each field."""
     fields: dict[str, str] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from collections import defaultdict
 from time import monotonic
 
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from gateway.config.loader import load_routes_from_string
 from gateway.policy.loader import load_policies
+from gateway.config.loader import LoadOptions, load_routes
 from tests.support.harness import GATEWAY, access_records, admin_url, backend, free_port, route_to, running_gateway, url
 from tests.test_policy_traffic import traffic_policy
 
@@ -212,3 +214,16 @@ def test_retry_settings_load_with_envoy_gateway_defaults(tmp_path):
     assert len(errors) == 1 and "numAttemptsPerPriority is not supported by this build" in errors[0]
     errors = load("    perRetry: {backOff: {baseInterval: 1s, maxInterval: 100ms}}\n").errors
     assert len(errors) == 1 and "maxInterval not below it" in errors[0]
+
+
+def test_the_example_traffic_policy_loads_on_the_shipped_routes(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    config = load_routes(str(repo / "routes.yaml"), LoadOptions())
+    (tmp_path / "traffic.yaml").write_text((repo / "policies/examples/traffic.yaml").read_text())
+    loaded = load_policies(str(tmp_path), config)
+    assert not loaded.errors and not loaded.problems, (loaded.errors, loaded.problems)
+    gateway = config.listeners[0].gateway
+    for route in ("platform/platform-api", "platform/frontend"):
+        retry = loaded.traffic_for(route, 0, gateway).retry
+        assert (retry.attempts, retry.status_codes, retry.per_try_timeout) == (3, {503}, 10.0), route
+    assert loaded.traffic_for("platform/mcp", 0, gateway) is None

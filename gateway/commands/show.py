@@ -114,7 +114,7 @@ def run_explain(
     traffic = policies.traffic_for(found.route.key, rule.index, gateway)
     client = policies.client_by_gateway.get(gateway)
     if traffic is not None:
-        print(f"traffic:  BackendTrafficPolicy {traffic.key} ({len(traffic.rate_limits)} rate-limit rules)")
+        print(f"traffic:  BackendTrafficPolicy {traffic.key} ({describe_traffic(traffic)})")
     if client is not None:
         print(f"client:   ClientTrafficPolicy {client.key} (trusted hops {client.trusted_hops})")
     security = policies.security_for(found.route.key, rule.index, gateway)
@@ -187,3 +187,20 @@ def _listener_port(config: Config, target: URL) -> int:
     if same_protocol:
         return same_protocol[0]
     return ports[0] if ports else 0
+
+
+def describe_traffic(traffic) -> str:
+    """What a BackendTrafficPolicy does to the requests of a rule, in one line."""
+    parts = [f"{len(traffic.rate_limits)} rate-limit rules"]
+    if traffic.request_timeout:
+        parts.append(f"request timeout {traffic.request_timeout:g}s")
+    if traffic.connect_timeout:
+        parts.append(f"connect timeout {traffic.connect_timeout:g}s")
+    retry = traffic.retry
+    if retry is not None:
+        on = sorted(retry.triggers)
+        if "retriable-status-codes" in retry.triggers:
+            on[on.index("retriable-status-codes")] = "status " + "/".join(map(str, sorted(retry.status_codes)))
+        per_try = f", {retry.per_try_timeout:g}s per try" if retry.per_try_timeout else ""
+        parts.append(f"{retry.attempts - 1} retries of idempotent requests on {', '.join(on)}{per_try}")
+    return "; ".join(parts)
