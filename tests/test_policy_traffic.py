@@ -139,6 +139,8 @@ async def test_client_policy_connection_limit_closes_connections_over_it(app, tm
         reader, writer, answer = await connect_and_get()
         assert answer == b"", f"a 4th connection was answered: {answer[:60]!r}"
         writer.close()
+        async with aiohttp.ClientSession() as session, session.get(admin_url(gw, "/metrics")) as m:
+            assert 'sandgate_connections_rejected_total{port="80"} 1.0' in await m.text()  # the Gateway's port
         held[0][1].close()
         await held[0][1].wait_closed()
         await asyncio.sleep(0.1)

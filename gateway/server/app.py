@@ -144,7 +144,8 @@ class RunningGateway:
                 ssl_context = self.certificates.context_for(https) if https else None
             except (OSError, ValueError) as e:
                 raise StartupError(f"port {port}: cannot load TLS certificate from {self.options.tls_dir}: {e}") from e
-            server = make_server(self.gateway.handler_for_port(port), partial(self.gateway.connection_limits, port))
+            server = make_server(self.gateway.handler_for_port(port), partial(self.gateway.connection_limits, port),
+                                 self.gateway.metrics.connections_rejected.labels(str(port)).inc)
             runner = web.ServerRunner(server, handle_signals=False,
                                       shutdown_timeout=self.options.drain_seconds)
             await runner.setup()

@@ -45,6 +45,10 @@ class Metrics:
         self.retries = Counter(
             "sandgate_upstream_retries", "Upstream attempts made again under a retry policy", ["route"], registry=r
         )
+        self.connections_rejected = Counter(
+            "sandgate_connections_rejected", "Connections closed unread: over ClientTrafficPolicy connectionLimit",
+            ["port"], registry=r,
+        )
         self.ratelimited = Counter("sandgate_ratelimited", "Requests refused by a rate limit", ["route"], registry=r)
         self.audit_queue_depth = Gauge(
             "sandgate_audit_queue_depth", "Audit records waiting to be written", registry=r, multiprocess_mode="livesum"

@@ -45,6 +45,7 @@ class _GatewayRequestHandler(RequestHandler):
         if limits.limit is not None and len(manager.connections) - manager.rejected_open > limits.limit:
             self.rejected = True
             manager.rejected_open += 1
+            manager.on_rejected()
             transport.pause_reading()
             if limits.close_delay:
                 self._loop.call_later(limits.close_delay, transport.close)
@@ -101,9 +102,11 @@ def _accept(request) -> str:
 
 
 class GatewayServer(web.Server):
-    def __init__(self, handler, *, connection_limits: Callable[[], ConnectionLimits | None], **kwargs):
+    def __init__(self, handler, *, connection_limits: Callable[[], ConnectionLimits | None],
+                 on_rejected: Callable[[], None], **kwargs):
         super().__init__(handler, **kwargs)
         self.connection_limits = connection_limits  # the port's current limits, if any
+        self.on_rejected = on_rejected  # called for each connection closed for being over the limit
         self.rejected_open = 0  # connections over the limit, held open for closeDelay
 
     def __call__(self) -> RequestHandler:
@@ -124,8 +127,9 @@ def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
     return request
 
 
-def make_server(handler, connection_limits: Callable[[], ConnectionLimits | None] = lambda: None) -> GatewayServer:
+def make_server(handler, connection_limits: Callable[[], ConnectionLimits | None] = lambda: None,
+                on_rejected: Callable[[], None] = lambda: None) -> GatewayServer:
     return GatewayServer(
-        handler, connection_limits=connection_limits, request_factory=_make_request, handler_cancellation=True,
-        access_log=None, **PARSER_LIMITS
+        handler, connection_limits=connection_limits, on_rejected=on_rejected, request_factory=_make_request,
+        handler_cancellation=True, access_log=None, **PARSER_LIMITS
     )
