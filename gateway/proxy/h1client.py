@@ -29,7 +29,7 @@ from multidict import CIMultiDict
 from gateway.config.model import Endpoint
 
 _LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2
 
 
 class ConnectFailed(Exception):
@@ -192,7 +192,7 @@ class H1Client:
                 # Most likely a kept-alive connection the upstream had just closed. Send again
                 # on a fresh connection only what may safely run twice (RFC 9110 §9.2.2) and
                 # has no body already taken from the client.
-                if body is not None or method not in _IDEMPOTENT:
+                if body is not None or method not in IDEMPOTENT_METHODS:
                     raise
         try:
             connection = await pool.connect(connect_timeout)

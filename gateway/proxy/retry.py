@@ -24,11 +24,10 @@ from multidict import CIMultiDict
 
 from gateway.config.model import Endpoint
 from gateway.policy.model import RetryPolicy
-from gateway.proxy.h1client import ConnectFailed
+from gateway.proxy.h1client import IDEMPOTENT_METHODS, ConnectFailed
 
 # Larger bodies (and chunked ones, whose size is unknown) stream through once, never kept.
 REPLAYABLE_BODY = 64 * 1024
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 _ON_CONNECT_FAILURE = frozenset({"connect-failure", "reset-before-request", "reset", "5xx", "gateway-error"})
 _ON_NO_RESPONSE = frozenset({"reset", "5xx", "gateway-error"})
@@ -40,13 +39,13 @@ _GRPC_TRIGGERS = {"1": "cancelled", "4": "deadline-exceeded", "8": "resource-exh
 @dataclass(slots=True)
 class RetryPlan:
     policy: RetryPolicy
-    budget: RetryBudget  # of the upstream
+    budget: RetryBudget  # of the route rule
     next_endpoint: Callable[[set[Endpoint]], Endpoint]  # picks for a retry, avoiding those tried if it can
 
 
 def attempts_allowed(retry: RetryPolicy | None, method: str, body_exists: bool, content_length: int | None) -> int:
     """How many times this request may be sent: 1 unless it is safe and cheap to send again."""
-    if retry is None or method not in _IDEMPOTENT:
+    if retry is None or method not in IDEMPOTENT_METHODS:
         return 1
     if body_exists and (content_length is None or content_length > REPLAYABLE_BODY):
         return 1
@@ -84,7 +83,7 @@ def pause_before(retry: RetryPolicy, retry_number: int) -> float:
 
 
 class RetryBudget:
-    """Retries under way to one upstream at once, capped (Envoy Gateway's default
+    """Retries under way at once for one route rule's backends, capped (Envoy Gateway's default
     circuitBreaker.maxParallelRetries), so a failing upstream does not get its load multiplied."""
 
     __slots__ = ("limit", "in_flight")
