@@ -24,7 +24,7 @@ from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
 from gateway.proxy.retry import RetryBudget, RetryPlan
 from gateway.proxy.upstream import UpstreamPool
-from gateway.policy.model import ConnectionLimits
+from gateway.policy.model import ConnectionLimits, RetryPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
@@ -236,7 +236,8 @@ class Gateway:
             verify_tls=upstream.verify_tls,
             server_hostname=upstream.sni,
             body_limit=limit,
-            retry=self._retry_plan(traffic, found.route.key, rule.index, upstream) if not is_websocket else None,
+            retry=self._retry_plan(traffic.retry, found.route.key, rule.index, upstream)
+            if traffic is not None and traffic.retry is not None and not is_websocket else None,
         )
         outcome.upstream = str(plan.endpoint)
         exchange = Exchange()
@@ -258,13 +259,11 @@ class Gateway:
         outcome.bytes_sent = exchange.bytes_sent
         return response
 
-    def _retry_plan(self, traffic, route_key: str, rule_index: int, upstream) -> RetryPlan | None:
-        if traffic is None or traffic.retry is None:
-            return None
+    def _retry_plan(self, retry: RetryPolicy, route_key: str, rule_index: int, upstream) -> RetryPlan:
         budget = self._retry_budgets.get((route_key, rule_index))
         if budget is None:
             budget = self._retry_budgets[(route_key, rule_index)] = RetryBudget()
-        return RetryPlan(traffic.retry, budget, lambda tried: self.pool.pick_for_retry(upstream, tried))
+        return RetryPlan(retry, budget, lambda tried: self.pool.pick_for_retry(upstream, tried))
 
     def _parse(self, request: web.BaseRequest, request_id: str):
         """(host, normalised path, raw query, absolute-form authority), or an error response
