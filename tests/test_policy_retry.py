@@ -102,6 +102,9 @@ async def test_requests_that_may_not_run_twice_are_sent_once(flaky, tmp_path):
         # PUT is idempotent, but a body of unknown length is streamed, never kept for a replay.
         assert (await call(gw, "PUT", "chunked", "how=500&times=1", data=chunked()))[0] == 500
         assert flaky.app[ATTEMPTS]["chunked"] == 1
+        # Nor one over 64 KiB: it streams through once.
+        assert (await call(gw, "PUT", "large", "how=500&times=1", data=b"x" * (64 * 1024 + 1)))[0] == 500
+        assert flaky.app[ATTEMPTS]["large"] == 1
 
 
 async def test_a_small_put_body_is_sent_again_whole(flaky, tmp_path):
@@ -133,6 +136,16 @@ async def test_each_trigger_retries_its_failure(flaky, tmp_path, how, trigger):
     async with running_gateway(tmp_path, routes, policies_yaml=policy) as gw:
         status, body = await call(gw, "GET", how, f"how={how}&times=1")
         assert (status, json.loads(body)["attempt"]) == (200, 2)
+
+
+@pytest.mark.parametrize("grpc_status", ["banana", "14x", "", "1" * 5000])
+async def test_a_garbage_grpc_status_from_the_upstream_is_no_trigger(flaky, tmp_path, grpc_status):
+    routes = GATEWAY + backend("app", flaky.port) + route_to("app")
+    policy = retry_policy("    retryOn: {triggers: [cancelled, unavailable, internal]}\n")
+    async with running_gateway(tmp_path, routes, policies_yaml=policy) as gw:
+        status, body = await call(gw, "GET", "g", f"how=grpc-{grpc_status}&times=1")
+        assert (status, body) == (200, b"grpc failure")
+        assert flaky.app[ATTEMPTS]["g"] == 1
 
 
 async def test_a_connect_failure_is_retried_on_another_endpoint(flaky, tmp_path):
