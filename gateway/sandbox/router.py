@@ -18,10 +18,7 @@ from gateway.config.model import Config, Endpoint, PreviewZone, SandboxRouter, U
 from gateway.kube import KubeError
 from gateway.policy.model import SandboxPolicy
 from gateway.sandbox.access import DEFAULT_POLICY, relation
-from gateway.sandbox.address import (
-    API_PREFIX, HEADER_ID, HEADER_NAMESPACE, HEADER_PORT, HEADER_TIMEOUT,
-    BadSandboxRequest, SandboxAddress, from_headers, from_path,
-)
+from gateway.sandbox.address import API_PREFIX, BadSandboxRequest, HeaderAddresses, SandboxAddress, from_path
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.terminal import Terminals
 from gateway.sandbox.token import RouterToken
@@ -114,7 +111,7 @@ class SandboxAccess:
         # state is done once: parsed addresses by raw header values, targets by sandbox state.
         # Values carry the router they were made for: a request that raced a reload cannot leave
         # an entry that a router with the same name but other settings would then use.
-        self._addresses: dict[tuple, tuple[SandboxRouter, SandboxAddress | BadSandboxRequest]] = {}
+        self._addresses = HeaderAddresses(MAX_CACHED)
         self._targets: dict[tuple, tuple[SandboxRouter, Upstream, tuple]] = {}
 
     def configure(self, config: Config) -> None:
@@ -199,21 +196,10 @@ class SandboxAccess:
                 if address is None:
                     raise Refusal(404, "no_route", "No sandbox endpoint at this path.")
                 return address
-            getall = request.headers.getall
-            key = (router.key, tuple(getall(HEADER_ID, ())), tuple(getall(HEADER_NAMESPACE, ())),
-                   tuple(getall(HEADER_PORT, ())), tuple(getall(HEADER_TIMEOUT, ())))
-            cached = self._addresses.get(key)
-            if cached is None or cached[0] is not router:  # not seen, or parsed for a router since reloaded
-                try:
-                    cached = (router, from_headers(request.headers, router))
-                except BadSandboxRequest as e:
-                    cached = (router, e)
-                if len(self._addresses) >= MAX_CACHED:
-                    self._addresses.clear()
-                self._addresses[key] = cached
-            if isinstance(cached[1], BadSandboxRequest):
-                raise cached[1]
-            return cached[1]
+            address = self._addresses.parse(request.headers, router)
+            if isinstance(address, str):  # a fresh refusal each time: see HeaderAddresses
+                raise Refusal(400, "bad_request", address)
+            return address
         except BadSandboxRequest as e:
             raise Refusal(400, "bad_request", str(e)) from None
 
