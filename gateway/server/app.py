@@ -26,7 +26,7 @@ from gateway.config.model import Config, Listener, SandboxRouter
 from gateway.policy.loader import load_policies
 from gateway.policy.runtime import PolicyRuntime
 from gateway.routing.table import RouteTable, compile_table
-from gateway.sandbox.router import router_errors
+from gateway.sandbox.router import needs_cluster_state, router_errors
 from gateway.sandbox.terminal import TerminalSettings
 from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME, MissingSecret
 from gateway.server.accesslog import AccessLog
@@ -113,6 +113,7 @@ class RunningGateway:
         self.store: Store | None = None
         self.store_ok = True  # the audit spool covers outages; readiness still reports them
         self.cluster: ClusterFeatures | None = None  # sandboxes and previews, when configured
+        self.cluster_needed = False  # whether readiness waits for it (needs_cluster_state)
 
     @property
     def table(self) -> RouteTable:
@@ -126,6 +127,8 @@ class RunningGateway:
         kube_ok = True
         if self.cluster is not None:
             kube_ok, details["kubernetes"] = self.cluster.readiness()
+            kube_ok = kube_ok or not self.cluster_needed  # e.g. only DNS SandboxRouters: shown, not awaited
+            details["kubernetes_needed"] = self.cluster_needed
         return self.ready and keys and self.store_ok and kube_ok, details
 
     async def _watch_store(self, interval: float = 2.0) -> None:
@@ -226,6 +229,7 @@ class RunningGateway:
         self.gateway.table, self.gateway.policies = table, runtime  # no await between: one swap
         if self.cluster is not None:
             self.cluster.configure(config)
+        self.cluster_needed = needs_cluster_state(config, _secured(policies))
         _freeze_long_lived()
         event(log, "routes reloaded", routes=len(config.routes))
         return True
@@ -314,6 +318,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
             allow_loopback=options.settings.allow_loopback_sandboxes, overrides=options.load.overrides,
             preview_timing=options.preview_timing,
         )
+        running.cluster_needed = needs_cluster_state(config, _secured(policies))
         await running._bind(config.listeners)
         await running._start_admin()
     except BaseException:
