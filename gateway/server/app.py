@@ -26,7 +26,8 @@ from gateway.config.model import Config, Listener, SandboxRouter
 from gateway.policy.loader import load_policies
 from gateway.policy.runtime import PolicyRuntime
 from gateway.routing.table import RouteTable, compile_table
-from gateway.sandbox.router import needs_cluster_state, router_errors
+from gateway.sandbox.readiness import needs_cluster_state
+from gateway.sandbox.router import router_errors
 from gateway.sandbox.terminal import TerminalSettings
 from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME, MissingSecret
 from gateway.server.accesslog import AccessLog
