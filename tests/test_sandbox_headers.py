@@ -7,7 +7,6 @@ gateway resolves `box-1.agents.svc.cluster.local` through its overrides, as a lo
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import time
 import tracemalloc
@@ -18,26 +17,14 @@ from aiohttp import web
 
 from gateway.sandbox.address import BadSandboxRequest
 from tests.support.harness import running_gateway, url
+from tests.support.recording import Recorded, start_recording_echo
 from tests.support.sandboxes import router_yaml
 
 
 @pytest.fixture
-async def box(aiohttp_server):
-    """The sandbox `agents/box-1`: an app that says what it received, slowly when asked to."""
-    seen: list[dict] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        seen.append(dict(request.headers))
-        delay = request.headers.get("X-Box-Delay")
-        if delay:
-            await asyncio.sleep(float(delay))
-        return web.json_response({"backend": "agents/box-1"})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    server.seen = seen
-    return server
+async def box(aiohttp_server) -> Recorded:
+    """The sandbox `agents/box-1`: the echo app, remembering what reached it."""
+    return await start_recording_echo(aiohttp_server, "agents/box-1")
 
 
 def dns_gateway(tmp_path, box, *, timeout: str | None = None):
@@ -72,7 +59,7 @@ async def test_timeouts_the_clients_send_are_accepted(tmp_path, box, value):
         assert status == 200 and body["backend"] == "agents/box-1", body
     else:  # a deadline of microseconds may pass before the app answers: that is the client's wish
         assert status == 200 or (status == 504 and body["error"] == "upstream_timeout"), body
-    assert not [h for seen in box.seen for h in seen if h.lower().startswith("x-sandbox-")]
+    assert not [name for _, _, headers in box.requests for name, _ in headers if name.lower().startswith("x-sandbox-")]
 
 
 async def test_every_rejected_timeout_is_a_400_that_reaches_nothing(tmp_path, box):
@@ -82,7 +69,7 @@ async def test_every_rejected_timeout_is_a_400_that_reaches_nothing(tmp_path, bo
                 body = await r.json()
                 assert r.status == 400, (value, body)
                 assert body["error"] == "bad_request" and "X-Sandbox-Timeout" in body["message"] and body["request_id"]
-    assert box.seen == []
+    assert box.requests == []
 
 
 @pytest.mark.parametrize("value", ["1e999", "10000000.0", "31.5"])
@@ -90,7 +77,7 @@ async def test_a_timeout_above_the_routers_is_capped_at_it(tmp_path, box, value)
     """`1e999` is a number too, only beyond a float: capped like any other larger value."""
     async with dns_gateway(tmp_path, box, timeout="1s") as gw, aiohttp.ClientSession() as session:
         started = time.monotonic()
-        headers = {"X-Sandbox-ID": "box-1", "X-Sandbox-Timeout": value, "X-Box-Delay": "5"}
+        headers = {"X-Sandbox-ID": "box-1", "X-Sandbox-Timeout": value, "X-Echo-Delay": "5"}
         async with session.get(url(gw, "/slow"), headers=headers) as r:
             status, body = r.status, await r.json()
         took = time.monotonic() - started
@@ -151,7 +138,7 @@ async def test_thousands_of_bad_sandbox_headers_keep_no_request_alive(tmp_path, 
             tracemalloc.stop()
         requests_alive = live(web.BaseRequest)
         exceptions_alive = live(BadSandboxRequest)
-    assert box.seen == []
+    assert box.requests == []
     # 5,000 refusals, 1,000 of them with 4 KB values (43 MiB stayed when exceptions were cached):
     # what may stay is small cache entries and the test's in-memory access log (about 2 MiB).
     assert grown < 8 * 2**20, f"{grown / 2**20:.1f} MiB"

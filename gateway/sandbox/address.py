@@ -79,9 +79,6 @@ class HeaderAddresses:
         # an entry that a router with the same name but other settings would then use.
         self._entries: dict[tuple, tuple[SandboxRouter, SandboxAddress | str]] = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def clear(self) -> None:
         self._entries.clear()
 
