@@ -92,6 +92,18 @@ async def test_a_huge_timeout_without_a_router_timeout_still_reaches_the_sandbox
                 assert r.status == 200, (value, await r.text())
 
 
+async def test_pod_ip_and_uid_headers_are_accepted_ignored_and_never_reach_the_sandbox(tmp_path, box):
+    """The agent-sandbox client sends `X-Sandbox-Pod-IP`; whatever it says, the gateway resolves
+    the sandbox itself (here the metadata address: dialled, it would fail, not reach the box)."""
+    headers = {"X-Sandbox-ID": "box-1", "X-Sandbox-Pod-IP": "169.254.169.254", "X-Sandbox-UID": "../../etc",
+               "X-Sandbox-Timeout": "65.123456789"}
+    async with dns_gateway(tmp_path, box) as gw, aiohttp.ClientSession() as session:
+        async with session.get(url(gw, "/"), headers=headers) as r:
+            status, body = r.status, await r.json()
+    assert status == 200 and body["backend"] == "agents/box-1" and body["peer"] == "127.0.0.1"
+    assert not [name for name, _ in body["headers"] if name.lower().startswith("x-sandbox-")]
+
+
 # --- refusals keep nothing alive ----------------------------------------------------------------
 
 
