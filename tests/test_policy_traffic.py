@@ -315,7 +315,8 @@ def test_sandbox_policy_loads_and_attaches(tmp_path):
 
 
 @pytest.mark.parametrize("spec, field", [
-    ("  timeout:\n    http: {idleTimeout: 5s}\n", "timeout"),
+    ("  timeout:\n    http: {requestReceivedTimeout: 5s}\n", "timeout.http.requestReceivedTimeout"),
+    ("  timeout:\n    tcp: {idleTimeout: 5s}\n", "timeout.tcp"),
     ("  tls: {minVersion: '1.3'}\n", "tls"),
     ("  headers: {preserveXRequestID: true}\n", "headers.preserveXRequestID"),
     ("  connection:\n    connectionLimit: {value: 5, maxStreamDuration: 5s}\n", "maxStreamDuration"),
