@@ -40,6 +40,12 @@ class ConnectFailed(Exception):
         self.cause = cause
 
 
+class UnexpectedUpgrade(Exception):
+    """The upstream answered 101 Switching Protocols to a request that did not ask to switch
+    (this client never sends `Upgrade`: WebSockets are relayed elsewhere). Relaying it would
+    open a tunnel past the gateway's policies."""
+
+
 class UpstreamResponse:
     """Status line and headers of an upstream response; the body streams from `content`."""
 
@@ -224,7 +230,9 @@ class H1Client:
                     message, payload = await _read_response(protocol, writer_task)
                 except HttpProcessingError as exc:
                     raise ClientResponseError(None, (), status=exc.code, message=exc.message) from exc
-                if not 100 <= message.code < 200 or message.code == 101:
+                if message.code == 101:
+                    raise UnexpectedUpgrade()  # the connection is closed below, its bytes unread
+                if not 100 <= message.code < 200:
                     break
         except BaseException:
             _discard(writer_task)
