@@ -300,3 +300,114 @@ def test_the_lowest_timeouts_of_the_gateways_on_a_port_apply(tmp_path):
     limits = gateway.connection_limits(80)
     assert (limits.header_bytes, limits.headers_timeout, limits.idle_timeout) == (50_000, 4.0, 5.0)
     assert gateway.connection_limits(8080).idle_timeout == 60  # a port no Gateway declares
+
+
+# --- nothing is read after a parse error -----------------------------------------------------
+
+
+@pytest.mark.parametrize("malformed, status, code", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nBroken header line\r\n\r\n", 400, "bad_request"),
+    (b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"l" * 20_000 + b"\r\n\r\n", 431, "headers_too_large"),
+])
+async def test_a_malformed_request_followed_by_a_flood_is_answered_and_closed_with_memory_bounded(
+        app, tmp_path, malformed, status, code):
+    """After the first parse error the gateway parses and keeps nothing more of the connection:
+    its answer arrives, the connection closes, and 20 clients each streaming 8 MiB of garbage
+    after their bad request do not make the gateway hold what they send."""
+    async with running_gateway(tmp_path, app) as gw:
+        host, port = address(gw)
+        garbage = b"\xffgarbage\r\n" * 6554  # 64 KiB chunks, no line end the parser would like
+        before = reset_peak_rss()
+
+        async def attack():
+            reader, writer = await asyncio.open_connection(host, port)
+            writing = asyncio.ensure_future(flood(writer, malformed, garbage, 8 * MiB))
+            try:
+                return await answer_then_close(reader, writing)
+            finally:
+                writer.close()
+
+        results = await asyncio.gather(*(attack() for _ in range(20)))
+        grown = peak_rss_since_reset() - before
+        for response, closed in results:
+            assert_refused(response, status, code)
+            assert closed, "the connection stayed open after the error"
+        assert grown < 24 * MiB, f"the gateway grew by {grown / MiB:.1f} MiB"
+
+
+# --- an upstream that switches protocols unasked ---------------------------------------------
+
+
+@pytest.fixture
+async def switching_upstream():
+    """An upstream that answers every request `101 Switching Protocols` and then writes tunnel
+    bytes; it records whether each connection was closed by the gateway."""
+    closed = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tunnel\r\nConnection: Upgrade\r\n\r\n"
+                     b"TUNNEL-BYTES-FROM-UPSTREAM")
+        await writer.drain()
+        try:
+            closed.append(await asyncio.wait_for(reader.read(), 10) == b"")
+        except (asyncio.TimeoutError, ConnectionError):
+            closed.append(False)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server.closed_connections = closed
+    yield server
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("extra", [(), ("Connection: Upgrade", "Upgrade: tunnel"), ("Connection: Upgrade", "Upgrade: h2c")])
+async def test_an_upstream_101_on_a_plain_request_is_502_and_nothing_is_relayed(switching_upstream, tmp_path, extra):
+    """A 101 to a request that is not a WebSocket upgrade (whatever `Upgrade` the client sent:
+    it is hop-by-hop and never forwarded) would open a tunnel past the gateway: 502 bad_gateway,
+    the upstream connection is closed, no byte after the 101 reaches the client."""
+    port = switching_upstream.sockets[0].getsockname()[1]
+    async with running_gateway(tmp_path, GATEWAY + backend("up", port) + route_to("up")) as gw:
+        host, gw_port = address(gw)
+        async with raw_connection(gw, 15) as (reader, writer):
+            writer.write(request("GET /plain HTTP/1.1", f"Host: {host}:{gw_port}", *extra))
+            response = await read_response(reader)
+            assert response.status == 502, response
+            assert response.json()["error"] == "bad_gateway"
+            writer.write(request("GET /again HTTP/1.1", f"Host: {host}:{gw_port}", "Connection: close"))
+            rest = await asyncio.wait_for(reader.read(), 10)
+        assert b"TUNNEL-BYTES" not in response.body + rest
+        assert rest.startswith(b"HTTP/1.1 502"), rest[:40]  # the client connection still speaks HTTP
+        for _ in range(50):
+            if len(switching_upstream.closed_connections) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert switching_upstream.closed_connections == [True, True], "an upstream connection was kept after its 101"
+
+
+# --- draining --------------------------------------------------------------------------------
+
+
+async def test_a_response_finished_during_a_drain_says_connection_close(aiohttp_server, tmp_path):
+    """A request in flight when the drain begins is answered, with `Connection: close`, and the
+    connection is then closed."""
+    gated, port = await start_gated(aiohttp_server)
+    async with running_gateway(tmp_path, GATEWAY + backend("gated", port) + route_to("gated"), drain_seconds=10) as gw:
+        host, gw_port = address(gw)
+        async with raw_connection(gw, 15) as (reader, writer):
+            writer.write(request("GET /before HTTP/1.1", f"Host: {host}:{gw_port}"))
+            before = await read_response(reader)
+            assert before.status == 200 and before.header("Connection") is None  # kept alive
+            writer.write(request("GET /gate HTTP/1.1", f"Host: {host}:{gw_port}"))
+            await asyncio.wait_for(gated.arrived.wait(), 10)
+            draining = asyncio.ensure_future(gw.drain())
+            await asyncio.sleep(0.3)  # the drain is under way, the request still held
+            assert not draining.done()
+            gated.release.set()
+            during = await read_response(reader)
+            assert during.status == 200 and during.json()["path"] == "/gate"
+            assert during.header("Connection") == "close"
+            assert await closed_within(reader, 10)
+            await asyncio.wait_for(draining, 15)
