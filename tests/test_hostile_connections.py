@@ -411,3 +411,32 @@ async def test_a_response_finished_during_a_drain_says_connection_close(aiohttp_
             assert during.header("Connection") == "close"
             assert await closed_within(reader, 10)
             await asyncio.wait_for(draining, 15)
+
+
+# --- the process-wide default connection limit -----------------------------------------------
+
+
+@pytest.mark.parametrize("policy, allowed", [(None, 2), ("  connection:\n    connectionLimit: {value: 3}\n", 3)])
+async def test_the_default_connection_limit_holds_unless_a_client_policy_sets_one(app, tmp_path, policy, allowed):
+    """`--connection-limit` (Settings.connection_limit): connections over it are closed unanswered;
+    a ClientTrafficPolicy connectionLimit.value replaces it."""
+    policies = client_policy(policy) if policy else None
+    async with running_gateway(tmp_path, app, settings=Settings(connection_limit=2), policies_yaml=policies) as gw:
+        host, port = address(gw)
+        held = []
+        try:
+            for _ in range(allowed):
+                held.append(await asyncio.open_connection(host, port))
+                held[-1][1].write(request("GET / HTTP/1.1", f"Host: {host}:{port}"))
+                assert (await asyncio.wait_for(read_response(held[-1][0]), 10)).status == 200
+            reader, writer = await asyncio.open_connection(host, port)
+            held.append((reader, writer))
+            writer.write(request("GET / HTTP/1.1", f"Host: {host}:{port}"))
+            try:
+                answer = await asyncio.wait_for(reader.read(), 10)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"", f"a connection over the limit was answered: {answer[:40]!r}"
+        finally:
+            for _, w in held:
+                w.close()

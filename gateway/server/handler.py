@@ -10,7 +10,7 @@ import asyncio
 from inspect import isawaitable
 from random import getrandbits
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from time import monotonic
 
 from aiohttp import WSCloseCode, web
@@ -24,7 +24,7 @@ from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
 from gateway.proxy.retry import RetryBudget, RetryPlan
 from gateway.proxy.upstream import UpstreamPool
-from gateway.policy.model import ListenerLimits, RetryPolicy
+from gateway.policy.model import ConnectionLimits, ListenerLimits, RetryPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
@@ -53,6 +53,7 @@ class Settings:
     max_header_line_bytes: int = 16 * 1024  # one header line, name and value
     request_headers_timeout: float = 30.0  # ClientTrafficPolicy timeout.http may change these two
     client_idle_timeout: float = 75.0
+    connection_limit: int | None = None  # open connections per port unless a ClientTrafficPolicy sets one
     max_body_bytes: int | None = None
     trusted_hops: int = 0
     websocket: websocket.WebSocketLimits = field(default_factory=websocket.WebSocketLimits)
@@ -109,9 +110,11 @@ class Gateway:
         found = by_port.get(port)
         return found if found is not None else self._default_limits()
 
-    def _default_limits(self) -> ListenerLimits:
+    def _default_limits(self, connection: ConnectionLimits | None = None) -> ListenerLimits:
         s = self.settings
-        return ListenerLimits(s.max_header_bytes, s.request_headers_timeout, s.client_idle_timeout)
+        if s.connection_limit and (connection is None or connection.limit is None):
+            connection = replace(connection or ConnectionLimits(), limit=s.connection_limit)
+        return ListenerLimits(s.max_header_bytes, s.request_headers_timeout, s.client_idle_timeout, connection)
 
     def _resolve_listener_limits(self) -> dict[int, ListenerLimits]:
         """Per port, from the Gateways listening there: connectionLimit and the timeouts at the
@@ -136,7 +139,8 @@ class Gateway:
                     allowed = min(allowed, client.max_header_bytes or allowed)
                 header_bytes = max(header_bytes, allowed)
             by_port[port] = ListenerLimits(header_bytes, headers_timeout or defaults.headers_timeout,
-                                           idle_timeout or defaults.idle_timeout, connection)
+                                           idle_timeout or defaults.idle_timeout,
+                                           self._default_limits(connection).connection)
         return by_port
 
     def handler_for_port(self, port: int):
