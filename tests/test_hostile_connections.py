@@ -197,6 +197,20 @@ async def test_bodies_and_pipelined_requests_are_not_counted_as_headers(app, tmp
         assert responses[0].json()["body_length"] == len(body)
 
 
+async def test_many_pipelined_requests_in_one_write_are_served_under_a_tiny_header_limit(app, tmp_path):
+    """Hundreds of small heads in one chunk, each under a 200-byte limit, past aiohttp's queue of
+    parsed requests: every one is answered, none is taken for an over-long head."""
+    async with running_gateway(tmp_path, app, settings=Settings(max_header_bytes=200)) as gw:
+        host, port = address(gw)
+        one = request("GET /p HTTP/1.1", f"Host: {host}:{port}")
+        assert len(one) < 200
+        async with raw_connection(gw, 60) as (reader, writer):
+            writer.write(one * 300)
+            await writer.drain()
+            statuses = [(await read_response(reader)).status for _ in range(300)]
+        assert statuses == [200] * 300
+
+
 # --- header and idle timeouts ----------------------------------------------------------------
 
 

@@ -96,8 +96,15 @@ class _GatewayRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return
+        rest = self._feed(data)
+        while rest:  # a head ended inside the chunk: a body or the next request follows
+            rest = self._feed(rest)
+
+    def _feed(self, data: bytes) -> bytes:
+        """Feed `data` to aiohttp, counting it while it is part of a request head; returns what
+        follows a head that ended inside it, still to be fed."""
+        if self._refused or self._force_close or self._close:
+            return b""
         if self._head is None:
             body = self._body
             if self._upgraded or self._payload_parser is not None or (body is not None and not body.is_eof()):
@@ -105,31 +112,28 @@ class _GatewayRequestHandler(RequestHandler):
                 super().data_received(data)  # a body: its end may start the next request
                 if self._request_count != count:
                     self._parsed()
-                return
+                return b""
             self._head = 0  # the body ended in an earlier chunk: this one starts a request
         head = self._head
-        if not head:
+        if not head and data:
             self._start_head_timer()
         budget = self.listener.header_bytes - head
-        if len(data) > budget:
-            # The head may end inside this chunk (a body or the next request follows): what
-            # fits in the budget must complete it.
-            count = self._request_count
-            self._head = head + budget
-            super().data_received(data[:budget])
-            if self._request_count == count:
-                if not self._refused:
-                    self._refuse(HeaderSectionTooLarge(self.listener.header_bytes))
-                return
-            self._parsed()
-            if not self._refused and not self._force_close and not self._close:
-                self.data_received(data[budget:])
-            return
-        self._head = head + len(data)
         count = self._request_count
-        super().data_received(data)
-        if self._request_count != count:
-            self._parsed()
+        if len(data) <= budget:
+            self._head = head + len(data)
+            super().data_received(data)
+            if self._request_count != count:
+                self._parsed()
+            return b""
+        # Over the limit unless the head ends inside what fits in the budget.
+        self._head = head + budget
+        super().data_received(data[:budget])
+        if self._request_count == count:
+            if not self._refused:
+                self._refuse(HeaderSectionTooLarge(self.listener.header_bytes))
+            return b""
+        self._parsed()
+        return data[budget:]
 
     def _parsed(self) -> None:
         """The parser yielded a request (or an error) from the last chunk."""
