@@ -19,7 +19,7 @@ from gateway.server.handler import Settings
 from tests.support.echo import make_echo_app
 from tests.support.gated import start_gated
 from tests.support.harness import GATEWAY, backend, route_to, running_gateway
-from tests.support.rawhttp import raw_connection, read_response, request
+from tests.support.rawhttp import closed_within, raw_connection, read_response, request
 from tests.test_policy_traffic import client_policy
 
 MiB = 1024 * 1024
@@ -47,19 +47,6 @@ def reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     return peak_rss_since_reset()
-
-
-async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
-    """Whether the gateway closes the connection within `seconds` (a close with bytes of ours
-    still unread arrives as a reset)."""
-    try:
-        while await asyncio.wait_for(reader.read(65536), seconds):
-            pass
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except asyncio.TimeoutError:
-        return False
 
 
 async def answer_then_close(reader: asyncio.StreamReader, writing: asyncio.Task):
