@@ -341,35 +341,45 @@ async def test_a_malformed_request_followed_by_a_flood_is_answered_and_closed_wi
 
 
 @pytest.fixture
-async def switching_upstream():
-    """An upstream that answers every request `101 Switching Protocols` and then writes tunnel
-    bytes; it records whether each connection was closed by the gateway."""
-    closed = []
+async def scripted_upstream():
+    """Factory: an upstream that answers every request with the given bytes, then waits; its
+    `closed_connections` records, per connection, whether the gateway closed it."""
+    servers = []
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tunnel\r\nConnection: Upgrade\r\n\r\n"
-                     b"TUNNEL-BYTES-FROM-UPSTREAM")
-        await writer.drain()
-        try:
-            closed.append(await asyncio.wait_for(reader.read(), 10) == b"")
-        except (asyncio.TimeoutError, ConnectionError):
-            closed.append(False)
-        writer.close()
+    async def start(answer: bytes):
+        closed = []
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    server.closed_connections = closed
-    yield server
-    server.close()
-    await server.wait_closed()
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            try:
+                closed.append(await asyncio.wait_for(reader.read(), 10) == b"")
+            except (asyncio.TimeoutError, ConnectionError):
+                closed.append(False)
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        server.closed_connections = closed
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tunnel\r\nConnection: Upgrade\r\n\r\nTUNNEL-BYTES-FROM-UPSTREAM"
 
 
 @pytest.mark.parametrize("extra", [(), ("Connection: Upgrade", "Upgrade: tunnel"), ("Connection: Upgrade", "Upgrade: h2c")])
-async def test_an_upstream_101_on_a_plain_request_is_502_and_nothing_is_relayed(switching_upstream, tmp_path, extra):
+async def test_an_upstream_101_on_a_plain_request_is_502_and_nothing_is_relayed(scripted_upstream, tmp_path, extra):
     """A 101 to a request that is not a WebSocket upgrade (whatever `Upgrade` the client sent:
     it is hop-by-hop and never forwarded) would open a tunnel past the gateway: 502 bad_gateway,
     the upstream connection is closed, no byte after the 101 reaches the client."""
-    port = switching_upstream.sockets[0].getsockname()[1]
+    upstream = await scripted_upstream(SWITCH)
+    port = upstream.sockets[0].getsockname()[1]
     async with running_gateway(tmp_path, GATEWAY + backend("up", port) + route_to("up")) as gw:
         host, gw_port = address(gw)
         async with raw_connection(gw, 15) as (reader, writer):
@@ -382,10 +392,29 @@ async def test_an_upstream_101_on_a_plain_request_is_502_and_nothing_is_relayed(
         assert b"TUNNEL-BYTES" not in response.body + rest
         assert rest.startswith(b"HTTP/1.1 502"), rest[:40]  # the client connection still speaks HTTP
         for _ in range(50):
-            if len(switching_upstream.closed_connections) == 2:
+            if len(upstream.closed_connections) == 2:
                 break
             await asyncio.sleep(0.1)
-        assert switching_upstream.closed_connections == [True, True], "an upstream connection was kept after its 101"
+        assert upstream.closed_connections == [True, True], "an upstream connection was kept after its 101"
+
+
+@pytest.mark.parametrize("interim, status", [(3, 200), (17, 502), (5000, 502)])
+async def test_interim_responses_are_skipped_but_not_forever(scripted_upstream, tmp_path, interim, status):
+    """An upstream's 1xx responses before the real one are skipped; one that sends 1xx without
+    end gets a 502 (upstream_invalid) instead of holding the request."""
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * interim
+    upstream = await scripted_upstream(early_hints + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    port = upstream.sockets[0].getsockname()[1]
+    async with running_gateway(tmp_path, GATEWAY + backend("up", port) + route_to("up")) as gw:
+        host, gw_port = address(gw)
+        async with raw_connection(gw, 15) as (reader, writer):
+            writer.write(request("GET / HTTP/1.1", f"Host: {host}:{gw_port}"))
+            response = await read_response(reader)
+        assert response.status == status, response
+        if status == 502:
+            assert response.json()["error"] == "upstream_invalid"
+        else:
+            assert response.body == b"ok"
 
 
 # --- draining --------------------------------------------------------------------------------
