@@ -298,9 +298,9 @@ def test_the_lowest_timeouts_of_the_gateways_on_a_port_apply(tmp_path):
     assert not policies.errors, policies.errors
     settings = Settings(max_header_bytes=50_000, request_headers_timeout=30, client_idle_timeout=60)
     gateway = Gateway(compile_table(config), PolicyRuntime(policies, config, None), settings, Metrics(), None, None)
-    limits = gateway.connection_limits(80)
+    limits = gateway.listener_limits(80)
     assert (limits.header_bytes, limits.headers_timeout, limits.idle_timeout) == (50_000, 4.0, 5.0)
-    assert gateway.connection_limits(8080).idle_timeout == 60  # a port no Gateway declares
+    assert gateway.listener_limits(8080).idle_timeout == 60  # a port no Gateway declares
 
 
 # --- nothing is read after a parse error -----------------------------------------------------

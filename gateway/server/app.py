@@ -145,7 +145,7 @@ class RunningGateway:
             except (OSError, ValueError) as e:
                 raise StartupError(f"port {port}: cannot load TLS certificate from {self.options.tls_dir}: {e}") from e
             settings = self.gateway.settings
-            server = make_server(self.gateway.handler_for_port(port), partial(self.gateway.connection_limits, port),
+            server = make_server(self.gateway.handler_for_port(port), partial(self.gateway.listener_limits, port),
                                  self.gateway.metrics.connections_rejected.labels(str(port)).inc,
                                  max_header_bytes=settings.max_header_bytes,
                                  max_header_line_bytes=settings.max_header_line_bytes)

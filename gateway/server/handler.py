@@ -100,7 +100,7 @@ class Gateway:
         self.draining = False
         self._listener_limits: tuple[PolicyRuntime | None, dict[int, ListenerLimits]] = (None, {})
 
-    def connection_limits(self, port: int) -> ListenerLimits:
+    def listener_limits(self, port: int) -> ListenerLimits:
         """What each new connection on `port` is held to; resolved once per configuration (the
         policies are swapped on reload, so a reload is followed by the next connection)."""
         resolved_for, by_port = self._listener_limits

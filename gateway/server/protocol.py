@@ -52,7 +52,7 @@ class _GatewayRequestHandler(RequestHandler):
     after each response); the header timeout runs from a request's first byte."""
 
     def connection_made(self, transport) -> None:
-        self.listener = listener = self._manager.connection_limits()
+        self.listener = listener = self._manager.listener_limits()
         self._keepalive_timeout = listener.idle_timeout  # aiohttp arms its idle timer with it
         self.limits = limits = listener.connection
         self.rejected = False
@@ -234,10 +234,10 @@ class _GatewayRequest(web.BaseRequest):
 
 
 class GatewayServer(web.Server):
-    def __init__(self, handler, *, connection_limits: Callable[[], ListenerLimits],
+    def __init__(self, handler, *, listener_limits: Callable[[], ListenerLimits],
                  on_rejected: Callable[[], None], **kwargs):
         super().__init__(handler, **kwargs)
-        self.connection_limits = connection_limits  # the port's current limits
+        self.listener_limits = listener_limits  # the port's current limits
         self.on_rejected = on_rejected  # called for each connection closed for being over the limit
         self.rejected_open = 0  # connections over the limit, held open for closeDelay
         self.draining = False
@@ -267,14 +267,14 @@ def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
     return request
 
 
-def make_server(handler, connection_limits: Callable[[], ListenerLimits],
+def make_server(handler, listener_limits: Callable[[], ListenerLimits],
                 on_rejected: Callable[[], None] = lambda: None, *,
                 max_header_bytes: int, max_header_line_bytes: int) -> GatewayServer:
     """The parser's own limits are the widest any request may use (the request line may use the
     whole header budget, one header line `max_header_line_bytes`); the port's header limit is
     counted while reading."""
     return GatewayServer(
-        handler, connection_limits=connection_limits, on_rejected=on_rejected, request_factory=_make_request,
+        handler, listener_limits=listener_limits, on_rejected=on_rejected, request_factory=_make_request,
         handler_cancellation=True, access_log=None, max_line_size=max_header_bytes,
         max_field_size=max_header_line_bytes, max_headers=MAX_HEADERS,
     )
