@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-seconds", type=float, default=float(_env("drain-seconds", "30")))
     serve.add_argument("--max-body-bytes", type=int, default=int(_env("max-body-bytes", "0")) or None,
                        help="refuse larger request bodies with 413 (default: no limit)")
+    serve.add_argument("--connection-limit", type=int, default=int(_env("connection-limit", "0")) or None,
+                       help="open connections per listener port and process, unless a ClientTrafficPolicy sets "
+                            "connection.connectionLimit.value (default: no limit)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     _add_store_flags(serve)
 

@@ -155,6 +155,20 @@ def test_deployment_runs_hardened_with_probes_on_the_admin_port():
     assert container["resources"]["requests"]["cpu"]  # the HPA's utilisation needs a request
 
 
+def test_deployment_ships_a_connection_limit_the_gateway_accepts_and_memory_can_hold():
+    """The base caps open client connections per pod (`--connection-limit`, the default when no
+    ClientTrafficPolicy sets one); the pod's memory limit holds that many request heads of the
+    default 64 KiB header limit."""
+    from gateway.cli import build_parser
+
+    (container,) = _one("Deployment", "sandgate")["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert args.connection_limit and args.connection_limit > 0
+    memory = container["resources"]["limits"]["memory"]
+    assert memory.endswith("Mi")
+    assert args.connection_limit * 64 * 1024 < int(memory[:-2]) * 1024 * 1024
+
+
 def test_service_exposes_http_and_metrics_on_the_pods():
     service = _one("Service", "sandgate")
     assert service["spec"]["selector"] == SELECTOR

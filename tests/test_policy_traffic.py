@@ -11,6 +11,7 @@ import pytest
 
 from gateway.policy.ratelimit import LocalRateLimiter, RateLimitRule, SourceSelector
 from tests.support.harness import GATEWAY, admin_url, backend, running_gateway, route_to, url
+from tests.support.rawhttp import closed_within
 
 
 def traffic_policy(spec: str, name: str = "limits") -> str:
@@ -162,17 +163,6 @@ async def _raw_get(host: str, port: int, reader=None, writer=None, extra: str = 
     return reader, writer, head
 
 
-async def _closed_within(reader, seconds: float) -> bool:
-    """Whether the server closes the connection within `seconds` (a close with our request still
-    unread arrives as a reset)."""
-    try:
-        return await asyncio.wait_for(reader.read(1), seconds) == b""
-    except ConnectionResetError:
-        return True
-    except asyncio.TimeoutError:
-        return False
-
-
 async def test_client_policy_max_requests_per_connection_closes_after_the_last(app, tmp_path):
     """connectionLimit.maxRequestsPerConnection: 2: the first response keeps the connection, the
     second says Connection: close and the gateway closes it."""
@@ -183,7 +173,7 @@ async def test_client_policy_max_requests_per_connection_closes_after_the_last(a
         assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower()
         _, _, second = await _raw_get(host, port, reader, writer)
         assert second.startswith(b"HTTP/1.1 200") and b"connection: close" in second.lower()
-        assert await _closed_within(reader, 2), "the connection stayed open after its last request"
+        assert await closed_within(reader, 2), "the connection stayed open after its last request"
         writer.close()
 
 
@@ -211,13 +201,13 @@ async def test_client_policy_max_connection_duration_closes_an_idle_connection(a
         host, port = next(iter(gw.addresses.values()))
         reader, writer, head = await _raw_get(host, port)
         assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
-        assert not await _closed_within(reader, 0.2), "closed before maxConnectionDuration"
-        assert await _closed_within(reader, 2), "an idle connection outlived maxConnectionDuration"
+        assert not await closed_within(reader, 0.2), "closed before maxConnectionDuration"
+        assert await closed_within(reader, 2), "an idle connection outlived maxConnectionDuration"
         writer.close()
         # Busy when the duration passes: the response in flight completes, then the connection closes.
         reader, writer, head = await _raw_get(host, port, extra="X-Echo-Delay: 1\r\n")
         assert head.startswith(b"HTTP/1.1 200")
-        assert await _closed_within(reader, 0.5), "a connection busy past maxConnectionDuration stayed open"
+        assert await closed_within(reader, 0.5), "a connection busy past maxConnectionDuration stayed open"
         writer.close()
 
 
@@ -233,14 +223,14 @@ async def test_client_policy_close_delay_holds_rejected_connections_without_coun
         held_reader, held_writer = await asyncio.open_connection(host, port)
         held_writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
         started = asyncio.get_running_loop().time()
-        assert not await _closed_within(held_reader, 0.4), "a rejected connection was closed before closeDelay"
+        assert not await closed_within(held_reader, 0.4), "a rejected connection was closed before closeDelay"
         served_writer.close()
         await served_writer.wait_closed()
         await asyncio.sleep(0.1)
         _, writer, head = await _raw_get(host, port)  # the held one does not count
         assert head.startswith(b"HTTP/1.1 200")
         writer.close()
-        assert await _closed_within(held_reader, 2), "a rejected connection was never closed"
+        assert await closed_within(held_reader, 2), "a rejected connection was never closed"
         assert asyncio.get_running_loop().time() - started >= 0.9
         held_writer.close()
 
@@ -315,7 +305,8 @@ def test_sandbox_policy_loads_and_attaches(tmp_path):
 
 
 @pytest.mark.parametrize("spec, field", [
-    ("  timeout:\n    http: {idleTimeout: 5s}\n", "timeout"),
+    ("  timeout:\n    http: {requestReceivedTimeout: 5s}\n", "timeout.http.requestReceivedTimeout"),
+    ("  timeout:\n    tcp: {idleTimeout: 5s}\n", "timeout.tcp"),
     ("  tls: {minVersion: '1.3'}\n", "tls"),
     ("  headers: {preserveXRequestID: true}\n", "headers.preserveXRequestID"),
     ("  connection:\n    connectionLimit: {value: 5, maxStreamDuration: 5s}\n", "maxStreamDuration"),

@@ -57,7 +57,8 @@ def run_serve(args, load_options: LoadOptions) -> int:
         # Workers share the store but not a spool file: a worker slot replays its own leftovers.
         spool_dir=os.path.join(args.data_dir, f"worker-{slot}") if (slot := os.environ.pop(_SLOT_ENV, None)) else None,
         settings=Settings(max_body_bytes=args.max_body_bytes, public_url=args.public_url,
-                          allow_loopback_sandboxes=args.allow_loopback_sandboxes),
+                          allow_loopback_sandboxes=args.allow_loopback_sandboxes,
+                          connection_limit=args.connection_limit),
         kubeconfig=args.kubeconfig,
     )
 

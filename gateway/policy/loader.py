@@ -271,12 +271,14 @@ def _rate_rule(path: tuple, spec: dict) -> RateLimitRule:
 
 
 _CLIENT_UNSUPPORTED = ("enableProxyProtocol", "grpc", "healthCheck", "http1", "http2", "http3", "path",
-                       "proxyProtocol", "scheme", "tcpKeepalive", "timeout", "tls")
+                       "proxyProtocol", "scheme", "tcpKeepalive", "tls")
 # What this build applies in the sections it reads; anything else set in them is refused.
 _CLIENT_SUPPORTED_IN = {
     ("connection",): {"bufferLimit", "connectionLimit"},
     ("connection", "connectionLimit"): {"value", "closeDelay", "maxConnectionDuration", "maxRequestsPerConnection"},
     ("headers",): {"maxRequestHeaderLimit"},
+    ("timeout",): {"http"},
+    ("timeout", "http"): {"requestHeadersReceivedTimeout", "idleTimeout"},
     ("clientIPDetection",): {"xForwardedFor"},
 }
 
@@ -314,7 +316,25 @@ def _client_traffic_policy(doc: Document, order: int) -> ClientTrafficPolicy:
         max_header_bytes=max_headers,
         max_body_bytes=max_body,
         connection=_connection_limits(connection.get("connectionLimit")),
+        **_client_timeouts((spec.get("timeout") or {}).get("http") or {}),
     )
+
+
+def _client_timeouts(http: dict) -> dict:
+    """timeout.http: Envoy reads "0s" as "no timeout", which would let a client hold a
+    connection's headers (or an idle connection) open forever: refused rather than honoured."""
+    found = {}
+    for field, name in (("requestHeadersReceivedTimeout", "headers_timeout"), ("idleTimeout", "idle_timeout")):
+        if http.get(field) is None:
+            continue
+        try:
+            seconds = parse_duration(http[field])
+        except ValueError as e:
+            raise _Invalid(("spec", "timeout", "http", field), str(e)) from None
+        if not seconds:
+            raise _Invalid(("spec", "timeout", "http", field), f"{field} must be greater than 0s (0s would disable it)")
+        found[name] = seconds
+    return found
 
 
 def _connection_limits(spec: dict | None) -> ConnectionLimits | None:

@@ -163,6 +163,8 @@ class ClientTrafficPolicy(Policy):
     max_header_bytes: int | None = None
     max_body_bytes: int | None = None
     connection: ConnectionLimits | None = None
+    headers_timeout: float | None = None  # timeout.http.requestHeadersReceivedTimeout
+    idle_timeout: float | None = None  # timeout.http.idleTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +182,18 @@ class ConnectionLimits:
             return b if a is None else a if b is None else min(a, b)
         return ConnectionLimits(low(self.limit, other.limit), low(self.close_delay, other.close_delay),
                                 low(self.max_seconds, other.max_seconds), low(self.max_requests, other.max_requests))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """What the server protocol holds every connection of a listener port to, resolved once per
+    configuration from the ClientTrafficPolicies of the Gateways listening there and the
+    process defaults."""
+
+    header_bytes: int  # request line and headers together, counted while they are read
+    headers_timeout: float  # from the first byte of a request until its headers are complete
+    idle_timeout: float  # a kept-alive connection without a request in flight is then closed
+    connection: ConnectionLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)

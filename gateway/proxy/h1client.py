@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 from gateway.config.model import Endpoint
 
 _LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
+MAX_INTERIM_RESPONSES = 16  # 1xx (100 Continue, 103 Early Hints) skipped before the response
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2
 
 
@@ -38,6 +39,12 @@ class ConnectFailed(Exception):
     def __init__(self, cause: BaseException):
         super().__init__(str(cause))
         self.cause = cause
+
+
+class UnexpectedUpgrade(Exception):
+    """The upstream answered 101 Switching Protocols to a request that did not ask to switch
+    (this client never sends `Upgrade`: WebSockets are relayed elsewhere). Relaying it would
+    open a tunnel past the gateway's policies."""
 
 
 class UpstreamResponse:
@@ -219,13 +226,17 @@ class H1Client:
                 await writer.write_eof()
             else:
                 writer_task = asyncio.ensure_future(_send_body(writer, body))
-            while True:
+            for _ in range(MAX_INTERIM_RESPONSES + 1):
                 try:
                     message, payload = await _read_response(protocol, writer_task)
                 except HttpProcessingError as exc:
                     raise ClientResponseError(None, (), status=exc.code, message=exc.message) from exc
-                if not 100 <= message.code < 200 or message.code == 101:
+                if message.code == 101:
+                    raise UnexpectedUpgrade()  # the connection is closed below, its bytes unread
+                if not 100 <= message.code < 200:
                     break
+            else:  # an upstream that sends 1xx forever would keep the request busy forever
+                raise ClientResponseError(None, (), status=502, message="too many interim (1xx) responses")
         except BaseException:
             _discard(writer_task)
             connection.close()

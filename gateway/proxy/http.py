@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from gateway.config.model import Endpoint
 from gateway.proxy.headers import end_to_end
-from gateway.proxy.h1client import ConnectFailed, UpstreamResponse
+from gateway.proxy.h1client import ConnectFailed, UnexpectedUpgrade, UpstreamResponse
 from gateway.proxy.retry import RetryPlan, attempts_allowed, pause_before, retry_on_failure, retry_on_response
 from gateway.proxy.upstream import UpstreamPool
 
@@ -257,6 +257,8 @@ def _as_proxy_error(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, ConnectFailed):
         exc = exc.cause
+    if isinstance(exc, UnexpectedUpgrade):
+        return ProxyError(502, "bad_gateway", "The upstream switched protocols on a request that did not ask to.")
     if isinstance(exc, BodyTooLarge):
         return ProxyError(413, "body_too_large", "The request body is too large.")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or isinstance(exc, aiohttp.ServerTimeoutError):

@@ -148,8 +148,11 @@ class RunningGateway:
                 ssl_context = self.certificates.context_for(https) if https else None
             except (OSError, ValueError) as e:
                 raise StartupError(f"port {port}: cannot load TLS certificate from {self.options.tls_dir}: {e}") from e
-            server = make_server(self.gateway.handler_for_port(port), partial(self.gateway.connection_limits, port),
-                                 self.gateway.metrics.connections_rejected.labels(str(port)).inc)
+            settings = self.gateway.settings
+            server = make_server(self.gateway.handler_for_port(port), partial(self.gateway.listener_limits, port),
+                                 self.gateway.metrics.connections_rejected.labels(str(port)).inc,
+                                 max_header_bytes=settings.max_header_bytes,
+                                 max_header_line_bytes=settings.max_header_line_bytes)
             runner = web.ServerRunner(server, handle_signals=False,
                                       shutdown_timeout=self.options.drain_seconds)
             await runner.setup()
@@ -248,6 +251,8 @@ class RunningGateway:
     async def drain(self) -> None:
         """Readiness 503, stop accepting, close WebSockets with 1001, finish in-flight requests."""
         self.gateway.draining = True
+        for runner in self._runners:
+            runner.server.start_draining()  # what is answered from now on says Connection: close
         if self.ready:
             event(log, "draining", in_flight_websockets=len(self.gateway.sockets))
         for task in self._tasks:

@@ -10,7 +10,7 @@ import asyncio
 from inspect import isawaitable
 from random import getrandbits
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from time import monotonic
 
 from aiohttp import WSCloseCode, web
@@ -24,7 +24,7 @@ from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
 from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
 from gateway.proxy.retry import RetryBudget, RetryPlan
 from gateway.proxy.upstream import UpstreamPool
-from gateway.policy.model import ConnectionLimits, RetryPolicy
+from gateway.policy.model import ConnectionLimits, ListenerLimits, RetryPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
@@ -49,7 +49,11 @@ UNMATCHED = "unmatched"
 class Settings:
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0
-    max_header_bytes: int = 64 * 1024
+    max_header_bytes: int = 64 * 1024  # request line and headers together (SPEC §3.1)
+    max_header_line_bytes: int = 16 * 1024  # one header line, name and value
+    request_headers_timeout: float = 30.0  # ClientTrafficPolicy timeout.http may change these two
+    client_idle_timeout: float = 75.0
+    connection_limit: int | None = None  # open connections per port unless a ClientTrafficPolicy sets one
     max_body_bytes: int | None = None
     trusted_hops: int = 0
     websocket: websocket.WebSocketLimits = field(default_factory=websocket.WebSocketLimits)
@@ -94,16 +98,50 @@ class Gateway:
         self.sandboxes: SandboxAccess | None = None  # set when a SandboxRouter is configured
         self.previews: PreviewRouter | None = None  # set when a PreviewZone is configured
         self.draining = False
+        self._listener_limits: tuple[PolicyRuntime | None, dict[int, ListenerLimits]] = (None, {})
 
-    def connection_limits(self, port: int) -> ConnectionLimits | None:
-        """ClientTrafficPolicy connection.connectionLimit for `port`: each limit the lowest of the
-        Gateways listening there (read per new connection, so it follows reloads)."""
-        found = None
+    def listener_limits(self, port: int) -> ListenerLimits:
+        """What each new connection on `port` is held to; resolved once per configuration (the
+        policies are swapped on reload, so a reload is followed by the next connection)."""
+        resolved_for, by_port = self._listener_limits
+        if resolved_for is not self.policies:
+            by_port = self._resolve_listener_limits()
+            self._listener_limits = (self.policies, by_port)
+        found = by_port.get(port)
+        return found if found is not None else self._default_limits()
+
+    def _default_limits(self, connection: ConnectionLimits | None = None) -> ListenerLimits:
+        s = self.settings
+        if s.connection_limit and (connection is None or connection.limit is None):
+            connection = replace(connection or ConnectionLimits(), limit=s.connection_limit)
+        return ListenerLimits(s.max_header_bytes, s.request_headers_timeout, s.client_idle_timeout, connection)
+
+    def _resolve_listener_limits(self) -> dict[int, ListenerLimits]:
+        """Per port, from the Gateways listening there: connectionLimit and the timeouts at the
+        lowest any of their ClientTrafficPolicies sets (else the defaults); the header limit at
+        the highest any Gateway allows, since the Gateway is only known once the headers are read
+        (each Gateway's own lower limit is then checked per request)."""
+        defaults = self._default_limits()
+        gateways: dict[int, set[str]] = {}
         for listener in self.table.config.listeners:
-            client = self.policies.client_policy(listener.gateway) if listener.port == port else None
-            if client is not None and client.connection is not None:
-                found = client.connection if found is None else found.tightest(client.connection)
-        return found
+            gateways.setdefault(listener.port, set()).add(listener.gateway)
+        by_port = {}
+        for port, names in gateways.items():
+            connection, headers_timeout, idle_timeout, header_bytes = None, None, None, 0
+            for name in sorted(names):
+                client = self.policies.client_policy(name)
+                allowed = defaults.header_bytes
+                if client is not None:
+                    if client.connection is not None:
+                        connection = client.connection if connection is None else connection.tightest(client.connection)
+                    headers_timeout = _lowest(headers_timeout, client.headers_timeout)
+                    idle_timeout = _lowest(idle_timeout, client.idle_timeout)
+                    allowed = min(allowed, client.max_header_bytes or allowed)
+                header_bytes = max(header_bytes, allowed)
+            by_port[port] = ListenerLimits(header_bytes, headers_timeout or defaults.headers_timeout,
+                                           idle_timeout or defaults.idle_timeout,
+                                           self._default_limits(connection).connection)
+        return by_port
 
     def handler_for_port(self, port: int):
         """The request handler of the socket(s) serving Gateway listeners on `port`."""
@@ -463,6 +501,10 @@ class _Outcome:
 # The client's Expect is answered here; the upstream request is sent whole.
 _DROP_TO_UPSTREAM = frozenset({"expect"})
 _DROP_TO_SANDBOX = _DROP_TO_UPSTREAM | NOT_FOR_SANDBOXES
+
+
+def _lowest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _header_bytes(request: web.BaseRequest) -> int:

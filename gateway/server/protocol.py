@@ -1,8 +1,16 @@
-"""The HTTP/1.1 server protocol: aiohttp's, with errors answered in Sandgate's own format.
+"""The HTTP/1.1 server protocol: aiohttp's, with limits held while reading and errors answered
+in Sandgate's own format.
 
 aiohttp's parser already refuses malformed request lines and headers, `Content-Length` together
 with `Transfer-Encoding`, and repeated `Content-Length`/`Host`. Here its plain-text error pages
 become SPEC §3.3 JSON bodies, and header-size overflows become 431 instead of 400.
+
+What aiohttp does not bound is added in `data_received`, before bytes reach its parser: the
+request line and headers together are counted as they arrive (431 once over the port's limit),
+they must be complete within the header timeout, and after the first refusal or parse error
+nothing more is parsed or kept (the parser would keep a fresh error, with a copy of the chunk,
+for every further chunk). Only the bytes of a request's head are counted: body chunks and
+upgraded streams pass with one test.
 """
 
 from __future__ import annotations
@@ -13,32 +21,51 @@ from typing import Callable
 from aiohttp import web
 from aiohttp import HttpVersion10
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from gateway.policy.model import ConnectionLimits
+from gateway.policy.model import ListenerLimits
 from gateway.server.errors import error_response
 
 HTTP09 = web.RequestKey("sandgate_http09", bool)
 
-# Parser limits: a single header line may use the whole 64 KiB budget; the total is checked
-# per request by the gateway itself (SPEC §2.2).
-PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
+MAX_HEADERS = 256  # header lines per request; their bytes are bounded by the header limit
+
+
+class HeaderSectionTooLarge(HttpProcessingError):
+    """The request line and headers went over the port's header limit while being read."""
+
+    code = 431
+
+    def __init__(self, limit: int):
+        super().__init__(message=f"The request line and headers are over {limit} bytes.")
 
 
 class _GatewayRequestHandler(RequestHandler):
-    """aiohttp's connection handler, with ClientTrafficPolicy connection.connectionLimit applied
-    as Envoy applies it: a connection over `value` is closed unread (after `closeDelay`, if set,
-    held without reading and not counted); the response to request `maxRequestsPerConnection`
-    says `Connection: close`; once `maxConnectionDuration` has passed, an idle connection is
-    closed at once and a busy one after the response in flight."""
+    """aiohttp's connection handler, held to its port's ListenerLimits.
+
+    ClientTrafficPolicy connection.connectionLimit applies as Envoy applies it: a connection over
+    `value` is closed unread (after `closeDelay`, if set, held without reading and not counted);
+    the response to request `maxRequestsPerConnection` says `Connection: close`; once
+    `maxConnectionDuration` has passed, an idle connection is closed at once and a busy one after
+    the response in flight. The idle timeout is aiohttp's keep-alive timer (from connect, and
+    after each response); the header timeout runs from a request's first byte."""
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        self.listener = listener = self._manager.listener_limits()
+        self._keepalive_timeout = listener.idle_timeout  # aiohttp arms its idle timer with it
+        self.limits = limits = listener.connection
         self.rejected = False
         self.started_requests = 0
-        self.draining = False
-        self.limits = limits = self._manager.connection_limits()
+        self.draining = self._manager.draining
         self._expiry = None
+        # Bytes of the request head being read; None while a body or an upgraded stream is read.
+        self._head: int | None = 0
+        self._body = None  # the payload of the last request parsed: its end starts the next head
+        self._head_deadline = 0.0
+        self._head_timer = None
+        self._refused = False  # a refusal or parse error is being answered: nothing more is read
+        super().connection_made(transport)
         if limits is None:
             return
         manager = self._manager
@@ -62,7 +89,103 @@ class _GatewayRequestHandler(RequestHandler):
             self._manager.rejected_open -= 1
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._body = None
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        rest = self._feed(data)
+        while rest:  # a head ended inside the chunk: a body or the next request follows
+            rest = self._feed(rest)
+
+    def _feed(self, data: bytes) -> bytes:
+        """Feed `data` to aiohttp, counting it while it is part of a request head; returns what
+        follows a head that ended inside it, still to be fed."""
+        if self._refused or self._force_close or self._close:
+            return b""
+        if self._head is None:
+            body = self._body
+            if self._upgraded or self._payload_parser is not None or (body is not None and not body.is_eof()):
+                count = self._request_count
+                super().data_received(data)  # a body: its end may start the next request
+                if self._request_count != count:
+                    self._parsed()
+                return b""
+            self._head = 0  # the body ended in an earlier chunk: this one starts a request
+        head = self._head
+        if not head and data:
+            self._start_head_timer()
+        budget = self.listener.header_bytes - head
+        count = self._request_count
+        if len(data) <= budget:
+            self._head = head + len(data)
+            super().data_received(data)
+            if self._request_count != count:
+                self._parsed()
+            return b""
+        # Over the limit unless the head ends inside what fits in the budget.
+        self._head = head + budget
+        super().data_received(data[:budget])
+        if self._request_count == count:
+            if not self._refused:
+                self._refuse(HeaderSectionTooLarge(self.listener.header_bytes))
+            return b""
+        self._parsed()
+        return data[budget:]
+
+    def _parsed(self) -> None:
+        """The parser yielded a request (or an error) from the last chunk."""
+        message, payload = self._messages[-1]
+        if isinstance(message, _ErrInfo):
+            self._stop_reading()  # aiohttp answers it (handle_error), then the connection closes
+            return
+        self._body = payload
+        self._head = 0 if payload.is_eof() and not self._upgraded else None
+
+    def _refuse(self, exc: HttpProcessingError) -> None:
+        """Answer `exc` (after any request in flight), then close; read nothing more."""
+        self._stop_reading()
+        self._messages.append((_ErrInfo(status=exc.code, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _stop_reading(self) -> None:
+        # Still read (and drop) what arrives, so that the answer is not lost to a reset when the
+        # connection closes with unread data.
+        self._refused = True
+        self._head = 0
+
+    def _start_head_timer(self) -> None:
+        """A request's first byte: its headers are due within the header timeout. One timer per
+        connection, re-armed lazily, so a fast keep-alive connection pays no timer per request."""
+        loop = self._loop
+        self._head_deadline = loop.time() + self.listener.headers_timeout
+        if self._head_timer is None:
+            self._head_timer = loop.call_at(self._head_deadline, self._check_head_deadline)
+
+    def _check_head_deadline(self) -> None:
+        self._head_timer = None
+        if not self._head or self._refused:
+            return  # no request head being read
+        if self._loop.time() < self._head_deadline:
+            self._head_timer = self._loop.call_at(self._head_deadline, self._check_head_deadline)
+            return
+        self._stop_reading()
+        if self._request_in_progress:
+            self.close()  # a pipelined head is late: the response in flight is still sent
+        else:
+            self.force_close()
+
+    def _process_keepalive(self) -> None:
+        if self._head:
+            # A request head is arriving: the header timeout governs it, not the idle timeout.
+            # aiohttp arms the idle timer again after the response.
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
 
     def close_after(self) -> bool:
         """Called as each request starts on a connection with limits: whether it is its last."""
@@ -80,7 +203,7 @@ class _GatewayRequestHandler(RequestHandler):
     def handle_error(self, request, status=500, exc=None, message=None):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error page")
-        if isinstance(exc, LineTooLong) or (
+        if isinstance(exc, (LineTooLong, HeaderSectionTooLarge)) or (
             isinstance(exc, HttpProcessingError) and "Too many headers" in (exc.message or "")
         ):
             status, code, text = 431, "headers_too_large", "The request headers are too large."
@@ -101,16 +224,33 @@ def _accept(request) -> str:
         return ""
 
 
+class _GatewayRequest(web.BaseRequest):
+    """A request whose response says `Connection: close` once its connection is draining
+    (SIGTERM, or maxConnectionDuration), even when the drain began after the request did."""
+
+    @property
+    def keep_alive(self) -> bool:
+        return super().keep_alive and not self.protocol.draining
+
+
 class GatewayServer(web.Server):
-    def __init__(self, handler, *, connection_limits: Callable[[], ConnectionLimits | None],
+    def __init__(self, handler, *, listener_limits: Callable[[], ListenerLimits],
                  on_rejected: Callable[[], None], **kwargs):
         super().__init__(handler, **kwargs)
-        self.connection_limits = connection_limits  # the port's current limits, if any
+        self.listener_limits = listener_limits  # the port's current limits
         self.on_rejected = on_rejected  # called for each connection closed for being over the limit
         self.rejected_open = 0  # connections over the limit, held open for closeDelay
+        self.draining = False
 
     def __call__(self) -> RequestHandler:
         return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def start_draining(self) -> None:
+        """From now on every response, on open connections and on any still accepted, says
+        `Connection: close`."""
+        self.draining = True
+        for connection in self.connections:
+            connection.draining = True
 
 
 def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
@@ -121,15 +261,20 @@ def _make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
         message = message._replace(version=HttpVersion10, should_close=True)
     elif protocol.limits is not None and protocol.close_after() and not message.should_close:
         message = message._replace(should_close=True)  # its response says Connection: close
-    request = web.BaseRequest(message, payload, protocol, writer, task, protocol._loop)
+    request = _GatewayRequest(message, payload, protocol, writer, task, protocol._loop)
     if http09:
         request[HTTP09] = True
     return request
 
 
-def make_server(handler, connection_limits: Callable[[], ConnectionLimits | None] = lambda: None,
-                on_rejected: Callable[[], None] = lambda: None) -> GatewayServer:
+def make_server(handler, listener_limits: Callable[[], ListenerLimits],
+                on_rejected: Callable[[], None] = lambda: None, *,
+                max_header_bytes: int, max_header_line_bytes: int) -> GatewayServer:
+    """The parser's own limits are the widest any request may use (the request line may use the
+    whole header budget, one header line `max_header_line_bytes`); the port's header limit is
+    counted while reading."""
     return GatewayServer(
-        handler, connection_limits=connection_limits, on_rejected=on_rejected, request_factory=_make_request,
-        handler_cancellation=True, access_log=None, **PARSER_LIMITS
+        handler, listener_limits=listener_limits, on_rejected=on_rejected, request_factory=_make_request,
+        handler_cancellation=True, access_log=None, max_line_size=max_header_bytes,
+        max_field_size=max_header_line_bytes, max_headers=MAX_HEADERS,
     )

@@ -59,6 +59,19 @@ async def read_chunked(reader: asyncio.StreamReader) -> bytes:
     return bytes(body)
 
 
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the server closes the connection within `seconds`; what it still sends is read
+    and dropped (a close with bytes of ours still unread arrives as a reset)."""
+    try:
+        while await asyncio.wait_for(reader.read(65536), seconds):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
 @asynccontextmanager
 async def raw_connection(gw, timeout: float = TIMEOUT):
     """(reader, writer) on the gateway's first listener; everything inside is bounded by `timeout`."""
