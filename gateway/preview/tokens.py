@@ -15,6 +15,10 @@ from functools import lru_cache
 
 SUFFIX = "-preview"
 _TOKEN = re.compile(r"[a-z2-7]{26}", re.ASCII)
+API_SEGMENT = "/previews/"  # of /gateway/v1/previews/{token}[/keepalive]
+# A token-shaped segment after it, in any case: an upper-cased token is no capability, but
+# lower-casing it again is all it takes to make it one.
+_API_TOKEN = re.compile(r"(?<=/previews/)[a-z2-7]{26}(?=/|$)", re.ASCII | re.IGNORECASE)
 
 
 def new_token() -> str:
@@ -56,3 +60,12 @@ def redact_host(host: str) -> str:
     label, dot, rest = host.partition(".")
     token = label[: -len(SUFFIX)] if label.endswith(SUFFIX) else ""
     return f"{fingerprint(token)}{SUFFIX}{dot}{rest}" if is_token(token) else host
+
+
+def redact_path(path: str) -> str:
+    """A path fit for logs and audit records: a token-shaped segment of the preview API
+    (`/gateway/v1/previews/{token}...`) replaced by the token's fingerprint. Costs one
+    substring test for every other path."""
+    if API_SEGMENT not in path:
+        return path
+    return _API_TOKEN.sub(lambda m: fingerprint(m.group(0).lower()), path)

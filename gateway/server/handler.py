@@ -31,7 +31,7 @@ from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.preview.isolation import host_only_cookies, strip_credentials
 from gateway.preview.router import PreviewRouter
-from gateway.preview.tokens import redact_host
+from gateway.preview.tokens import redact_host, redact_path
 from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import SERVER, error_response
@@ -423,7 +423,7 @@ class Gateway:
                 "client": outcome.client,
                 "method": request.method,
                 "host": redact_host(outcome.host),  # a preview host is a capability
-                "path": outcome.path,  # never the query: it can carry credentials
+                "path": redact_path(outcome.path),  # never the query, nor a preview token: both are credentials
                 "status": outcome.status,
                 "route": route,
                 "upstream": outcome.upstream,

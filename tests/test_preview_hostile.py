@@ -1,0 +1,93 @@
+"""Previews under hostile input (SPEC §5): guessed hosts against the API server's budget, tokens
+kept out of logs and audit records, caps under parallel creates, streams that end with their
+preview, and cookies that never cross from the platform to a preview."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from time import monotonic
+
+import aiohttp
+
+from gateway.preview.table import LOOKUP_BURST, LOOKUP_RATE
+from gateway.preview.tokens import fingerprint, new_token
+from gateway.server.handler import Settings
+from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
+from tests.support.harness import access_records, running_gateway, url
+from tests.support.issuer import claims
+from tests.support.policy_harness import wait_for
+from tests.support.previews import ZONE, api, host_of, preview_policies, preview_routes, via_host
+
+LOOPBACK = Settings(allow_loopback_sandboxes=True)
+
+
+def token_for(issuer, sub="alice@example.com", groups=()):
+    return issuer.mint(claims(sub=sub, groups=list(groups)))
+
+
+def gateway(tmp_path, world, issuer, *, routes=None, timing=None, **policy):
+    return running_gateway(tmp_path, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                           policies_yaml=preview_policies(issuer, **policy), preview_timing=timing)
+
+
+def preview_gets(world, since: int) -> list:
+    return [r for r in world.api.requests[since:] if r[0] == "GET" and "/httproutes/preview-" in r[1]]
+
+
+async def test_distinct_guessed_hosts_cost_the_api_server_one_budget(tmp_path, world, issuer):
+    await world.add("agents", "box-1", owner="alice@example.com")
+    hosts = [f"{new_token()}-preview.{ZONE}" for _ in range(600)]
+    async with gateway(tmp_path, world, issuer) as gw, aiohttp.ClientSession() as session:
+        async def status_of(host: str) -> int:
+            async with session.get(url(gw, "/"), headers={"Host": host}) as response:
+                await response.read()
+                return response.status
+
+        before = len(world.api.requests)
+        started = monotonic()
+        statuses = []
+        for i in range(0, len(hosts), 60):
+            statuses += await asyncio.gather(*(status_of(h) for h in hosts[i:i + 60]))
+        elapsed = monotonic() - started
+        lookups = preview_gets(world, before)
+    assert statuses == [404] * len(hosts)
+    assert 1 <= len(lookups) <= LOOKUP_RATE * elapsed + LOOKUP_BURST + 1, (len(lookups), elapsed)
+
+
+async def test_concurrent_requests_for_one_unknown_host_share_one_lookup(tmp_path, world, issuer):
+    await world.add("agents", "box-1", owner="alice@example.com")
+    host = f"{new_token()}-preview.{ZONE}"
+    async with gateway(tmp_path, world, issuer) as gw:
+        before = len(world.api.requests)
+        results = await asyncio.gather(*(via_host(gw, host) for _ in range(40)))
+        lookups = preview_gets(world, before)
+    assert [r[0] for r in results] == [404] * 40
+    assert len(lookups) == 1
+
+
+async def test_preview_tokens_reach_neither_the_access_log_nor_the_audit_store(tmp_path, world, issuer):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    alice = token_for(issuer)
+    async with gateway(tmp_path, world, issuer) as gw:
+        _, created = await api(gw, "POST", "/gateway/v1/previews", alice, {"namespace": "agents", "sandbox": "box-1", "port": port})
+        token = created["token"]
+        got = await api(gw, "GET", f"/gateway/v1/previews/{token}", alice)
+        shouted = await api(gw, "GET", f"/gateway/v1/previews/{token.upper()}", alice)
+        kept = await api(gw, "POST", f"/gateway/v1/previews/{token}/keepalive", alice)
+        deleted = await api(gw, "DELETE", f"/gateway/v1/previews/{token}", alice)
+        lines = access_records(gw)
+
+        async def audited():
+            return sum(r.kind == "decision" for r in await gw.store.list_audit(limit=1000)) >= 5
+
+        assert await wait_for(audited, timeout=5)
+        records = await gw.store.list_audit(limit=1000)
+    assert (got[0], shouted[0], kept[0], deleted[0]) == (200, 404, 200, 204)
+    api_lines = [line for line in lines if "/gateway/v1/previews/" in line["path"]]
+    assert len(api_lines) == 4
+    assert all(line["path"].split("/")[4] == fingerprint(token) for line in api_lines), api_lines
+    decisions = [r for r in records if r.kind == "decision" and r.path and "/gateway/v1/previews/" in r.path]
+    assert len(decisions) == 4 and all(r.path.split("/")[4] == fingerprint(token) for r in decisions)
+    everything = json.dumps(lines) + json.dumps([repr(r) for r in records])
+    assert token not in everything.lower()
