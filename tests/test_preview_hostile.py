@@ -91,3 +91,48 @@ async def test_preview_tokens_reach_neither_the_access_log_nor_the_audit_store(t
     assert len(decisions) == 4 and all(r.path.split("/")[4] == fingerprint(token) for r in decisions)
     everything = json.dumps(lines) + json.dumps([repr(r) for r in records])
     assert token not in everything.lower()
+
+
+def create_body(sandbox: str, port: int) -> dict:
+    return {"namespace": "agents", "sandbox": sandbox, "port": port}
+
+
+async def test_parallel_creates_never_pass_the_per_sandbox_and_total_caps(tmp_path, world, issuer):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com", shared_with="bob@example.com")
+    _, other_port = await world.add("agents", "box-2", owner="bob@example.com")
+    alice, bob = token_for(issuer), token_for(issuer, "bob@example.com")
+    async with gateway(tmp_path, world, issuer, max_per_sandbox=7, max_total=9, maxPerOwner=50) as gw:
+        first = await asyncio.gather(*(api(gw, "POST", "/gateway/v1/previews", who, create_body("box-1", port))
+                                       for who in [alice, bob] * 15))
+        second = await asyncio.gather(*(api(gw, "POST", "/gateway/v1/previews", bob, create_body("box-2", other_port))
+                                        for _ in range(25)))
+        routes = world.api.list("gateway.networking.k8s.io/v1", "HTTPRoute", "agents")
+        services = world.api.list("v1", "Service", "agents")
+    assert sorted(s for s, _ in first) == [201] * 7 + [429] * 23
+    assert sorted(s for s, _ in second) == [201] * 2 + [429] * 23  # the total of 9 is reached
+    assert {b["error"] for s, b in first + second if s == 429} == {"preview_limit"}
+    assert len(routes) == len(services) == 9
+
+
+async def test_parallel_creates_never_pass_the_per_owner_cap(tmp_path, world, issuer):
+    ports = {}
+    for name in ("box-1", "box-2", "box-3"):
+        _, ports[name] = await world.add("agents", name, owner="alice@example.com")
+    _, bob_port = await world.add("agents", "bobs", owner="bob@example.com")
+    alice, bob = token_for(issuer), token_for(issuer, "bob@example.com")
+    async with gateway(tmp_path, world, issuer, maxPerOwner=4) as gw:
+        results = await asyncio.gather(*(api(gw, "POST", "/gateway/v1/previews", alice, create_body(name, ports[name]))
+                                         for name in list(ports) * 12))
+        bobs = await api(gw, "POST", "/gateway/v1/previews", bob, create_body("bobs", bob_port))
+    assert sorted(s for s, _ in results) == [201] * 4 + [429] * 32
+    assert bobs[0] == 201  # one owner's cap leaves the others theirs
+
+
+async def test_a_failed_create_gives_its_place_under_the_cap_back(tmp_path, world, issuer):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    alice = token_for(issuer)
+    async with gateway(tmp_path, world, issuer, max_per_sandbox=1) as gw:
+        world.api.fail_next("POST", "httproutes", status=500)
+        failed = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        created = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+    assert failed[0] == 502 and created[0] == 201

@@ -19,6 +19,7 @@ from gateway.config.model import PreviewZone, Upstream
 from gateway.kube import HTTPROUTE, SERVICE, KubeClient, KubeError
 from gateway.policy.model import SandboxPolicy
 from gateway.preview import objects
+from gateway.preview.caps import PreviewCaps
 from gateway.preview.objects import Preview
 from gateway.preview.table import PreviewTable
 from gateway.preview.tokens import new_token, object_name
@@ -46,6 +47,7 @@ class Previews:
         self.reap_interval = reap_interval
         self.touch_interval = touch_interval
         self._extending: set[str] = set()
+        self.caps = PreviewCaps()
         self._upstreams: dict[tuple, Upstream] = {}
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
@@ -124,25 +126,26 @@ class Previews:
         return info
 
     def check_request(self, info: SandboxInfo, port: int, policy: SandboxPolicy | None) -> None:
-        """Refusal when the policy's limits forbid a new preview of this sandbox's port."""
+        """Refusal when the policy forbids a preview of this sandbox's port at all. The caps are
+        checked by `create`, which reserves its place under them."""
         policy = policy or DEFAULT_POLICY
         low, high = policy.preview_ports
         if not low <= port <= high:
             raise Refusal(400, "port_not_allowed", f"Previews are allowed for ports {low}-{high} only.")
         if not info.ready:
             raise Refusal(409, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} is not ready: {info.not_ready_reason}")
-        per_sandbox = policy.preview_max_per_sandbox
-        if per_sandbox is not None and self.table.count(info.namespace, info.name) >= per_sandbox:
-            raise Refusal(429, "preview_limit", f"Sandbox {info.name} already has {per_sandbox} previews.")
-        total = policy.preview_max_total
-        if total is not None and self.table.count() >= total:
-            raise Refusal(429, "preview_limit", f"The limit of {total} open previews is reached.")
 
-    async def create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str) -> Preview:
+    async def create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str,
+                     policy: SandboxPolicy | None) -> Preview:
         """Service first, then HTTPRoute; when the HTTPRoute cannot be created the Service is
-        deleted again, so a failure leaves nothing behind."""
+        deleted again, so a failure leaves nothing behind. The preview's place under the caps
+        is reserved before the first API call and held until it is in the table."""
         if not info.pod_selector:
             raise Refusal(409, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} has no pod selector yet.")
+        with self.caps.reserve(self.table, info.namespace, info.name, owner, policy or DEFAULT_POLICY):
+            return await self._create(zone, info, port, owner)
+
+    async def _create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str) -> Preview:
         preview = objects.new_preview(new_token(), info.namespace, info.name, port, owner, zone, utcnow())
         name = object_name(preview.token)
         try:

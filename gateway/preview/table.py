@@ -112,6 +112,9 @@ class PreviewTable:
             return len(self.by_host)
         return sum(1 for p in self.by_host.values() if p.namespace == namespace and p.sandbox == sandbox)
 
+    def count_owned(self, owner: str) -> int:
+        return sum(1 for p in self.by_host.values() if p.owner == owner)
+
     def by_token(self, token: str) -> Preview | None:
         return self._by_token.get(token)
 

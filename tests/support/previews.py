@@ -49,7 +49,8 @@ spec:
 
 
 def preview_policies(issuer, *, approval: str = "auto", max_per_sandbox: int | None = None,
-                     max_total: int | None = None, ports: tuple[int, int] | None = None) -> str:
+                     max_total: int | None = None, ports: tuple[int, int] | None = None, **preview_fields) -> str:
+    """`preview_fields`: more SandboxPolicy `spec.preview` fields, by their CRD names (maxPerOwner...)."""
     jwt = {"jwt": {"providers": [provider(issuer)]}}
     out = security_policy("sandbox-jwt", jwt, targets=[route_target("sandboxes"), route_target("preview-api")],
                           namespace="platform")
@@ -60,6 +61,7 @@ def preview_policies(issuer, *, approval: str = "auto", max_per_sandbox: int | N
         preview["maxTotal"] = max_total
     if ports is not None:
         preview["ports"] = {"min": ports[0], "max": ports[1]}
+    preview.update(preview_fields)
     sandbox_policy = {
         "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPolicy",
         "metadata": {"name": "who", "namespace": "platform"},
