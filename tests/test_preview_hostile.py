@@ -136,3 +136,91 @@ async def test_a_failed_create_gives_its_place_under_the_cap_back(tmp_path, worl
         failed = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
         created = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
     assert failed[0] == 502 and created[0] == 201
+
+
+def streaming_app():
+    """A sandbox app with an endless stream (/stream) and a WebSocket that stays open (/ws)."""
+    from aiohttp import web
+
+    async def stream(request):
+        response = web.StreamResponse()
+        response.content_type = "text/plain"
+        await response.prepare(request)
+        for _ in range(600):
+            await response.write(b"tick\n")
+            await asyncio.sleep(0.1)
+        return response
+
+    async def ws(request):
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            await socket.send_str(message.data)
+        return socket
+
+    app = web.Application()
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+async def open_stream_and_socket(gw, session, host):
+    """A streamed response and a WebSocket through the preview host, both seen working."""
+    stream = await session.get(url(gw, "/stream"), headers={"Host": host})
+    assert stream.status == 200 and await stream.content.readline() == b"tick\n"
+    socket = await session.ws_connect(url(gw, "/ws"), headers={"Host": host})
+    await socket.send_str("hello")
+    assert (await socket.receive(timeout=5)).data == "hello"
+    return stream, socket
+
+
+async def ended_within(stream, socket, seconds: float) -> tuple[float, int | None]:
+    """How long until both the stream and the WebSocket ended (or `seconds`), and the close code."""
+    started = monotonic()
+
+    async def drain():
+        try:
+            while await stream.content.readline():
+                pass
+        except aiohttp.ClientError:
+            pass  # cut: what a client of a cut stream sees
+
+    async def closed():
+        message = await socket.receive()
+        return message.data if message.type == aiohttp.WSMsgType.CLOSE else socket.close_code
+
+    _, code = await asyncio.wait_for(asyncio.gather(drain(), closed()), seconds)
+    return monotonic() - started, code
+
+
+async def test_deleting_a_preview_ends_its_websockets_and_streams(tmp_path, world, issuer):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com", app=streaming_app())
+    alice = token_for(issuer)
+    async with gateway(tmp_path, world, issuer) as gw, aiohttp.ClientSession() as session:
+        _, created = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        stream, socket = await open_stream_and_socket(gw, session, host_of(created))
+        deleted = await api(gw, "DELETE", f"/gateway/v1/previews/{created['token']}", alice)
+        took, code = await ended_within(stream, socket, 3.0)
+    assert deleted[0] == 204
+    assert took < 3.0 and code == 1001
+
+
+async def test_a_preview_deleted_on_another_replica_or_expired_ends_its_streams(tmp_path, world, issuer):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com", app=streaming_app())
+    alice = token_for(issuer)
+    routes = preview_routes(max_lifetime="4s")
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r2").mkdir()
+    slow_reaper = {"reap_interval": 3600}
+    async with gateway(tmp_path / "r1", world, issuer, routes=routes, timing=slow_reaper) as one, \
+            gateway(tmp_path / "r2", world, issuer, routes=routes, timing=slow_reaper) as two, \
+            aiohttp.ClientSession() as session:
+        _, elsewhere = await api(one, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        _, expiring = await api(one, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        stream, socket = await open_stream_and_socket(two, session, host_of(elsewhere))
+        await api(one, "DELETE", f"/gateway/v1/previews/{elsewhere['token']}", alice)  # two learns it from the watch
+        deleted_took, deleted_code = await ended_within(stream, socket, 3.0)
+        stream, socket = await open_stream_and_socket(two, session, host_of(expiring))
+        expired_took, expired_code = await ended_within(stream, socket, 8.0)  # no reaper: the time is up
+    assert deleted_took < 3.0 and deleted_code == 1001
+    assert expired_code == 1001 and expired_took < 6.0

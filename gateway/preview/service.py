@@ -3,12 +3,18 @@
 Cluster state is the truth: a preview exists while its HTTPRoute does, and every decision about
 its lifetime reads the annotations on it. Any number of replicas can therefore create, extend
 and reap previews without talking to each other.
+
+What a preview serves ends with it: every request to a preview host is remembered (weakly) by
+its preview, and when the preview leaves the table (deleted here or elsewhere, reaped) or its
+time is up, the requests still running, WebSockets and streamed responses, are cancelled within
+CLOSE_INTERVAL: a WebSocket gets 1001, a stream is cut. An open one counts as traffic meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from time import time
@@ -28,6 +34,8 @@ from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.router import Refusal, SandboxAccess, SandboxTarget
 
 log = logging.getLogger("sandgate.preview")
+
+CLOSE_INTERVAL = 0.25  # seconds between looks for streams whose preview is gone
 
 
 def utcnow() -> datetime:
@@ -51,17 +59,22 @@ class Previews:
         self._upstreams: dict[tuple, Upstream] = {}
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
+        self._closer: asyncio.Task | None = None
+        # token -> (its zone, the requests to it still running). An entry per live preview at
+        # most (dropped when it ends or has nothing running); tasks are held weakly.
+        self._running: dict[str, tuple[PreviewZone, weakref.WeakSet[asyncio.Task]]] = {}
 
     def start(self) -> None:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+            self._closer = asyncio.get_running_loop().create_task(self._close_forever())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._reaper, *self._tasks) if t is not None]
+        tasks = [t for t in (self._reaper, self._closer, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._reaper = None
+        self._reaper = self._closer = None
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -79,6 +92,7 @@ class Previews:
             if relation(info, claims, policy or DEFAULT_POLICY) is None:
                 raise Refusal(404, "preview_not_found", "No preview at this host.")
         self.touch(preview, zone, now)
+        self._remember_running(preview.token, zone)
         return SandboxTarget(self._upstream(preview, info), path, None, ("sandbox", preview.namespace, preview.sandbox), isolate=True)
 
     def _upstream(self, preview: Preview, info: SandboxInfo) -> Upstream:
@@ -115,6 +129,45 @@ class Previews:
             raise
         finally:
             self._extending.discard(preview.token)
+
+    def _remember_running(self, token: str, zone: PreviewZone) -> None:
+        """The current request (the task serving it) runs for the preview `token`."""
+        entry = self._running.get(token)
+        if entry is None:
+            entry = self._running[token] = (zone, weakref.WeakSet())
+        entry[1].add(asyncio.current_task())
+
+    def _end_running(self, token: str, reason: str) -> int:
+        """Cancel what still runs for `token`: a relayed WebSocket closes with 1001, a streamed
+        response is cut with its connection."""
+        _, tasks = self._running.pop(token, (None, ()))
+        ended = 0
+        for task in list(tasks):
+            if not task.done():
+                task.cancel(reason)
+                ended += 1
+        return ended
+
+    def close_ended(self) -> None:
+        """End the streams of previews that left the table or whose time is up; an open stream
+        of a live preview counts as traffic (it extends the idle TTL, debounced as usual)."""
+        now = time()
+        for token, (zone, tasks) in list(self._running.items()):
+            preview = self.table.by_token(token)
+            if preview is None or now >= preview.expires_ts or now >= preview.max_ts:
+                self._end_running(token, "preview ended")
+            elif not any(not task.done() for task in tasks):
+                del self._running[token]
+            else:
+                self.touch(preview, zone, now)
+
+    async def _close_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CLOSE_INTERVAL)
+            try:
+                self.close_ended()
+            except Exception:  # noqa: BLE001 - one bad round must not end the closing for good
+                log.exception("closing the streams of ended previews failed")
 
     # --- the API's operations -----------------------------------------------------------------
 
@@ -181,6 +234,7 @@ class Previews:
         except KubeError as e:
             raise Refusal(502, "preview_not_deleted", f"The preview could not be deleted ({e.status} {e.reason}).") from None
         self.table.forget(preview)
+        self._end_running(preview.token, "preview deleted")
         if deleted:
             self._record(event, preview, reason=reason)
         return deleted
