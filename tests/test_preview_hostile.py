@@ -224,3 +224,71 @@ async def test_a_preview_deleted_on_another_replica_or_expired_ends_its_streams(
         expired_took, expired_code = await ended_within(stream, socket, 8.0)  # no reaper: the time is up
     assert deleted_took < 3.0 and deleted_code == 1001
     assert expired_code == 1001 and expired_took < 6.0
+
+
+async def test_preview_requests_carry_no_platform_cookie_and_responses_no_referrer(tmp_path, world, issuer):
+    from aiohttp import web
+
+    from tests.support.policy_harness import provider, route_target, security_policy
+
+    seen = []
+
+    async def app_handler(request):
+        seen.append(request.headers.getall("Cookie", []))
+        return web.json_response({"ok": True}, headers={"Referrer-Policy": "unsafe-url"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", app_handler)
+    _, port = await world.add("agents", "box-1", owner="alice@example.com", app=app)
+    alice = token_for(issuer)
+    # a second SecurityPolicy (on another route) reads its credential from a cookie of its own name
+    policies = preview_policies(issuer) + security_policy(
+        "console-jwt", {"jwt": {"providers": [provider(issuer, extractFrom={"cookies": ["console_session"]})]}},
+        targets=[route_target("console")], namespace="platform")
+    routes = preview_routes() + """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: console, namespace: platform}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /console}}]
+    backendRefs: [{group: sandgate.dev, kind: PreviewZone, name: previews}]
+"""
+    async with running_gateway(tmp_path, routes, settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                               policies_yaml=policies) as gw:
+        _, created = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        status, headers, _ = await via_host(gw, host_of(created), headers={"Cookie": (
+            f"console_session={alice}; IdToken-6f1c2a={alice}; BearerToken-0b9e={alice}; OauthHMAC-77=sig; "
+            "cart=3; IdTokenish=own")})
+    assert status == 200
+    assert seen == [["cart=3; IdTokenish=own"]]
+    assert headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_check_warns_when_a_zone_shares_the_platforms_registrable_domain(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from gateway.cli import main
+
+    shipped = tmp_path / "routes.yaml"
+    routes_text = (Path(__file__).parents[1] / "routes.yaml").read_text()
+    shipped_policies = str(Path(__file__).parents[1] / "policies")
+
+    def check(zone: str, public_url: str | None) -> str:
+        zone_line = next(line for line in routes_text.splitlines() if line.startswith("  zone: "))
+        host_line = next(line for line in routes_text.splitlines() if line.startswith('  - "*.'))
+        shipped.write_text(routes_text.replace(zone_line, f"  zone: {zone}").replace(host_line, f'  - "*.{zone}"'))
+        if public_url is None:
+            monkeypatch.delenv("SANDGATE_PUBLIC_URL", raising=False)
+        else:
+            monkeypatch.setenv("SANDGATE_PUBLIC_URL", public_url)
+        assert main(["check", "--routes", str(shipped), "--policies", shipped_policies]) == 0
+        return "\n".join(line for line in capsys.readouterr().out.splitlines() if "PreviewZone" in line)
+
+    assert "registrable domain shop.co.uk" in check("previews.shop.co.uk", "https://www.shop.co.uk")
+    assert check("previews.shop-content.co.uk", "https://www.shop.co.uk") == ""  # co.uk is a public suffix
+    assert check("apps.platform-usercontent.example", "https://platform.example") == ""
+    assert check("below.platform.example", "https://platform.example") != ""
+    assert check("previews.example.org", None) == ""

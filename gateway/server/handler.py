@@ -29,7 +29,7 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
-from gateway.preview.isolation import host_only_cookies, strip_credentials
+from gateway.preview.isolation import isolate_response, strip_credentials
 from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host, redact_path
 from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
@@ -218,7 +218,7 @@ class Gateway:
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)
             if sandbox is not None and sandbox.isolate:
-                host_only_cookies(response_headers)
+                isolate_response(response_headers)
 
         request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
         if sandbox is not None and sandbox.timeout is not None:
