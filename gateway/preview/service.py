@@ -125,7 +125,8 @@ class Previews:
                 self._record(event, extended)
             return extended
         except KubeError as e:
-            log.warning("preview %s: could not extend: %s", preview.fingerprint, e)
+            # status and reason only: the API server's message names the object, token and all
+            log.warning("preview %s: could not extend: %s %s", preview.fingerprint, e.status, e.reason)
             raise
         finally:
             self._extending.discard(preview.token)
@@ -211,7 +212,8 @@ class Previews:
             try:
                 await self.kube.delete(SERVICE, info.namespace, name)
             except KubeError as rollback:
-                log.error("preview %s: Service left behind after a failed HTTPRoute: %s", preview.fingerprint, rollback)
+                log.error("preview %s: Service left behind after a failed HTTPRoute: %s %s", preview.fingerprint,
+                          rollback.status, rollback.reason)
             raise Refusal(502, "preview_not_created", f"The preview's HTTPRoute could not be created ({e.status} {e.reason}).") from None
         preview = replace(preview, uid=(route.get("metadata") or {}).get("uid", ""))
         self.table.put(preview)  # served at once on this replica; others learn it from the watch
