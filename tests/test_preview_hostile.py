@@ -74,23 +74,25 @@ async def test_preview_tokens_reach_neither_the_access_log_nor_the_audit_store(t
         token = created["token"]
         got = await api(gw, "GET", f"/gateway/v1/previews/{token}", alice)
         shouted = await api(gw, "GET", f"/gateway/v1/previews/{token.upper()}", alice)
+        padded = await api(gw, "GET", f"/gateway/v1/previews/{token}a/keepalive", alice)
+        suffixed = await api(gw, "GET", f"/gateway/v1/previews/{token};x", alice)
         kept = await api(gw, "POST", f"/gateway/v1/previews/{token}/keepalive", alice)
         deleted = await api(gw, "DELETE", f"/gateway/v1/previews/{token}", alice)
         lines = access_records(gw)
 
         async def audited():
-            return sum(r.kind == "decision" for r in await gw.store.list_audit(limit=1000)) >= 5
+            return sum(r.kind == "decision" for r in await gw.store.list_audit(limit=1000)) >= 7
 
         assert await wait_for(audited, timeout=5)
         records = await gw.store.list_audit(limit=1000)
-    assert (got[0], shouted[0], kept[0], deleted[0]) == (200, 404, 200, 204)
+    assert (got[0], shouted[0], padded[0], suffixed[0], kept[0], deleted[0]) == (200, 404, 404, 404, 200, 204)
     api_lines = [line for line in lines if "/gateway/v1/previews/" in line["path"]]
-    assert len(api_lines) == 4
-    assert all(line["path"].split("/")[4] == fingerprint(token) for line in api_lines), api_lines
+    assert len(api_lines) == 6
+    assert [line["path"].split("/")[4] for line in api_lines[:2]] == [fingerprint(token)] * 2, api_lines
     decisions = [r for r in records if r.kind == "decision" and r.path and "/gateway/v1/previews/" in r.path]
-    assert len(decisions) == 4 and all(r.path.split("/")[4] == fingerprint(token) for r in decisions)
-    everything = json.dumps(lines) + json.dumps([repr(r) for r in records])
-    assert token not in everything.lower()
+    assert len(decisions) == 6 and fingerprint(token) in {r.path.split("/")[4] for r in decisions}
+    everything = (json.dumps(lines) + json.dumps([repr(r) for r in records])).lower()
+    assert token[:20] not in everything and token[6:] not in everything
 
 
 def create_body(sandbox: str, port: int) -> dict:

@@ -24,12 +24,12 @@ from aiohttp import web
 from gateway.audit import AuditLog, AuditRecord
 from gateway.config.durations import parse_duration
 from gateway.config.model import PreviewZone
+from gateway.policy.model import SandboxPolicy
 from gateway.preview.objects import created_view
+from gateway.preview.refusals import Denied
 from gateway.preview.tokens import host_for
 from gateway.sandbox.access import DEFAULT_POLICY, relation
 from gateway.sandbox.registry import SandboxInfo
-from gateway.policy.model import SandboxPolicy
-from gateway.preview.refusals import Denied
 from gateway.sandbox.router import Refusal
 from gateway.preview.objects import rfc3339
 from gateway.server.errors import json_response
