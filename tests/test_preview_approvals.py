@@ -15,7 +15,7 @@ from tests.support.harness import running_gateway
 from tests.support.issuer import claims
 from tests.support.policy_harness import wait_for
 from tests.support.postgres import fresh_database
-from tests.support.previews import api, host_of, preview_policies, preview_routes, via_host
+from tests.support.previews import api, host_of, preview_gateway, preview_policies, preview_routes, via_host
 
 
 LOOPBACK = Settings(allow_loopback_sandboxes=True)
@@ -130,9 +130,8 @@ async def test_hostile_api_input_gets_clear_errors_and_changes_nothing(tmp_path,
 
 
 def manual(tmp_path, world, issuer, database_url=None, routes=None, **preview_fields):
-    return running_gateway(tmp_path, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
-                           policies_yaml=preview_policies(issuer, approval="manual", **preview_fields),
-                           database_url=database_url)
+    return preview_gateway(tmp_path, world, issuer, routes=routes, database_url=database_url, approval="manual",
+                           **preview_fields)
 
 
 async def test_pending_requests_are_capped_per_requester_and_per_sandbox_under_parallel_requests(tmp_path, world, issuer):

@@ -12,23 +12,13 @@ import aiohttp
 
 from gateway.preview.table import LOOKUP_BURST, LOOKUP_RATE
 from gateway.preview.tokens import fingerprint, new_token
-from gateway.server.handler import Settings
 from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
 from tests.support.harness import access_records, running_gateway, url
-from tests.support.issuer import claims
 from tests.support.policy_harness import wait_for
-from tests.support.previews import ZONE, api, host_of, preview_policies, preview_routes, via_host
-
-LOOPBACK = Settings(allow_loopback_sandboxes=True)
-
-
-def token_for(issuer, sub="alice@example.com", groups=()):
-    return issuer.mint(claims(sub=sub, groups=list(groups)))
-
-
-def gateway(tmp_path, world, issuer, *, routes=None, timing=None, **policy):
-    return running_gateway(tmp_path, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
-                           policies_yaml=preview_policies(issuer, **policy), preview_timing=timing)
+from tests.support.previews import (
+    LOOPBACK, ZONE, api, host_of, preview_policies, preview_routes, token_for, via_host,
+)
+from tests.support.previews import preview_gateway as gateway
 
 
 def preview_gets(world, since: int) -> list:

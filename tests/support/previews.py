@@ -8,11 +8,14 @@ import json
 import aiohttp
 import yaml
 
-from tests.support.harness import url
+from gateway.server.handler import Settings
+from tests.support.harness import running_gateway, url
+from tests.support.issuer import claims
 from tests.support.policy_harness import provider, route_target, security_policy
 from tests.support.sandboxes import router_yaml
 
 ZONE = "apps.example.test"
+LOOPBACK = Settings(allow_loopback_sandboxes=True)  # the sandbox apps listen on loopback
 
 
 def preview_routes(*, idle_ttl: str = "30m", max_lifetime: str = "8h", access_mode: str = "capability",
@@ -91,3 +94,16 @@ async def via_host(gw, host: str, path: str = "/", *, headers: dict | None = Non
 
 def host_of(created: dict) -> str:
     return created["url"].split("://", 1)[1].split("/", 1)[0].split(":", 1)[0]
+
+
+def token_for(issuer, sub: str = "alice@example.com", groups=()) -> str:
+    return issuer.mint(claims(sub=sub, groups=list(groups)))
+
+
+def preview_gateway(tmp_path, world, issuer, *, routes: str | None = None, timing: dict | None = None,
+                    database_url: str | None = None, **policy):
+    """A gateway serving `preview_routes()` (or `routes`) with `preview_policies(issuer, **policy)`
+    against the world's Kubernetes API double."""
+    return running_gateway(tmp_path, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                           policies_yaml=preview_policies(issuer, **policy), preview_timing=timing,
+                           database_url=database_url)
