@@ -20,6 +20,8 @@ from tests.support.previews import (
 )
 from tests.support.previews import preview_gateway as gateway
 
+FAST_REAPER = {"reap_interval": 0.2, "touch_interval": 0.2}
+
 
 def preview_gets(world, since: int) -> list:
     return [r for r in world.api.requests[since:] if r[0] == "GET" and "/httproutes/preview-" in r[1]]
@@ -284,3 +286,38 @@ def test_check_warns_when_a_zone_shares_the_platforms_registrable_domain(tmp_pat
     assert check("apps.platform-usercontent.example", "https://platform.example") == ""
     assert check("below.platform.example", "https://platform.example") != ""
     assert check("previews.example.org", None) == ""
+
+
+async def test_hostile_preview_httproutes_neither_take_a_host_nor_stop_the_reaper(tmp_path, world, issuer):
+    """Whoever may write HTTPRoutes in a sandbox namespace can label one a preview: one naming
+    another preview's host, or with a time the reaper cannot compare, is no preview."""
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    _, evil_port = await world.add("agents", "evil", owner="mallory@example.com")
+    alice = token_for(issuer)
+    async with gateway(tmp_path, world, issuer, routes=preview_routes(idle_ttl="1s"), timing=FAST_REAPER) as gw:
+        _, victim = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        route = world.api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "agents", f"preview-{victim['token']}")
+
+        def hostile(token: str, host: str, **annotations) -> dict:
+            meta = route["metadata"]
+            return {**route, "metadata": {
+                "name": f"preview-{token}", "namespace": "agents",
+                "labels": {**meta["labels"], "sandgate.dev/sandbox": "evil"},
+                "annotations": {**meta["annotations"], "sandgate.dev/port": str(evil_port), **annotations},
+            }, "spec": {**route["spec"], "hostnames": [host]}}
+
+        world.api.create(hostile(new_token(), host_of(victim)))  # claims the victim's host
+        naive = new_token()
+        world.api.create(hostile(naive, f"{naive}-preview.{ZONE}", **{"sandgate.dev/expires-at": "2020-01-01T00:00:00"}))
+        served = []
+        for _ in range(8):  # while the watch delivers both; the traffic keeps the victim alive
+            served.append(await via_host(gw, host_of(victim)))
+            await asyncio.sleep(0.2)
+        naive_served = await via_host(gw, f"{naive}-preview.{ZONE}")
+
+        async def reaped():
+            return world.api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "agents", f"preview-{victim['token']}") is None
+
+        assert await wait_for(reaped, timeout=5)  # the reaper kept running: the victim idled out
+    assert [(s, body["backend"]) for s, _, body in served] == [(200, "agents/box-1")] * 8
+    assert naive_served[0] == 404
