@@ -321,3 +321,37 @@ async def test_hostile_preview_httproutes_neither_take_a_host_nor_stop_the_reape
         assert await wait_for(reaped, timeout=5)  # the reaper kept running: the victim idled out
     assert [(s, body["backend"]) for s, _, body in served] == [(200, "agents/box-1")] * 8
     assert naive_served[0] == 404
+
+
+async def test_owner_mode_streams_end_when_their_caller_loses_the_sandbox(tmp_path, world, issuer):
+    from gateway.kube import SANDBOX_CLAIM, KubeClient
+    from tests.support.policy_harness import provider, route_target, security_policy
+
+    _, port = await world.add("agents", "box-1", owner="alice@example.com", shared_with="bob@example.com",
+                              app=streaming_app())
+    alice, bob = token_for(issuer), token_for(issuer, "bob@example.com")
+    policies = preview_policies(issuer) + security_policy(
+        "preview-hosts-jwt", {"jwt": {"providers": [provider(issuer)], "optional": True}},
+        targets=[route_target("preview-hosts")], namespace="platform")
+    async with running_gateway(tmp_path, preview_routes(access_mode="owner"), settings=LOOPBACK,
+                               kubeconfig=world.api.kubeconfig, policies_yaml=policies) as gw, \
+            aiohttp.ClientSession() as session:
+        _, created = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        host = host_of(created)
+        sockets = {}
+        for who, token in (("alice", alice), ("bob", bob)):
+            sockets[who] = await session.ws_connect(url(gw, "/ws"), headers={"Host": host, "Authorization": f"Bearer {token}"})
+            await sockets[who].send_str(who)
+            assert (await sockets[who].receive(timeout=5)).data == who
+        kube = await KubeClient.connect(str(world.api.kubeconfig))
+        try:
+            await kube.merge_patch(SANDBOX_CLAIM, "agents", "box-1", {"metadata": {"annotations": {"sandgate.dev/shared-with": None}}})
+        finally:
+            await kube.close()
+        started = monotonic()
+        closed = await sockets["bob"].receive(timeout=3)
+        took = monotonic() - started
+        await sockets["alice"].send_str("still here")
+        alice_still = (await sockets["alice"].receive(timeout=5)).data
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1001 and took < 3.0
+    assert alice_still == "still here"

@@ -8,6 +8,8 @@ What a preview serves ends with it: every request to a preview host is remembere
 its preview, and when the preview leaves the table (deleted here or elsewhere, reaped) or its
 time is up, the requests still running, WebSockets and streamed responses, are cancelled within
 CLOSE_INTERVAL: a WebSocket gets 1001, a stream is cut. An open one counts as traffic meanwhile.
+With `accessMode: owner` the same happens to one caller's requests when they may no longer reach
+the sandbox (taken off `shared-with`, the owner changed).
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ class Previews:
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
         self._closer: asyncio.Task | None = None
-        # token -> (its zone, the requests to it still running). An entry per live preview at
-        # most (dropped when it ends or has nothing running); tasks are held weakly.
-        self._running: dict[str, tuple[PreviewZone, weakref.WeakSet[asyncio.Task]]] = {}
+        # token -> (its zone, the requests to it still running -> (claims, policy) of their
+        # caller in owner mode, else None). An entry per live preview at most (dropped when it
+        # ends or has nothing running); tasks are held weakly.
+        self._running: dict[str, tuple[PreviewZone, weakref.WeakKeyDictionary[asyncio.Task, tuple | None]]] = {}
 
     def start(self) -> None:
         if self._reaper is None:
@@ -92,7 +95,7 @@ class Previews:
             if relation(info, claims, policy or DEFAULT_POLICY) is None:
                 raise Refusal(404, "preview_not_found", "No preview at this host.")
         self.touch(preview, zone, now)
-        self._remember_running(preview.token, zone)
+        self._remember_running(preview.token, zone, (claims, policy) if zone.access_mode == "owner" else None)
         return SandboxTarget(self._upstream(preview, info), path, None, ("sandbox", preview.namespace, preview.sandbox), isolate=True)
 
     def _upstream(self, preview: Preview, info: SandboxInfo) -> Upstream:
@@ -131,12 +134,13 @@ class Previews:
         finally:
             self._extending.discard(preview.token)
 
-    def _remember_running(self, token: str, zone: PreviewZone) -> None:
-        """The current request (the task serving it) runs for the preview `token`."""
+    def _remember_running(self, token: str, zone: PreviewZone, caller: tuple | None) -> None:
+        """The current request (the task serving it) runs for the preview `token`, for `caller`
+        ((claims, policy)) when only who may reach the sandbox may use it."""
         entry = self._running.get(token)
         if entry is None:
-            entry = self._running[token] = (zone, weakref.WeakSet())
-        entry[1].add(asyncio.current_task())
+            entry = self._running[token] = (zone, weakref.WeakKeyDictionary())
+        entry[1][asyncio.current_task()] = caller
 
     def _end_running(self, token: str, reason: str) -> int:
         """Cancel what still runs for `token`: a relayed WebSocket closes with 1001, a streamed
@@ -150,17 +154,28 @@ class Previews:
         return ended
 
     def close_ended(self) -> None:
-        """End the streams of previews that left the table or whose time is up; an open stream
-        of a live preview counts as traffic (it extends the idle TTL, debounced as usual)."""
+        """End the streams of previews that left the table or whose time is up, and those of
+        callers who may no longer reach the sandbox; an open stream of a live preview counts as
+        traffic (it extends the idle TTL, debounced as usual)."""
         now = time()
         for token, (zone, tasks) in list(self._running.items()):
             preview = self.table.by_token(token)
             if preview is None or now >= preview.expires_ts or now >= preview.max_ts:
                 self._end_running(token, "preview ended")
-            elif not any(not task.done() for task in tasks):
-                del self._running[token]
-            else:
+                continue
+            info = self.registry.find(preview.namespace, preview.sandbox)
+            running = 0
+            for task, caller in list(tasks.items()):
+                if task.done():
+                    continue
+                if caller is not None and (info is None or relation(info, caller[0], caller[1] or DEFAULT_POLICY) is None):
+                    task.cancel("access to the sandbox ended")
+                    continue
+                running += 1
+            if running:
                 self.touch(preview, zone, now)
+            else:
+                del self._running[token]
 
     async def _close_forever(self) -> None:
         while True:
