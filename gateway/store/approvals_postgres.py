@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
 from datetime import datetime
 
 from gateway.store.approval import (
