@@ -259,7 +259,7 @@ def test_routes_on_the_shipped_file(tmp_path):
     header, *rows = result.stdout.splitlines()
     hosts = [row.split()[1] for row in rows]
     # The preview hosts' wildcard comes first: a hostname match beats any path of the catch-all host.
-    assert hosts[0] == "*.agents.example.com" and set(hosts[1:]) == {"*"}, result.stdout
+    assert hosts[0] == "*.agents-preview.example.net" and set(hosts[1:]) == {"*"}, result.stdout
     assert "PreviewZone platform/previews" in rows[0]
     matches = table_matches("\n".join([header, *rows[1:]]))
     kinds = [kind for kind, _ in matches]
@@ -317,9 +317,9 @@ def explained(result: subprocess.CompletedProcess) -> dict[str, str]:
 @pytest.mark.parametrize(("url", "route", "backend"), [
     ("http://agents.example.com/gateway/v1/previews", "platform/previews", None),
     ("http://agents.example.com/gateway/v1/approvals/1", "platform/previews", None),
-    (f"http://{'a' * 26}-preview.agents.example.com/api/hello", "platform/preview-hosts",
+    (f"http://{'a' * 26}-preview.agents-preview.example.net/api/hello", "platform/preview-hosts",
      "PreviewZone platform/previews"),
-    ("http://agents.example.com/", "platform/frontend", None),  # the zone's wildcard is below the platform's host
+    ("http://agents.example.com/", "platform/frontend", None),  # the platform's host is not in the zone
 ])
 def test_explain_previews_on_the_shipped_routes(tmp_path, url, route, backend):
     args = ["explain", "--routes", str(SHIPPED_ROUTES), "--policies", str(SHIPPED_POLICIES), "GET", url]

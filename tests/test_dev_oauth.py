@@ -267,7 +267,7 @@ async def test_the_dev_token_opens_a_preview_whose_host_reaches_the_demo_sandbox
     status, created = await create_preview(dev, http, token)
     assert status == 201, created
     url, host = URL(created["url"]), preview_host(created)
-    assert url.host == f"{created['token']}-preview.agents.example.com"  # the shipped zone
+    assert url.host == f"{created['token']}-preview.agents-preview.example.net"  # the shipped zone
     assert (url.scheme, url.port, url.path) == ("http", URL(dev.public_url).port, "/")  # the gateway's listener
     async with http.post(dev.public_url + "/chat", json={"message": "hi"}, headers=host) as resp:
         assert resp.status == 200, await resp.text()
@@ -343,7 +343,7 @@ async def test_previews_need_the_token_of_someone_who_may_reach_the_sandbox(dev,
     assert (await create_preview(dev, http, None))[0] == 401
     status, body = await create_preview(dev, http, token_for(dev, "someone-else"))
     assert (status, body["error"]) == (404, "sandbox_not_found")
-    guessed = {"Host": f"{'a' * 26}-preview.agents.example.com"}
+    guessed = {"Host": f"{'a' * 26}-preview.agents-preview.example.net"}
     async with http.get(dev.public_url + "/", headers=guessed) as resp:
         assert resp.status == 404
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 
+import pytest
 
 from gateway.server.handler import Settings
 from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
@@ -13,7 +15,7 @@ from tests.support.harness import running_gateway
 from tests.support.issuer import claims
 from tests.support.policy_harness import wait_for
 from tests.support.postgres import fresh_database
-from tests.support.previews import api, host_of, preview_policies, preview_routes, via_host
+from tests.support.previews import api, host_of, preview_gateway, preview_policies, preview_routes, via_host
 
 
 LOOPBACK = Settings(allow_loopback_sandboxes=True)
@@ -125,3 +127,74 @@ async def test_hostile_api_input_gets_clear_errors_and_changes_nothing(tmp_path,
         still = await api(gw, "GET", approval, alice)
     assert still[1]["status"] == "pending"
     assert world.api.list("v1", "Service", "agents") == []
+
+
+def manual(tmp_path, world, issuer, database_url=None, routes=None, **preview_fields):
+    return preview_gateway(tmp_path, world, issuer, routes=routes, database_url=database_url, approval="manual",
+                           **preview_fields)
+
+
+async def test_pending_requests_are_capped_per_requester_and_per_sandbox_under_parallel_requests(tmp_path, world, issuer):
+    sharers = [f"agent-{i}" for i in range(4)]
+    _, port = await world.add("agents", "box-1", owner="alice@example.com", shared_with=",".join(sharers))
+    body = {"namespace": "agents", "sandbox": "box-1", "port": port}
+    async with fresh_database() as database_url, \
+            manual(tmp_path, world, issuer, database_url, maxPendingPerSandbox=5, maxPendingPerRequester=2) as gw:
+        tokens = {who: user(issuer, who) for who in sharers}
+        results = await asyncio.gather(*(api(gw, "POST", "/gateway/v1/previews", tokens[who], body)
+                                         for who in sharers * 6))
+        pending = await gw.store.list_approvals("pending")
+    accepted = [who for who, (status, _) in zip(sharers * 6, results) if status == 202]
+    refused = [b for s, b in results if s != 202]
+    assert len(accepted) == 5 and max(accepted.count(who) for who in sharers) == 2
+    assert len(refused) == 19 and {b["error"] for b in refused} == {"approval_limit"}
+    assert len(pending) == 5
+
+
+@pytest.mark.parametrize("database", ["embedded", "postgres"])
+async def test_decided_and_lapsed_requests_are_pruned_and_lapsed_ones_free_their_place(tmp_path, world, issuer, database):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com", shared_with="agent-7")
+    agent, alice = user(issuer, "agent-7"), user(issuer, "alice@example.com")
+    body = {"namespace": "agents", "sandbox": "box-1", "port": port}
+    async with AsyncExitStack() as stack:
+        database_url = await stack.enter_async_context(fresh_database()) if database == "postgres" else None
+        gw = await stack.enter_async_context(manual(
+            tmp_path, world, issuer, database_url, routes=preview_routes(approval_window="3s"), maxPendingPerRequester=2))
+        first = await api(gw, "POST", "/gateway/v1/previews", agent, body)
+        second = await api(gw, "POST", "/gateway/v1/previews", agent, body)
+        third = await api(gw, "POST", "/gateway/v1/previews", agent, body)
+        await api(gw, "POST", f"/gateway/v1/approvals/{first[1]['approval_id']}", alice, {"decision": "deny"})
+        await asyncio.sleep(3.2)  # the second request lapses unread
+        after_lapse = await api(gw, "POST", "/gateway/v1/previews", agent, body)
+        approvals = gw.cluster.approvals
+        kept_by_retention = await approvals.prune_once()  # default retention: a day
+        approvals.retention = 0.5
+        await asyncio.sleep(0.6)
+        pruned = await approvals.prune_once()
+        left = await gw.store.list_approvals()
+    assert (first[0], second[0], third[0], after_lapse[0]) == (202, 202, 429, 202)
+    assert kept_by_retention == 0
+    assert pruned == 2
+    assert [a.id for a in left] == [after_lapse[1]["approval_id"]]
+
+
+async def test_requesters_approve_their_own_request_only_when_the_policy_allows(tmp_path, world, issuer):
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    alice, admin = user(issuer, "alice@example.com"), user(issuer, "root", "platform-admins")
+    body = {"namespace": "agents", "sandbox": "box-1", "port": port}
+    (tmp_path / "off").mkdir()
+    (tmp_path / "on").mkdir()
+    async with manual(tmp_path / "off", world, issuer) as gw:
+        _, asked = await api(gw, "POST", "/gateway/v1/previews", alice, body)
+        refused = await api(gw, "POST", f"/gateway/v1/approvals/{asked['approval_id']}", alice, {"decision": "approve"})
+        by_admin = await api(gw, "POST", f"/gateway/v1/approvals/{asked['approval_id']}", admin, {"decision": "approve"})
+        _, withdrawn = await api(gw, "POST", "/gateway/v1/previews", alice, body)
+        withdraw = await api(gw, "POST", f"/gateway/v1/approvals/{withdrawn['approval_id']}", alice, {"decision": "deny"})
+    async with manual(tmp_path / "on", world, issuer, selfApproval=True) as gw:
+        _, asked = await api(gw, "POST", "/gateway/v1/previews", alice, body)
+        allowed = await api(gw, "POST", f"/gateway/v1/approvals/{asked['approval_id']}", alice, {"decision": "approve"})
+    assert refused[0] == 403 and refused[1]["error"] == "policy_violation"
+    assert [v["code"] for v in refused[1]["violations"]] == ["self-approval-not-allowed"]
+    assert by_admin[0] == 200 and by_admin[1]["status"] == "approved" and by_admin[1]["decided_by"] == "root"
+    assert withdraw[0] == 200 and withdraw[1]["status"] == "denied"
+    assert allowed[0] == 200 and allowed[1]["status"] == "approved" and allowed[1]["preview"]["token"]

@@ -8,27 +8,14 @@ import json
 
 import aiohttp
 
-from gateway.server.handler import Settings
 from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
 from tests.support.harness import access_records, running_gateway, url
-from tests.support.issuer import claims
 from tests.support.policy_harness import metric_value, wait_for
-from tests.support.previews import ZONE, api, host_of, preview_policies, preview_routes, via_host
+from tests.support.previews import LOOPBACK, ZONE, api, host_of, preview_policies, preview_routes, token_for, via_host
+from tests.support.previews import preview_gateway as gateway
 from tests.support.sandboxes import SANDBOX_API, pod_selector
 
-LOOPBACK = Settings(allow_loopback_sandboxes=True)
 FAST = {"reap_interval": 0.2, "touch_interval": 0.2}
-
-
-def token_for(issuer, sub="alice@example.com", groups=()):
-    return issuer.mint(claims(sub=sub, groups=list(groups)))
-
-
-def gateway(tmp_path, world, issuer, *, routes=None, timing=None, **policy):
-    from tests.support.harness import running_gateway as start
-
-    return start(tmp_path, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
-                 policies_yaml=preview_policies(issuer, **policy), preview_timing=timing)
 
 
 async def test_create_makes_service_and_httproute_and_the_first_request_succeeds(tmp_path, world, issuer):

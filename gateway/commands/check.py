@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from gateway.config.loader import LoadOptions, load_routes
 from gateway.policy.loader import load_policies
+from gateway.preview.zonecheck import zone_warnings
 from gateway.sandbox.router import router_errors
 
 
@@ -16,6 +18,8 @@ def run_check(routes_path: str, policies_path: str, options: LoadOptions) -> int
     if not config.errors:
         errors += router_errors(config, lambda *target: policies.security_for(*target) is not None)
     warnings = [*config.warnings, *policies.warnings]
+    if not config.errors:  # the public URL as `serve` reads it from the environment
+        warnings += zone_warnings(config, policies, os.environ.get("SANDGATE_PUBLIC_URL"))
     for line in errors:
         print(line)
     for line in warnings:

@@ -10,7 +10,7 @@ HTTPRoutes of its previews. Policies written to a temporary directory put the MC
 sandbox routes and the preview API behind JWTs from the API stand-in
 (gateway/devstack/policy.py), so the policy layer is on show too.
 
-Preview hosts are those of the shipped zone (`{token}-preview.agents.example.com`), served by
+Preview hosts are those of the shipped zone (`{token}-preview.agents-preview.example.net`), served by
 this gateway: the tour reaches them with `curl --connect-to`, so no name is looked up.
 
 `dev_environment` is the whole setup; the command and tests/test_dev_oauth.py both use it.

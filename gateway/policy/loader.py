@@ -385,7 +385,11 @@ def _sandbox_policy(doc: Document, order: int) -> SandboxPolicy:
         preview_ports=(low, high),
         preview_max_per_sandbox=preview.get("maxPerSandbox"),
         preview_max_total=preview.get("maxTotal"),
+        preview_max_per_owner=preview.get("maxPerOwner", 10),
         preview_approval=preview.get("approval", "auto"),
+        preview_self_approval=preview.get("selfApproval", False),
+        preview_max_pending_per_sandbox=preview.get("maxPendingPerSandbox", 10),
+        preview_max_pending_per_requester=preview.get("maxPendingPerRequester", 5),
     )
 
 

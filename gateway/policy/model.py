@@ -210,4 +210,8 @@ class SandboxPolicy(Policy):
     preview_ports: tuple[int, int] = (1, 65535)
     preview_max_per_sandbox: int | None = None
     preview_max_total: int | None = None
+    preview_max_per_owner: int | None = 10  # open previews one principal may hold
     preview_approval: str = "auto"
+    preview_self_approval: bool = False  # may the requester approve their own request
+    preview_max_pending_per_sandbox: int = 10  # pending approval requests of one sandbox
+    preview_max_pending_per_requester: int = 5  # pending approval requests of one principal

@@ -74,10 +74,10 @@ class PreviewApi:
         info = self.previews.sandbox_for(namespace, name, claims, policy)
         self.previews.check_request(info, port, policy)
         if (policy or DEFAULT_POLICY).preview_approval == "manual":
-            approval = await self.approvals.request(zone, info, port, claims["sub"])
+            approval = await self.approvals.request(zone, info, port, claims["sub"], policy)
             return json_response(202, {"approval_id": approval.id, "status": "pending",
                                "poll": f"{origin}{APPROVALS}/{approval.id}?wait=30s"})
-        preview = await self.previews.create(zone, info, port, claims["sub"])
+        preview = await self.previews.create(zone, info, port, claims["sub"], policy)
         return json_response(201, created_view(preview, origin))
 
     def _list(self, request: web.BaseRequest, claims, policy, origin: str) -> web.Response:

@@ -3,13 +3,19 @@
 A request waits in the store as `pending`; the sandbox's owner or an admin approves or denies it
 on any replica; the decision wakes a long-polling waiter on every replica at once (PostgreSQL
 LISTEN/NOTIFY; with the embedded store, which one process owns, a local wake-up). A pending
-request lapses after the zone's approval window.
+request lapses after the zone's approval window. The requester may deny (withdraw) but not
+approve their own request unless the SandboxPolicy allows self-approval.
+
+The store stays bounded whatever a requester sends: pending requests are capped per sandbox and
+per requester (checked in the same transaction as the insert), and requests decided or lapsed
+more than RETENTION ago are deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -18,22 +24,32 @@ from aiohttp import web
 from gateway.audit import AuditLog, AuditRecord
 from gateway.config.durations import parse_duration
 from gateway.config.model import PreviewZone
+from gateway.policy.model import SandboxPolicy
 from gateway.preview.objects import created_view
+from gateway.preview.refusals import Denied
 from gateway.preview.tokens import host_for
 from gateway.sandbox.access import DEFAULT_POLICY, relation
 from gateway.sandbox.registry import SandboxInfo
 from gateway.sandbox.router import Refusal
 from gateway.preview.objects import rfc3339
 from gateway.server.errors import json_response
-from gateway.store.approval import APPROVED, DENIED, EXPIRED, FAILED, PENDING, ApprovalRecord
+from gateway.store.approval import APPROVED, DENIED, EXPIRED, FAILED, OVER_SANDBOX_CAP, PENDING, ApprovalRecord
+
+log = logging.getLogger("sandgate.preview")
 
 MAX_WAIT = 60.0  # seconds a long poll may hold a request
+RETENTION = 24 * 3600.0  # seconds a decided or lapsed request stays readable
+PRUNE_INTERVAL = 300.0
 FALLBACK_POLL = 1.0  # without notifications (embedded store shared by workers): re-read this often
 
 
 class Approvals:
-    def __init__(self, store, previews, audit: AuditLog, zones: dict[str, PreviewZone]):
+    def __init__(self, store, previews, audit: AuditLog, zones: dict[str, PreviewZone], *,
+                 retention: float = RETENTION, prune_interval: float = PRUNE_INTERVAL):
         self.store = store
+        self.retention = retention
+        self.prune_interval = prune_interval
+        self._pruner: asyncio.Task | None = None
         self.previews = previews  # gateway.preview.service.Previews
         self.audit = audit
         self.zones = zones
@@ -42,9 +58,30 @@ class Approvals:
 
     async def start(self) -> None:
         self._notified = await self.store.listen_approvals(self._wake)
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
     async def stop(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
+            self._pruner = None
         await self.store.unlisten_approvals()
+
+    async def prune_once(self) -> int:
+        """Delete what was decided or lapsed more than `retention` ago, in batches."""
+        before = datetime.now(timezone.utc) - timedelta(seconds=self.retention)
+        pruned = 0
+        while (deleted := await self.store.prune_approvals(before)) > 0:
+            pruned += deleted
+        return pruned
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.prune_interval)
+            try:
+                await self.prune_once()
+            except Exception:  # noqa: BLE001 - a database outage must not end pruning for good
+                log.warning("approvals: pruning failed; trying again later", exc_info=True)
 
     def _wake(self, approval_id: str) -> None:
         for event in self._waiters.get(approval_id, ()):
@@ -52,14 +89,25 @@ class Approvals:
 
     # --- operations ------------------------------------------------------------------------
 
-    async def request(self, zone: PreviewZone, info: SandboxInfo, port: int, requester: str) -> ApprovalRecord:
+    async def request(self, zone: PreviewZone, info: SandboxInfo, port: int, requester: str,
+                      policy: SandboxPolicy | None) -> ApprovalRecord:
+        policy = policy or DEFAULT_POLICY
+        # a request that could never be granted is refused now, not after someone approved it
+        self.previews.caps.check(self.previews.table, info.namespace, info.name, requester, policy)
         now = datetime.now(timezone.utc)
         record = ApprovalRecord(
             id=uuid.uuid4().hex, zone=zone.key, namespace=info.namespace, sandbox=info.name, port=port,
             requested_by=requester, status=PENDING, created_at=now,
             expires_at=now + timedelta(seconds=zone.approval_window),
         )
-        await self.store.create_approval(record)
+        over = await self.store.create_approval(record, max_per_sandbox=policy.preview_max_pending_per_sandbox,
+                                                max_per_requester=policy.preview_max_pending_per_requester)
+        if over == OVER_SANDBOX_CAP:
+            raise Refusal(429, "approval_limit", f"Sandbox {info.name} already has "
+                          f"{policy.preview_max_pending_per_sandbox} requests waiting for approval.")
+        if over is not None:
+            raise Refusal(429, "approval_limit", f"You already have "
+                          f"{policy.preview_max_pending_per_requester} requests waiting for approval.")
         self._record("preview.requested", record, requester)
         return record
 
@@ -119,17 +167,23 @@ class Approvals:
         return await self._expire_if_due(record)
 
     async def _decide(self, request: web.BaseRequest, record: ApprovalRecord, claims, policy) -> ApprovalRecord:
+        policy = policy or DEFAULT_POLICY
         info = self.previews.registry.find(record.namespace, record.sandbox)
-        if info is None or relation(info, claims, policy or DEFAULT_POLICY) not in ("owner", "admin"):
-            raise Refusal(403, "policy_violation", "Only the sandbox's owner or an admin decides.")
         try:
             decision = json.loads(await request.content.read(4096)).get("decision")
         except (ValueError, AttributeError, UnicodeDecodeError):
             decision = None
         if decision not in ("approve", "deny"):
             raise Refusal(400, "bad_request", 'The body must be {"decision": "approve"} or {"decision": "deny"}.')
-        if record.status != PENDING:
+        if record.status != PENDING:  # the caller may see the request: telling its state reveals nothing
             raise Refusal(409, "already_decided", f"This request is already {record.status}.")
+        own = claims.get("sub") == record.requested_by
+        if own and decision == "deny":
+            pass  # withdrawing one's own request needs no one's say
+        elif info is None or relation(info, claims, policy) not in ("owner", "admin"):
+            raise Denied("not-owner-or-admin", "Only the sandbox's owner or an admin decides.")
+        elif own and not policy.preview_self_approval:
+            raise Denied("self-approval-not-allowed", "A request is approved by someone other than its requester.")
         decider = claims["sub"]
         status = APPROVED if decision == "approve" else DENIED
         if not await self.store.decide_approval(record.id, status, decider):
@@ -141,7 +195,7 @@ class Approvals:
                 if zone is None:
                     raise Refusal(409, "zone_gone", "The preview zone of this request is no longer served.")
                 self.previews.check_request(info, record.port, policy)
-                preview = await self.previews.create(zone, info, record.port, record.requested_by)
+                preview = await self.previews.create(zone, info, record.port, record.requested_by, policy)
                 await self.store.finish_approval(record.id, preview_token=preview.token)
             except Refusal as e:
                 await self.store.finish_approval(record.id, error=e.message)

@@ -15,7 +15,7 @@ from yarl import URL
 
 from gateway.config.model import PreviewZone
 from gateway.kube import HTTPROUTE, SANDBOX
-from gateway.preview.tokens import fingerprint, host_for, object_name
+from gateway.preview.tokens import SUFFIX, fingerprint, host_for, is_token, object_name
 
 LABEL_PREVIEW = "sandgate.dev/preview"
 LABEL_SANDBOX = "sandgate.dev/sandbox"
@@ -33,7 +33,12 @@ def rfc3339(moment: datetime) -> str:
 
 
 def parse_rfc3339(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    """ValueError for a time without an offset: compared with aware times it would raise later,
+    in the reaper, every round."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"no UTC offset: {text!r}")
+    return moment
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -139,28 +144,34 @@ def httproute(preview: Preview, sandbox_uid: str, zone: PreviewZone) -> dict:
 
 
 def from_httproute(route: dict) -> Preview | None:
-    """The preview an HTTPRoute stands for; None for one that is not a well-formed preview."""
-    meta = route.get("metadata") or {}
-    annotations = meta.get("annotations") or {}
-    labels = meta.get("labels") or {}
-    name = meta.get("name", "")
-    hosts = (route.get("spec") or {}).get("hostnames") or []
-    if labels.get(LABEL_PREVIEW) != "true" or not name.startswith("preview-") or len(hosts) != 1:
-        return None
+    """The preview an HTTPRoute stands for; None for one that is not a well-formed preview
+    (whatever its fields hold: anyone who may write HTTPRoutes writes them)."""
     try:
+        meta = route.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        labels = meta.get("labels") or {}
+        name = meta.get("name", "")
+        hosts = (route.get("spec") or {}).get("hostnames") or []
+        if labels.get(LABEL_PREVIEW) != "true" or not name.startswith("preview-") or len(hosts) != 1:
+            return None
+        token, host, port = name[len("preview-"):], hosts[0].lower(), int(annotations[PORT])
+        # the host must be the one its name's token makes: another route could otherwise claim
+        # a live preview's host and take its traffic
+        if not is_token(token) or not host.startswith(f"{token}{SUFFIX}.") or not 0 < port < 65536:
+            return None
         return Preview(
-            token=name[len("preview-"):],
+            token=token,
             namespace=meta.get("namespace", ""),
             sandbox=labels[LABEL_SANDBOX],
-            port=int(annotations[PORT]),
-            host=hosts[0].lower(),
+            port=port,
+            host=host,
             owner=annotations.get(OWNER, ""),
             created_at=parse_rfc3339(annotations[CREATED_AT]),
             expires_at=parse_rfc3339(annotations[EXPIRES_AT]),
             max_until=parse_rfc3339(annotations[MAX_UNTIL]),
             uid=meta.get("uid", ""),
         )
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError, AttributeError):
         return None
 
 

@@ -3,12 +3,20 @@
 Cluster state is the truth: a preview exists while its HTTPRoute does, and every decision about
 its lifetime reads the annotations on it. Any number of replicas can therefore create, extend
 and reap previews without talking to each other.
+
+What a preview serves ends with it: every request to a preview host is remembered (weakly) by
+its preview, and when the preview leaves the table (deleted here or elsewhere, reaped) or its
+time is up, the requests still running, WebSockets and streamed responses, are cancelled within
+CLOSE_INTERVAL: a WebSocket gets 1001, a stream is cut. An open one counts as traffic meanwhile.
+With `accessMode: owner` the same happens to one caller's requests when they may no longer reach
+the sandbox (taken off `shared-with`, the owner changed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from time import time
@@ -19,6 +27,7 @@ from gateway.config.model import PreviewZone, Upstream
 from gateway.kube import HTTPROUTE, SERVICE, KubeClient, KubeError
 from gateway.policy.model import SandboxPolicy
 from gateway.preview import objects
+from gateway.preview.caps import PreviewCaps
 from gateway.preview.objects import Preview
 from gateway.preview.table import PreviewTable
 from gateway.preview.tokens import new_token, object_name
@@ -27,6 +36,8 @@ from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.router import Refusal, SandboxAccess, SandboxTarget
 
 log = logging.getLogger("sandgate.preview")
+
+CLOSE_INTERVAL = 0.25  # seconds between looks for streams whose preview is gone
 
 
 def utcnow() -> datetime:
@@ -46,20 +57,27 @@ class Previews:
         self.reap_interval = reap_interval
         self.touch_interval = touch_interval
         self._extending: set[str] = set()
+        self.caps = PreviewCaps()
         self._upstreams: dict[tuple, Upstream] = {}
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
+        self._closer: asyncio.Task | None = None
+        # token -> (its zone, the requests to it still running -> (claims, policy) of their
+        # caller in owner mode, else None). An entry per live preview at most (dropped when it
+        # ends or has nothing running); tasks are held weakly.
+        self._running: dict[str, tuple[PreviewZone, weakref.WeakKeyDictionary[asyncio.Task, tuple | None]]] = {}
 
     def start(self) -> None:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+            self._closer = asyncio.get_running_loop().create_task(self._close_forever())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._reaper, *self._tasks) if t is not None]
+        tasks = [t for t in (self._reaper, self._closer, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._reaper = None
+        self._reaper = self._closer = None
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -77,6 +95,7 @@ class Previews:
             if relation(info, claims, policy or DEFAULT_POLICY) is None:
                 raise Refusal(404, "preview_not_found", "No preview at this host.")
         self.touch(preview, zone, now)
+        self._remember_running(preview.token, zone, (claims, policy) if zone.access_mode == "owner" else None)
         return SandboxTarget(self._upstream(preview, info), path, None, ("sandbox", preview.namespace, preview.sandbox), isolate=True)
 
     def _upstream(self, preview: Preview, info: SandboxInfo) -> Upstream:
@@ -109,10 +128,62 @@ class Previews:
                 self._record(event, extended)
             return extended
         except KubeError as e:
-            log.warning("preview %s: could not extend: %s", preview.fingerprint, e)
+            # status and reason only: the API server's message names the object, token and all
+            log.warning("preview %s: could not extend: %s %s", preview.fingerprint, e.status, e.reason)
             raise
         finally:
             self._extending.discard(preview.token)
+
+    def _remember_running(self, token: str, zone: PreviewZone, caller: tuple | None) -> None:
+        """The current request (the task serving it) runs for the preview `token`, for `caller`
+        ((claims, policy)) when only who may reach the sandbox may use it."""
+        entry = self._running.get(token)
+        if entry is None:
+            entry = self._running[token] = (zone, weakref.WeakKeyDictionary())
+        entry[1][asyncio.current_task()] = caller
+
+    def _end_running(self, token: str, reason: str) -> int:
+        """Cancel what still runs for `token`: a relayed WebSocket closes with 1001, a streamed
+        response is cut with its connection."""
+        _, tasks = self._running.pop(token, (None, ()))
+        ended = 0
+        for task in list(tasks):
+            if not task.done():
+                task.cancel(reason)
+                ended += 1
+        return ended
+
+    def close_ended(self) -> None:
+        """End the streams of previews that left the table or whose time is up, and those of
+        callers who may no longer reach the sandbox; an open stream of a live preview counts as
+        traffic (it extends the idle TTL, debounced as usual)."""
+        now = time()
+        for token, (zone, tasks) in list(self._running.items()):
+            preview = self.table.by_token(token)
+            if preview is None or now >= preview.expires_ts or now >= preview.max_ts:
+                self._end_running(token, "preview ended")
+                continue
+            info = self.registry.find(preview.namespace, preview.sandbox)
+            running = 0
+            for task, caller in list(tasks.items()):
+                if task.done():
+                    continue
+                if caller is not None and (info is None or relation(info, caller[0], caller[1] or DEFAULT_POLICY) is None):
+                    task.cancel("access to the sandbox ended")
+                    continue
+                running += 1
+            if running:
+                self.touch(preview, zone, now)
+            else:
+                del self._running[token]
+
+    async def _close_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CLOSE_INTERVAL)
+            try:
+                self.close_ended()
+            except Exception:  # noqa: BLE001 - one bad round must not end the closing for good
+                log.exception("closing the streams of ended previews failed")
 
     # --- the API's operations -----------------------------------------------------------------
 
@@ -124,25 +195,26 @@ class Previews:
         return info
 
     def check_request(self, info: SandboxInfo, port: int, policy: SandboxPolicy | None) -> None:
-        """Refusal when the policy's limits forbid a new preview of this sandbox's port."""
+        """Refusal when the policy forbids a preview of this sandbox's port at all. The caps are
+        checked by `create`, which reserves its place under them."""
         policy = policy or DEFAULT_POLICY
         low, high = policy.preview_ports
         if not low <= port <= high:
             raise Refusal(400, "port_not_allowed", f"Previews are allowed for ports {low}-{high} only.")
         if not info.ready:
             raise Refusal(409, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} is not ready: {info.not_ready_reason}")
-        per_sandbox = policy.preview_max_per_sandbox
-        if per_sandbox is not None and self.table.count(info.namespace, info.name) >= per_sandbox:
-            raise Refusal(429, "preview_limit", f"Sandbox {info.name} already has {per_sandbox} previews.")
-        total = policy.preview_max_total
-        if total is not None and self.table.count() >= total:
-            raise Refusal(429, "preview_limit", f"The limit of {total} open previews is reached.")
 
-    async def create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str) -> Preview:
+    async def create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str,
+                     policy: SandboxPolicy | None) -> Preview:
         """Service first, then HTTPRoute; when the HTTPRoute cannot be created the Service is
-        deleted again, so a failure leaves nothing behind."""
+        deleted again, so a failure leaves nothing behind. The preview's place under the caps
+        is reserved before the first API call and held until it is in the table."""
         if not info.pod_selector:
             raise Refusal(409, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} has no pod selector yet.")
+        with self.caps.reserve(self.table, info.namespace, info.name, owner, policy or DEFAULT_POLICY):
+            return await self._create(zone, info, port, owner)
+
+    async def _create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str) -> Preview:
         preview = objects.new_preview(new_token(), info.namespace, info.name, port, owner, zone, utcnow())
         name = object_name(preview.token)
         try:
@@ -155,7 +227,8 @@ class Previews:
             try:
                 await self.kube.delete(SERVICE, info.namespace, name)
             except KubeError as rollback:
-                log.error("preview %s: Service left behind after a failed HTTPRoute: %s", preview.fingerprint, rollback)
+                log.error("preview %s: Service left behind after a failed HTTPRoute: %s %s", preview.fingerprint,
+                          rollback.status, rollback.reason)
             raise Refusal(502, "preview_not_created", f"The preview's HTTPRoute could not be created ({e.status} {e.reason}).") from None
         preview = replace(preview, uid=(route.get("metadata") or {}).get("uid", ""))
         self.table.put(preview)  # served at once on this replica; others learn it from the watch
@@ -178,6 +251,7 @@ class Previews:
         except KubeError as e:
             raise Refusal(502, "preview_not_deleted", f"The preview could not be deleted ({e.status} {e.reason}).") from None
         self.table.forget(preview)
+        self._end_running(preview.token, "preview deleted")
         if deleted:
             self._record(event, preview, reason=reason)
         return deleted

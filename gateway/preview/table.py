@@ -2,7 +2,12 @@
 
 Serving a preview host is a dictionary lookup, whatever the number of previews. A replica that
 has not seen the watch event yet for a new preview looks its HTTPRoute up once; misses are
-remembered for a few seconds so that guessed hosts can never flood the API server.
+remembered for a few seconds, concurrent requests for one host share one lookup, and all lookups
+together draw on one budget (a token bucket per replica): whatever hosts are sent, the API
+server sees at most LOOKUP_RATE GETs a second (after a burst of LOOKUP_BURST). Over budget a host
+is answered as unknown without a lookup; a preview created on another replica a moment ago is
+still served as soon as the watch delivers it (about a second), and the creating replica serves
+it at once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,27 @@ from gateway.preview.objects import SELECTOR, Preview, from_httproute
 from gateway.preview.tokens import object_name
 
 MISS_SECONDS = 5.0
-MAX_MISSES = 10_000
+MAX_MISSES = 4096  # hosts are a 34-character label plus the zone: a few hundred KiB at most
+LOOKUP_RATE = 5.0  # API GETs per second for hosts not in the table, all hosts together
+LOOKUP_BURST = 10
+
+
+class LookupBudget:
+    """A token bucket: `take()` is True while GETs are left."""
+
+    def __init__(self, rate: float = LOOKUP_RATE, burst: int = LOOKUP_BURST):
+        self.rate, self.burst = rate, float(burst)
+        self._tokens = float(burst)
+        self._at = monotonic()
+
+    def take(self) -> bool:
+        now = monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 class PreviewTable:
@@ -27,6 +52,10 @@ class PreviewTable:
         self._by_token: dict[str, Preview] = {}
         self._watches: dict[str, WatchedKind] = {}
         self._misses: OrderedDict[str, float] = OrderedDict()  # host -> monotonic deadline
+        self._budget = LookupBudget()
+        # host -> the one lookup under way; at most LOOKUP_BURST + LOOKUP_RATE * (API latency)
+        # entries, since each holds a GET of the budget. Results are plain values, never errors.
+        self._lookups: dict[str, asyncio.Task] = {}
         self._on_change = on_change
 
     def watch_namespaces(self, namespaces: set[str]) -> None:
@@ -83,21 +112,39 @@ class PreviewTable:
             return len(self.by_host)
         return sum(1 for p in self.by_host.values() if p.namespace == namespace and p.sandbox == sandbox)
 
+    def count_owned(self, owner: str) -> int:
+        return sum(1 for p in self.by_host.values() if p.owner == owner)
+
     def by_token(self, token: str) -> Preview | None:
         return self._by_token.get(token)
 
     async def lookup(self, host: str, token: str) -> Preview | None:
-        """The preview of `host`: from the table, else (once per few seconds per host) from the
-        API server, for a preview created on another replica a moment ago."""
+        """The preview of `host`: from the table, else (once per few seconds per host, within
+        the replica's budget) from the API server, for a preview created on another replica a
+        moment ago."""
         preview = self.by_host.get(host)
         if preview is not None:
             return preview
-        now = monotonic()
-        deadline = self._misses.get(host)
-        if deadline is not None and deadline > now:
-            return None
-        self._remember_miss(host, now)
-        for namespace in sorted(self._watches):
+        running = self._lookups.get(host)
+        if running is None:
+            now = monotonic()
+            deadline = self._misses.get(host)
+            if deadline is not None and deadline > now:
+                return None
+            if not self._watches or not self._budget.take():
+                return None
+            self._remember_miss(host, now)
+            running = self._lookups[host] = asyncio.get_running_loop().create_task(self._fetch(host, token))
+            running.add_done_callback(lambda _task: self._lookups.pop(host, None))
+        # shielded: a client that goes away does not cancel the lookup the others wait for
+        return await asyncio.shield(running)
+
+    async def _fetch(self, host: str, token: str) -> Preview | None:
+        """One GET per namespace the previews may live in; every GET after the first draws on
+        the budget too."""
+        for i, namespace in enumerate(sorted(self._watches)):
+            if i and not self._budget.take():
+                return None
             try:
                 route = await self.kube.get(HTTPROUTE, namespace, object_name(token))
             except KubeError:

@@ -15,6 +15,11 @@ from functools import lru_cache
 
 SUFFIX = "-preview"
 _TOKEN = re.compile(r"[a-z2-7]{26}", re.ASCII)
+API_SEGMENT = "/previews/"  # of /gateway/v1/previews/{token}[/keepalive]
+# What could hold a token after it: any run of 26 or more letters and digits, in any case. A
+# token with a letter added, upper-cased or followed by `;x` is refused by the API, but gives
+# the token back to whoever reads the log.
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9]{26,}", re.ASCII)
 
 
 def new_token() -> str:
@@ -56,3 +61,14 @@ def redact_host(host: str) -> str:
     label, dot, rest = host.partition(".")
     token = label[: -len(SUFFIX)] if label.endswith(SUFFIX) else ""
     return f"{fingerprint(token)}{SUFFIX}{dot}{rest}" if is_token(token) else host
+
+
+def redact_path(path: str) -> str:
+    """A path fit for logs and audit records: after `/previews/` (the preview API's
+    `/gateway/v1/previews/{token}...`), whatever could hold a token replaced by its fingerprint.
+    Costs one substring search for every other path."""
+    start = path.find(API_SEGMENT)
+    if start < 0:
+        return path
+    start += len(API_SEGMENT)
+    return path[:start] + _TOKEN_LIKE.sub(lambda m: fingerprint(m.group(0).lower()), path[start:])

@@ -19,6 +19,7 @@ from gateway.audit import AuditRecord
 from gateway.policy.decision import Decision, RequestFacts, evaluate, www_authenticate
 from gateway.policy.model import Cors, SecurityPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime, metadata_document, origin_allowed
+from gateway.preview.tokens import redact_path
 from gateway.server.errors import SERVER, error_response
 
 
@@ -120,7 +121,7 @@ async def enforce(
         principal=None if token is None else token.subject,
         method=method,
         host=host,
-        path=path,
+        path=redact_path(path),  # a preview API path can carry a token
         decision="allow" if decision.allowed else "deny",
         reasons=tuple([v.code for v in reasons]) if reasons else (),
         latency_ms=latency_ms,

@@ -29,9 +29,9 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
-from gateway.preview.isolation import host_only_cookies, strip_credentials
+from gateway.preview.isolation import isolate_response, strip_credentials
 from gateway.preview.router import PreviewRouter
-from gateway.preview.tokens import redact_host
+from gateway.preview.tokens import redact_host, redact_path
 from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import SERVER, error_response
@@ -256,7 +256,7 @@ class Gateway:
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)
             if sandbox is not None and sandbox.isolate:
-                host_only_cookies(response_headers)
+                isolate_response(response_headers)
 
         request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
         if sandbox is not None and sandbox.timeout is not None:
@@ -461,7 +461,7 @@ class Gateway:
                 "client": outcome.client,
                 "method": request.method,
                 "host": redact_host(outcome.host),  # a preview host is a capability
-                "path": outcome.path,  # never the query: it can carry credentials
+                "path": redact_path(outcome.path),  # never the query, nor a preview token: both are credentials
                 "status": outcome.status,
                 "route": route,
                 "upstream": outcome.upstream,

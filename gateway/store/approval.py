@@ -9,6 +9,10 @@ from datetime import datetime
 
 PENDING, APPROVED, DENIED, EXPIRED, FAILED = "pending", "approved", "denied", "expired", "failed"
 CHANNEL = "sandgate_approvals"  # the PostgreSQL LISTEN/NOTIFY channel; the payload is the id
+LIST_LIMIT = 1000  # rows one listing reads at most
+PRUNE_BATCH = 500  # rows one prune statement deletes at most
+# create_approval's answers when a cap is reached
+OVER_SANDBOX_CAP, OVER_REQUESTER_CAP = "sandbox", "requester"
 
 
 @dataclass(frozen=True, slots=True)

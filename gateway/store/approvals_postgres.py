@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
-from gateway.store.approval import APPROVAL_COLUMNS, APPROVED, CHANNEL, FAILED, PENDING, ApprovalRecord
+from gateway.store.approval import (
+    APPROVAL_COLUMNS, APPROVED, CHANNEL, FAILED, LIST_LIMIT, OVER_REQUESTER_CAP, OVER_SANDBOX_CAP, PENDING, PRUNE_BATCH,
+    ApprovalRecord,
+)
 
 log = logging.getLogger("sandgate.store")
 
 _COLUMNS = ", ".join(APPROVAL_COLUMNS)
 _RECONNECT = 1.0
+# One advisory lock serialises creates on every replica, so the pending caps hold across them
+# (creates are rare: a person asking for a preview).
+_CREATE_LOCK = 0x5A6D_0001
 
 
 class PostgresApprovals:
@@ -20,10 +27,25 @@ class PostgresApprovals:
 
     _listener: asyncio.Task | None = None
 
-    async def create_approval(self, record: ApprovalRecord) -> None:
+    async def create_approval(self, record: ApprovalRecord, *, max_per_sandbox: int | None = None,
+                              max_per_requester: int | None = None) -> str | None:
+        """Insert `record` unless a cap on unexpired pending requests (of its sandbox, of its
+        requester) is reached: None when inserted, else which cap."""
         values = [getattr(record, c) for c in APPROVAL_COLUMNS]
         placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
-        await self._pool.execute(f"INSERT INTO preview_approvals ({_COLUMNS}) VALUES ({placeholders})", *values)
+        async with self._pool.acquire() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
+            per_sandbox, per_requester = await con.fetchrow(
+                "SELECT count(*) FILTER (WHERE namespace = $2 AND sandbox = $3),"
+                " count(*) FILTER (WHERE requested_by = $4)"
+                " FROM preview_approvals WHERE status = $1 AND expires_at > $5",
+                PENDING, record.namespace, record.sandbox, record.requested_by, record.created_at)
+            if max_per_sandbox is not None and per_sandbox >= max_per_sandbox:
+                return OVER_SANDBOX_CAP
+            if max_per_requester is not None and per_requester >= max_per_requester:
+                return OVER_REQUESTER_CAP
+            await con.execute(f"INSERT INTO preview_approvals ({_COLUMNS}) VALUES ({placeholders})", *values)
+        return None
 
     async def get_approval(self, approval_id: str) -> ApprovalRecord | None:
         row = await self._pool.fetchrow(f"SELECT {_COLUMNS} FROM preview_approvals WHERE id = $1", approval_id)
@@ -31,7 +53,8 @@ class PostgresApprovals:
 
     async def list_approvals(self, status: str | None = None) -> list[ApprovalRecord]:
         where, args = (" WHERE status = $1", (status,)) if status else ("", ())
-        rows = await self._pool.fetch(f"SELECT {_COLUMNS} FROM preview_approvals{where} ORDER BY created_at, id", *args)
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM preview_approvals{where} ORDER BY created_at, id LIMIT {LIST_LIMIT}", *args)
         return [ApprovalRecord(**dict(r)) for r in rows]
 
     async def decide_approval(self, approval_id: str, status: str, decided_by: str | None) -> bool:
@@ -49,6 +72,13 @@ class PostgresApprovals:
             await con.execute("UPDATE preview_approvals SET status = $1, preview_token = $2, error = $3 WHERE id = $4",
                               FAILED if error else APPROVED, preview_token, error, approval_id)
             await con.execute("SELECT pg_notify($1, $2)", CHANNEL, approval_id)
+
+    async def prune_approvals(self, before: datetime) -> int:
+        """Delete up to PRUNE_BATCH requests decided (or lapsed) before `before`."""
+        result = await self._pool.execute(
+            "DELETE FROM preview_approvals WHERE id IN (SELECT id FROM preview_approvals"
+            f" WHERE coalesce(decided_at, expires_at) < $1 LIMIT {PRUNE_BATCH})", before)
+        return int(result.split()[-1])
 
     async def listen_approvals(self, callback) -> bool:
         """Start listening (and keep listening across database restarts)."""

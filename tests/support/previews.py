@@ -8,11 +8,14 @@ import json
 import aiohttp
 import yaml
 
-from tests.support.harness import url
+from gateway.server.handler import Settings
+from tests.support.harness import running_gateway, url
+from tests.support.issuer import claims
 from tests.support.policy_harness import provider, route_target, security_policy
 from tests.support.sandboxes import router_yaml
 
 ZONE = "apps.example.test"
+LOOPBACK = Settings(allow_loopback_sandboxes=True)  # the sandbox apps listen on loopback
 
 
 def preview_routes(*, idle_ttl: str = "30m", max_lifetime: str = "8h", access_mode: str = "capability",
@@ -49,7 +52,8 @@ spec:
 
 
 def preview_policies(issuer, *, approval: str = "auto", max_per_sandbox: int | None = None,
-                     max_total: int | None = None, ports: tuple[int, int] | None = None) -> str:
+                     max_total: int | None = None, ports: tuple[int, int] | None = None, **preview_fields) -> str:
+    """`preview_fields`: more SandboxPolicy `spec.preview` fields, by their CRD names (maxPerOwner...)."""
     jwt = {"jwt": {"providers": [provider(issuer)]}}
     out = security_policy("sandbox-jwt", jwt, targets=[route_target("sandboxes"), route_target("preview-api")],
                           namespace="platform")
@@ -60,6 +64,7 @@ def preview_policies(issuer, *, approval: str = "auto", max_per_sandbox: int | N
         preview["maxTotal"] = max_total
     if ports is not None:
         preview["ports"] = {"min": ports[0], "max": ports[1]}
+    preview.update(preview_fields)
     sandbox_policy = {
         "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPolicy",
         "metadata": {"name": "who", "namespace": "platform"},
@@ -89,3 +94,16 @@ async def via_host(gw, host: str, path: str = "/", *, headers: dict | None = Non
 
 def host_of(created: dict) -> str:
     return created["url"].split("://", 1)[1].split("/", 1)[0].split(":", 1)[0]
+
+
+def token_for(issuer, sub: str = "alice@example.com", groups=()) -> str:
+    return issuer.mint(claims(sub=sub, groups=list(groups)))
+
+
+def preview_gateway(tmp_path, world, issuer, *, routes: str | None = None, timing: dict | None = None,
+                    database_url: str | None = None, **policy):
+    """A gateway serving `preview_routes()` (or `routes`) with `preview_policies(issuer, **policy)`
+    against the world's Kubernetes API double."""
+    return running_gateway(tmp_path, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                           policies_yaml=preview_policies(issuer, **policy), preview_timing=timing,
+                           database_url=database_url)
