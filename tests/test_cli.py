@@ -579,3 +579,39 @@ def test_serve_with_a_bad_listen_address_exits_1_with_one_line(tmp_path, listen)
     assert len(problems) == 1, result.stderr
     assert listen in problems[0]
     assert "Traceback" not in result.stderr
+
+
+# --- flags after the subcommand -----------------------------------------------------------------
+
+STORE_ORDERS = {
+    "before": lambda group, sub, data: [group, "--data-dir", data, *sub],
+    "after": lambda group, sub, data: [group, *sub, "--data-dir", data],
+}
+
+
+@pytest.mark.parametrize("order", list(STORE_ORDERS))
+def test_store_commands_take_data_dir_before_or_after_the_subcommand(tmp_path, order):
+    """`keys create ... --data-dir D` is the same command as `keys --data-dir D create ...`;
+    each acts on the store in D, never on the default /tmp/sandgate."""
+    place = STORE_ORDERS[order]
+    data = tmp_path / f"store-{order}"
+    pepper = tmp_path / "pepper"
+    pepper.write_text("p" * 32)
+    env = {"SANDGATE_API_KEY_PEPPER_FILE": str(pepper)}
+
+    migrated = sandgate(place("db", ["migrate"], str(data)), tmp_path, **env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert any(data.iterdir()), "db migrate did not create the store in --data-dir"
+
+    created = sandgate(place("keys", ["create", "--owner", f"owner-{order}"], str(data)), tmp_path, **env)
+    assert created.returncode == 0, created.stderr
+    listed = sandgate(place("keys", ["list"], str(data)), tmp_path, **env)
+    assert listed.returncode == 0 and f"owner-{order}" in listed.stdout, listed
+    key_id = next(line.split()[0] for line in listed.stdout.splitlines() if f"owner-{order}" in line)
+    revoked = sandgate(place("keys", ["revoke", key_id], str(data)), tmp_path, **env)
+    assert revoked.returncode == 0, revoked.stderr
+
+    # Given on both sides, the value after the subcommand wins (argparse: the later one).
+    other = tmp_path / "other"
+    both = sandgate(["keys", "--data-dir", str(data), "list", "--data-dir", str(other)], tmp_path, **env)
+    assert both.returncode == 0 and f"owner-{order}" not in both.stdout, both
