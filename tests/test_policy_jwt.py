@@ -337,3 +337,18 @@ async def test_decision_is_logged_without_the_token(tmp_path, issuer, upstream):
     assert decisions[1]["reasons"] == ["credentials-missing"]
     assert all(d["policy"] == "infra/jwt" and d["request_id"] and d["revision"] for d in decisions)
     assert token not in text and token.split(".")[2] not in text
+
+
+@pytest.mark.parametrize("uri_host", ["keys.idp.invalid:8443", "IdP.Example.invalid:80"])
+async def test_resolve_applies_to_jwks_fetches(tmp_path, issuer, upstream, uri_host):
+    """`--resolve HOST:PORT=ADDR:PORT` sends the JWKS fetch of a made-up host (never resolvable:
+    .invalid) to the loopback issuer, as it does for backends; the URI keeps its own host."""
+    host, _, port = uri_host.rpartition(":")
+    uri = f"http://{host}{'' if port == '80' else ':' + port}/jwks.json"
+    policy = security_policy("jwt", {"jwt": {"providers": [provider(issuer, remoteJWKS={"uri": uri})]}})
+    overrides = {uri_host.lower(): ("127.0.0.1", issuer.port)}
+    async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=policy, overrides=overrides) as gw:
+        assert await wait_ready(gw), "the JWKS of the overridden host was never fetched"
+        assert (await call(gw, token=issuer.mint()))[0] == 200
+    assert issuer.fetches >= 1 and "/jwks.json" in issuer.paths
+

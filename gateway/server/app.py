@@ -296,7 +296,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise StartupError(f"cannot open the store ({'PostgreSQL' if options.database_url else options.data_dir}): {e}") from e
     audit = AuditLog(store, options.spool_dir or options.data_dir,
                      on_depth=metrics.audit_queue_depth.set, on_spooled=metrics.audit_spooled.inc)
-    fetcher = JwksFetcher()
+    fetcher = JwksFetcher(overrides=options.load.overrides)  # --resolve: every address dialled
     try:
         runtime = PolicyRuntime(policies, config, fetcher, on_refresh=metrics.observe_jwks_refresh,
                                 api_key_lookup=store.find_api_key)
