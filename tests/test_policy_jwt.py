@@ -352,3 +352,26 @@ async def test_resolve_applies_to_jwks_fetches(tmp_path, issuer, upstream, uri_h
         assert (await call(gw, token=issuer.mint()))[0] == 200
     assert issuer.fetches >= 1 and "/jwks.json" in issuer.paths
 
+
+
+@pytest.mark.parametrize("removed", ["rsa-1", "ec-1"])
+async def test_a_key_removed_from_the_jwks_stops_verifying_cached_tokens(tmp_path, issuer, upstream, removed):
+    """SPEC §2.2: the verified-token cache never outlives the key that verified the token. A
+    token verified (and cached, with its decision) before its key left the JWKS is refused
+    within cacheDuration plus one refresh; a token of a key still served keeps working."""
+    kept = {"rsa-1": "ec-1", "ec-1": "rsa-1"}[removed]
+    async with jwt_gateway(tmp_path, issuer, upstream, remoteJWKS={"uri": issuer.jwks_uri, "cacheDuration": "1s"}) as gw:
+        doomed, survivor = issuer.mint(kid=removed), issuer.mint(kid=kept)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):  # cached, and the allowed decision kept with it
+                assert (await call(gw, token=doomed, session=session))[0] == 200
+                assert (await call(gw, token=survivor, session=session))[0] == 200
+            issuer.keys = [k for k in issuer.keys if k.kid != removed]
+
+            async def refused():
+                return (await call(gw, token=doomed, session=session))[0] == 401
+
+            assert await wait_for(refused, timeout=8.0), "a token of a removed key still verifies from the cache"
+            upstream.requests.clear()
+            assert_refused(await call(gw, token=doomed, session=session), "token-key-unknown", upstream)
+            assert (await call(gw, token=survivor, session=session))[0] == 200
