@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.fixtures import issuer, recording_echo  # noqa: F401 (fixtures)
 from tests.support.harness import GATEWAY, access_records, backend, echo_routes, running_gateway
-from tests.support.issuer import Issuer, claims, forge_hs256, forge_none, unsigned
+from tests.support.issuer import ISSUER, Issuer, claims, forge_hs256, forge_none, unsigned
 from tests.support.policy_harness import (
     assert_missing,
     assert_refused,
@@ -333,7 +333,7 @@ async def test_decision_is_logged_without_the_token(tmp_path, issuer, upstream):
     decisions = [r for r in records if "decision" in r]  # the request's line carries its decision
     assert len(decisions) == len(records) == 2
     assert [d["decision"] for d in decisions] == ["allow", "deny"]
-    assert decisions[0]["principal"] == "alice" and re.fullmatch(r"[0-9a-f]{16}", decisions[0]["credential"])
+    assert decisions[0]["principal"] == f"{ISSUER}#alice" and re.fullmatch(r"[0-9a-f]{16}", decisions[0]["credential"])
     assert decisions[1]["reasons"] == ["credentials-missing"]
     assert all(d["policy"] == "infra/jwt" and d["request_id"] and d["revision"] for d in decisions)
     assert token not in text and token.split(".")[2] not in text
@@ -375,3 +375,17 @@ async def test_a_key_removed_from_the_jwks_stops_verifying_cached_tokens(tmp_pat
             upstream.requests.clear()
             assert_refused(await call(gw, token=doomed, session=session), "token-key-unknown", upstream)
             assert (await call(gw, token=survivor, session=session))[0] == 200
+
+
+async def test_principals_are_issuer_and_subject_not_bare_subject(tmp_path, issuer, upstream):
+    """Two trusted issuers both have a user "alice": the audit record and the access log name
+    each as issuer#subject, so one can never be taken for the other."""
+    issuers = ("https://a.example.test", "https://b.example.test/tenant#1")
+    providers = [provider(issuer, name=f"idp-{i}") | {"issuer": iss} for i, iss in enumerate(issuers)]
+    policy = security_policy("jwt", {"jwt": {"providers": providers}})
+    async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=policy) as gw:
+        assert await wait_ready(gw)
+        for iss in issuers:
+            assert (await call(gw, token=issuer.mint(claims(iss=iss, sub="alice"))))[0] == 200
+        principals = [r["principal"] for r in access_records(gw) if "decision" in r]
+    assert principals == ["https://a.example.test#alice", "https://b.example.test/tenant%231#alice"]
