@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate routes and policies")
     _add_config_flags(check)
+    check.add_argument("--public-url", default=_env("public-url"),
+                       help="the public origin serve will use (MCP routes need it, or explicit audiences)")
 
     routes = sub.add_parser("routes", help="print the compiled route table")
     _add_config_flags(routes)
@@ -131,7 +133,7 @@ def _run(args) -> int:
     if args.command == "check":
         from gateway.commands.check import run_check
 
-        return run_check(args.routes, args.policies, _load_options(args))
+        return run_check(args.routes, args.policies, _load_options(args), args.public_url)
     if args.command == "routes":
         from gateway.commands.show import run_routes
 

@@ -615,3 +615,51 @@ def test_store_commands_take_data_dir_before_or_after_the_subcommand(tmp_path, o
     other = tmp_path / "other"
     both = sandgate(["keys", "--data-dir", str(data), "list", "--data-dir", str(other)], tmp_path, **env)
     assert both.returncode == 0 and f"owner-{order}" not in both.stdout, both
+
+
+# --- MCP routes need a public URL or explicit audiences ----------------------------------------
+
+
+def mcp_files(tmp_path: Path, route_name: str, *, audiences: list[str] | None) -> tuple[Path, Path]:
+    from tests.support.harness import mcp_routes
+    from tests.support.policy_harness import route_target, security_policy
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(mcp_routes(9).replace("  name: mcp\n", f"  name: {route_name}\n"))
+    provider = {"name": "idp", "issuer": "https://idp.example.test", "remoteJWKS": {"uri": "http://127.0.0.1:9/jwks"}}
+    if audiences is not None:
+        provider["audiences"] = audiences
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "mcp.yaml").write_text(security_policy("tools", {"jwt": {"providers": [provider]}},
+                                                       targets=[route_target(route_name)]))
+    return routes, policies
+
+
+@pytest.mark.parametrize("route_name", ["mcp", "agent-tools"])
+def test_an_mcp_route_without_public_url_or_audiences_is_refused_by_check_and_serve_naming_it(tmp_path, route_name):
+    routes, policies = mcp_files(tmp_path, route_name, audiences=None)
+    assert f"  name: {route_name}\n" in routes.read_text()
+    checked = sandgate(["check", "--routes", str(routes), "--policies", str(policies)], tmp_path)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    (error,) = error_lines(checked, str(routes))
+    assert f"HTTPRoute infra/{route_name} is an MCP route" in error[1] and "--public-url" in error[1], error
+
+    served = sandgate(["serve", "--routes", str(routes), "--policies", str(policies), "--listen", "127.0.0.1:0",
+                       "--admin", "off", "--data-dir", str(tmp_path / "data")], tmp_path)
+    assert served.returncode == 1
+    (line,) = operator_lines(served.stderr)
+    assert f"HTTPRoute infra/{route_name} is an MCP route" in line and "Traceback" not in served.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "environment", "audiences"])
+def test_an_mcp_route_with_a_public_url_or_explicit_audiences_passes_check(tmp_path, how):
+    routes, policies = mcp_files(tmp_path, "mcp", audiences=["https://agents.example.test/mcp"] if how == "audiences" else None)
+    args = ["check", "--routes", str(routes), "--policies", str(policies)]
+    env = {}
+    if how == "flag":
+        args += ["--public-url", "https://agents.example.test"]
+    elif how == "environment":
+        env["SANDGATE_PUBLIC_URL"] = "https://agents.example.test"
+    result = sandgate(args, tmp_path, **env)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -6,15 +6,17 @@ import sys
 
 from gateway.config.loader import LoadOptions, load_routes
 from gateway.policy.loader import load_policies
+from gateway.policy.runtime import mcp_audience_errors
 from gateway.sandbox.router import router_errors
 
 
-def run_check(routes_path: str, policies_path: str, options: LoadOptions) -> int:
+def run_check(routes_path: str, policies_path: str, options: LoadOptions, public_url: str | None = None) -> int:
     config = load_routes(routes_path, options)
     policies = load_policies(policies_path, config)
     errors = [*config.errors, *config.problems, *policies.errors, *policies.problems]
     if not config.errors:
         errors += router_errors(config, lambda *target: policies.security_for(*target) is not None)
+        errors += mcp_audience_errors(config, policies, public_url)
     warnings = [*config.warnings, *policies.warnings]
     for line in errors:
         print(line)

@@ -24,7 +24,7 @@ from gateway.audit import AuditLog
 from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener, SandboxRouter
 from gateway.policy.loader import load_policies
-from gateway.policy.runtime import PolicyRuntime
+from gateway.policy.runtime import PolicyRuntime, mcp_audience_errors
 from gateway.routing.table import RouteTable, compile_table
 from gateway.sandbox.router import router_errors
 from gateway.sandbox.terminal import TerminalSettings
@@ -204,6 +204,7 @@ class RunningGateway:
         errors = list(config.errors) + (policies.errors if policies else [])
         if not errors:
             errors = router_errors(config, _secured(policies))
+            errors += mcp_audience_errors(config, policies, self.options.settings.public_url)
         if errors:
             for line in errors:
                 event(log, "routes not reloaded", logging.ERROR, error=line)
@@ -284,6 +285,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     except MissingSecret as e:
         raise StartupError(str(e)) from e
     sandbox_errors = router_errors(config, _secured(policies))
+    sandbox_errors += mcp_audience_errors(config, policies, options.settings.public_url)
     if sandbox_errors:
         raise StartupError("\n".join(sandbox_errors))
     access_log = AccessLog(options.access_log)
