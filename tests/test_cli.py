@@ -663,3 +663,52 @@ def test_an_mcp_route_with_a_public_url_or_explicit_audiences_passes_check(tmp_p
         env["SANDGATE_PUBLIC_URL"] = "https://agents.example.test"
     result = sandgate(args, tmp_path, **env)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- routes to sandboxes and previews that take any token of their issuer ------------------------
+
+
+def permissive(shipped: str, change: str) -> str:
+    """The shipped sandbox policies with their audience requirement, their scope requirement, or
+    both, taken out."""
+    import yaml
+
+    security, sandbox = yaml.safe_load_all(shipped)
+    if change in ("no-audience", "neither"):
+        del security["spec"]["jwt"]["providers"][0]["audiences"]
+    if change in ("no-scope", "neither"):
+        del security["spec"]["authorization"]["rules"][0]["principal"]["jwt"]["scopes"]
+    if change == "allow-by-default":
+        security["spec"]["authorization"]["defaultAction"] = "Allow"
+    return yaml.safe_dump_all([security, sandbox])
+
+
+def open_token_warnings(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stdout.splitlines() if "accepts tokens with" in line]
+
+
+def test_check_does_not_warn_about_the_shipped_sandbox_policy(tmp_path):
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(SHIPPED_POLICIES)], tmp_path)
+    assert result.returncode == 0 and open_token_warnings(result) == [], result.stdout
+
+
+@pytest.mark.parametrize("change, missing", [
+    ("no-audience", ["no audience requirement"]),
+    ("no-scope", ["no scope requirement"]),
+    ("allow-by-default", ["no scope requirement"]),
+    ("neither", ["no audience requirement", "no scope requirement"]),
+])
+def test_check_warns_when_a_sandbox_or_preview_route_accepts_any_token_of_its_issuer(tmp_path, change, missing):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "sandboxes.yaml").write_text(permissive((SHIPPED_POLICIES / "sandboxes.yaml").read_text(), change))
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(policies)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning, not an error
+    warnings = open_token_warnings(result)
+    covered = {"platform/sandboxes rule header-routed", "platform/sandboxes rule sandbox-api", "platform/previews rule preview-api"}
+    assert {w.split("HTTPRoute ", 1)[1].split(" (")[0] for w in warnings} == covered, result.stdout
+    for line in warnings:
+        assert line.endswith("(warning)") and "SecurityPolicy platform/sandboxes" in line
+        assert ("SandboxRouter platform/sandboxes" in line) or ("PreviewZone platform/previews" in line)
+        assert all(m in line for m in missing) and line.count("requirement") == len(missing), line
+        assert ERROR_LINE.match(line[: -len(" (warning)")]), line

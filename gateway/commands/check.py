@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from gateway.config.loader import LoadOptions, load_routes
+from gateway.policy.audience import mcp_audience_errors, open_token_warnings
 from gateway.policy.loader import load_policies
-from gateway.policy.runtime import mcp_audience_errors
 from gateway.sandbox.router import router_errors
 
 
@@ -17,7 +17,7 @@ def run_check(routes_path: str, policies_path: str, options: LoadOptions, public
     if not config.errors:
         errors += router_errors(config, lambda *target: policies.security_for(*target) is not None)
         errors += mcp_audience_errors(config, policies, public_url)
-    warnings = [*config.warnings, *policies.warnings]
+    warnings = [*config.warnings, *policies.warnings, *open_token_warnings(config, policies)]
     for line in errors:
         print(line)
     for line in warnings:

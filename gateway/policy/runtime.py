@@ -134,34 +134,6 @@ class PolicyRuntime:
         return McpResource(route, path, policy)
 
 
-def mcp_audience_errors(config: Config, policies: PolicySet, public_url: str | None) -> list[str]:
-    """An MCP route's tokens must name the public MCP URL as audience. Without --public-url
-    that URL would come from the request's Host header, which the client chooses: refuse such
-    a route unless every JWT provider of its policy lists its `audiences` explicitly."""
-    if public_url:
-        return []
-    errors = []
-    gateways = sorted({listener.gateway for listener in config.listeners})
-    for route in config.routes:
-        if dict(route.annotations).get(MCP_ANNOTATION) != "true":
-            continue
-        parents = [p.gateway for p in route.parents] or gateways
-        open_policies = sorted({
-            policy.key
-            for rule in route.rules for gateway in parents
-            if (policy := policies.security_for(route.key, rule.index, gateway)) is not None and policy.jwt is not None
-            and not all(provider.audiences for provider in policy.jwt.providers)
-        })
-        if open_policies:
-            where = f"{route.source}: " if route.source else ""
-            errors.append(
-                f"{where}HTTPRoute {route.key} is an MCP route whose token audience would come from the request's "
-                f"Host header: set --public-url (SANDGATE_PUBLIC_URL), or `audiences` on every JWT provider of "
-                f"SecurityPolicy {', '.join(open_policies)}"
-            )
-    return errors
-
-
 def repeat_source(policy: SecurityPolicy) -> tuple[str, str] | None:
     """Where a repeated decision's token is read from: the first header of the first JWT provider,
     which is what extract_token reads first, when nothing but the token, the route, the method

@@ -24,7 +24,8 @@ from gateway.audit import AuditLog
 from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener, SandboxRouter
 from gateway.policy.loader import load_policies
-from gateway.policy.runtime import PolicyRuntime, mcp_audience_errors
+from gateway.policy.audience import mcp_audience_errors
+from gateway.policy.runtime import PolicyRuntime
 from gateway.routing.table import RouteTable, compile_table
 from gateway.sandbox.router import router_errors
 from gateway.sandbox.terminal import TerminalSettings
