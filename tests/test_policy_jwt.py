@@ -389,3 +389,28 @@ async def test_principals_are_issuer_and_subject_not_bare_subject(tmp_path, issu
             assert (await call(gw, token=issuer.mint(claims(iss=iss, sub="alice"))))[0] == 200
         principals = [r["principal"] for r in access_records(gw) if "decision" in r]
     assert principals == ["https://a.example.test#alice", "https://b.example.test/tenant%231#alice"]
+
+
+async def test_the_verified_token_cache_is_bounded_by_bytes_and_long_paths_are_not_memoised(issuer):
+    """Valid tokens are what an account holder can mint at will, up to 16 KiB each: the cache
+    of verified tokens holds at most its byte budget whatever their size, and a token's memo of
+    decisions never keeps a key longer than MEMO_KEY_CHARS (paths are the client's)."""
+    import json as json_module
+
+    from gateway.auth import jwt as jwt_module
+    from gateway.auth.jwks import KeySet
+    from gateway.policy.model import JwtProvider, TokenSource
+
+    key_set = KeySet("idp", None, None, cache_seconds=300, inline=json_module.dumps(issuer.jwks()))
+    budget = 40 * (2 * 8 * 1024 + jwt_module.MEMO_ALLOWANCE)  # room for about 40 tokens of 8 KiB
+    verifier = jwt_module.JwtVerifier(lambda provider: key_set, cache_bytes=budget)
+    providers = (JwtProvider("idp", None, ("api",), None, "inline", 300, (), TokenSource()),)
+    for i in range(200):
+        token = issuer.mint(claims(pad=f"{i}" + "x" * 8 * 1024))
+        verified = await verifier.verify(token, providers)
+        verified.remember(("p", "GET", "/" + "a" * 300), "long")
+        verified.remember(("p", "GET", "/short"), "short")
+        assert set(verified.memo.values()) == {"short"}
+        assert verifier.cached_bytes <= budget
+    assert 20 <= len(verifier._cache) <= 40
+    assert verifier.cached(token, providers) is verified  # the latest one is still cached

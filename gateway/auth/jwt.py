@@ -28,6 +28,12 @@ from gateway.policy.model import JwtProvider
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "ES256K", "EdDSA"})
 MAX_TOKEN_BYTES = 16 * 1024
 MEMO_SIZE = 128  # entries per cached token (VerifiedToken.remember)
+MEMO_KEY_CHARS = 256  # a memo key with more characters (a long path) is not remembered
+# The verified-token cache is bounded by bytes too: each entry is charged twice its token's
+# length (the token's claims) plus the most its memo can hold, and all entries together at
+# most CACHE_BYTES. Tokens are at most 16 KiB, so hostile large tokens fill it in fewer entries.
+CACHE_BYTES = 256 * 1024 * 1024
+MEMO_ALLOWANCE = MEMO_SIZE * MEMO_KEY_CHARS
 API_KEY_PROVIDER = "api-key"  # the provider (and issuer) of API-key principals
 
 
@@ -59,8 +65,11 @@ class VerifiedToken:
     memo: dict = field(init=False, default_factory=dict, compare=False, repr=False)
 
     def remember(self, key: tuple, value: object) -> None:
-        """memo[key] = value, keeping at most MEMO_SIZE entries: a client walking many paths
-        with one token starts the memo afresh rather than growing it."""
+        """memo[key] = value, keeping at most MEMO_SIZE entries of at most MEMO_KEY_CHARS: a
+        client walking many paths with one token starts the memo afresh rather than growing
+        it, and one sending long paths is not remembered at all."""
+        if sum(len(part) for part in key if isinstance(part, str)) > MEMO_KEY_CHARS:
+            return
         if len(self.memo) >= MEMO_SIZE:
             self.memo.clear()
         self.memo[key] = value
@@ -82,13 +91,14 @@ class _Cached:
     """A verified token with the key that verified it, and the key set's generation when that
     key was last seen in it."""
 
-    __slots__ = ("token", "key_set", "key", "generation")
+    __slots__ = ("token", "key_set", "key", "generation", "cost")
 
-    def __init__(self, token: VerifiedToken, key_set: KeySet | None, key: VerificationKey | None):
+    def __init__(self, token: VerifiedToken, key_set: KeySet | None, key: VerificationKey | None, cost: int = 0):
         self.token = token
         self.key_set = key_set
         self.key = key
         self.generation = key_set.generation if key_set is not None else 0
+        self.cost = cost  # bytes charged against CACHE_BYTES
 
     def usable(self, now: float) -> bool:
         if self.token.expires_at <= now:
@@ -129,11 +139,14 @@ _ERRORS = (
 
 
 class JwtVerifier:
-    def __init__(self, key_set_for: Callable[[JwtProvider], KeySet], *, leeway_seconds: float = 30.0, cache_size: int = 10_000):
+    def __init__(self, key_set_for: Callable[[JwtProvider], KeySet], *, leeway_seconds: float = 30.0,
+                 cache_size: int = 10_000, cache_bytes: int = CACHE_BYTES):
         self.key_set_for = key_set_for
         self.leeway = leeway_seconds
         self._cache: OrderedDict[tuple, _Cached] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self.cached_bytes = 0  # the cost of every entry held
 
     def cached(self, token: str, providers: tuple[JwtProvider, ...], required_audience: str | None = None) -> VerifiedToken | None:
         """The token as verified earlier, if it is cached and not expired; no signature check."""
@@ -152,12 +165,20 @@ class JwtVerifier:
         if cached is not None:
             if cached.usable(time()):
                 return cached.token
-            del self._cache[key]
+            self._forget(key)
         entry = await self._verify(token, providers, required_audience, key[2].hex()[:16])
-        if len(self._cache) >= self._cache_size:
-            self._cache.popitem(last=False)
+        entry.cost = 2 * len(token) + MEMO_ALLOWANCE
+        if key in self._cache:  # verified meanwhile by a concurrent request
+            self._forget(key)
+        while self._cache and (len(self._cache) >= self._cache_size
+                               or self.cached_bytes + entry.cost > self._cache_bytes):
+            self._forget(next(iter(self._cache)))
         self._cache[key] = entry
+        self.cached_bytes += entry.cost
         return entry.token
+
+    def _forget(self, key: tuple) -> None:
+        self.cached_bytes -= self._cache.pop(key).cost
 
     @staticmethod
     def _key(token: str, providers: tuple[JwtProvider, ...], required_audience: str | None) -> tuple:
