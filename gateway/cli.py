@@ -45,10 +45,14 @@ def _load_options(args) -> LoadOptions:
     return LoadOptions(cluster_domain=args.cluster_domain, overrides=overrides)
 
 
-def _add_store_flags(p: argparse.ArgumentParser) -> None:
+def _add_store_flags(p: argparse.ArgumentParser, *, after_subcommand: bool = False) -> None:
+    """--data-dir on `keys` / `db`, and again on each of their subcommands, so that
+    `keys create --data-dir D` works as well as `keys --data-dir D create`. The copy on a
+    subcommand has no default: argparse copies a subcommand's values over its parent's, and a
+    default there would undo a value given before the subcommand."""
     # The database URL may carry a password: it is read from the environment only.
-    p.add_argument("--data-dir", default=_env("data-dir", "/tmp/sandgate"),
-                   help="embedded store and audit spool (default /tmp/sandgate)")
+    default = argparse.SUPPRESS if after_subcommand else _env("data-dir", "/tmp/sandgate")
+    p.add_argument("--data-dir", default=default, help="embedded store and audit spool (default /tmp/sandgate)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate routes and policies")
     _add_config_flags(check)
+    check.add_argument("--public-url", default=_env("public-url"),
+                       help="the public origin serve will use (MCP routes need it, or explicit audiences)")
 
     routes = sub.add_parser("routes", help="print the compiled route table")
     _add_config_flags(routes)
@@ -95,17 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_flags(keys)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="mint a key; the secret is printed once")
+    _add_store_flags(create, after_subcommand=True)
     create.add_argument("--owner", required=True)
     create.add_argument("--scope", action="append", default=[])
     create.add_argument("--expires", default=None, help="lifetime, e.g. 30d, 12h (default: never)")
-    keys_sub.add_parser("list", help="list keys (never their secrets)")
+    _add_store_flags(keys_sub.add_parser("list", help="list keys (never their secrets)"), after_subcommand=True)
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    _add_store_flags(revoke, after_subcommand=True)
     revoke.add_argument("id")
 
     db = sub.add_parser("db", help="the store")
     _add_store_flags(db)
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("migrate", help="create or upgrade the store schema (idempotent)")
+    _add_store_flags(db_sub.add_parser("migrate", help="create or upgrade the store schema (idempotent)"),
+                     after_subcommand=True)
 
     dev = sub.add_parser("dev", help="run the gateway on the shipped routes.yaml with local stand-in services")
     dev.add_argument("--routes", default="routes.yaml")
@@ -127,7 +136,7 @@ def _run(args) -> int:
     if args.command == "check":
         from gateway.commands.check import run_check
 
-        return run_check(args.routes, args.policies, _load_options(args))
+        return run_check(args.routes, args.policies, _load_options(args), args.public_url)
     if args.command == "routes":
         from gateway.commands.show import run_routes
 

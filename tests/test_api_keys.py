@@ -241,7 +241,8 @@ async def test_a_key_from_the_command_reaches_the_upstream_as_its_id(gateway, tm
     assert upstream.headers(0, "X-API-Key") == [], "sanitize: the key header must not be forwarded"
     assert not any(key in v or KEY.fullmatch(key)["secret"] in v for _, v in upstream.requests[0][2])
     decisions = [r for r in access_records(gateway) if "decision" in r]
-    assert [(d["decision"], d["principal"]) for d in decisions] == [("allow", "alice")]
+    # An API key's principal is its owner under the API-key issuer, never a JWT user "alice".
+    assert [(d["decision"], d["principal"]) for d in decisions] == [("allow", "api-key#alice")]
     assert KEY.fullmatch(key)["secret"] not in gateway.log_buffer.getvalue(), "the key is in the logs"
 
 

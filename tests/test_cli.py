@@ -579,3 +579,136 @@ def test_serve_with_a_bad_listen_address_exits_1_with_one_line(tmp_path, listen)
     assert len(problems) == 1, result.stderr
     assert listen in problems[0]
     assert "Traceback" not in result.stderr
+
+
+# --- flags after the subcommand -----------------------------------------------------------------
+
+STORE_ORDERS = {
+    "before": lambda group, sub, data: [group, "--data-dir", data, *sub],
+    "after": lambda group, sub, data: [group, *sub, "--data-dir", data],
+}
+
+
+@pytest.mark.parametrize("order", list(STORE_ORDERS))
+def test_store_commands_take_data_dir_before_or_after_the_subcommand(tmp_path, order):
+    """`keys create ... --data-dir D` is the same command as `keys --data-dir D create ...`;
+    each acts on the store in D, never on the default /tmp/sandgate."""
+    place = STORE_ORDERS[order]
+    data = tmp_path / f"store-{order}"
+    pepper = tmp_path / "pepper"
+    pepper.write_text("p" * 32)
+    env = {"SANDGATE_API_KEY_PEPPER_FILE": str(pepper)}
+
+    migrated = sandgate(place("db", ["migrate"], str(data)), tmp_path, **env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert any(data.iterdir()), "db migrate did not create the store in --data-dir"
+
+    created = sandgate(place("keys", ["create", "--owner", f"owner-{order}"], str(data)), tmp_path, **env)
+    assert created.returncode == 0, created.stderr
+    listed = sandgate(place("keys", ["list"], str(data)), tmp_path, **env)
+    assert listed.returncode == 0 and f"owner-{order}" in listed.stdout, listed
+    key_id = next(line.split()[0] for line in listed.stdout.splitlines() if f"owner-{order}" in line)
+    revoked = sandgate(place("keys", ["revoke", key_id], str(data)), tmp_path, **env)
+    assert revoked.returncode == 0, revoked.stderr
+
+    # Given on both sides, the value after the subcommand wins (argparse: the later one).
+    other = tmp_path / "other"
+    both = sandgate(["keys", "--data-dir", str(data), "list", "--data-dir", str(other)], tmp_path, **env)
+    assert both.returncode == 0 and f"owner-{order}" not in both.stdout, both
+
+
+# --- MCP routes need a public URL or explicit audiences ----------------------------------------
+
+
+def mcp_files(tmp_path: Path, route_name: str, *, audiences: list[str] | None) -> tuple[Path, Path]:
+    from tests.support.harness import mcp_routes
+    from tests.support.policy_harness import route_target, security_policy
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(mcp_routes(9).replace("  name: mcp\n", f"  name: {route_name}\n"))
+    provider = {"name": "idp", "issuer": "https://idp.example.test", "remoteJWKS": {"uri": "http://127.0.0.1:9/jwks"}}
+    if audiences is not None:
+        provider["audiences"] = audiences
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "mcp.yaml").write_text(security_policy("tools", {"jwt": {"providers": [provider]}},
+                                                       targets=[route_target(route_name)]))
+    return routes, policies
+
+
+@pytest.mark.parametrize("route_name", ["mcp", "agent-tools"])
+def test_an_mcp_route_without_public_url_or_audiences_is_refused_by_check_and_serve_naming_it(tmp_path, route_name):
+    routes, policies = mcp_files(tmp_path, route_name, audiences=None)
+    assert f"  name: {route_name}\n" in routes.read_text()
+    checked = sandgate(["check", "--routes", str(routes), "--policies", str(policies)], tmp_path)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    (error,) = error_lines(checked, str(routes))
+    assert f"HTTPRoute infra/{route_name} is an MCP route" in error[1] and "--public-url" in error[1], error
+
+    served = sandgate(["serve", "--routes", str(routes), "--policies", str(policies), "--listen", "127.0.0.1:0",
+                       "--admin", "off", "--data-dir", str(tmp_path / "data")], tmp_path)
+    assert served.returncode == 1
+    (line,) = operator_lines(served.stderr)
+    assert f"HTTPRoute infra/{route_name} is an MCP route" in line and "Traceback" not in served.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "environment", "audiences"])
+def test_an_mcp_route_with_a_public_url_or_explicit_audiences_passes_check(tmp_path, how):
+    routes, policies = mcp_files(tmp_path, "mcp", audiences=["https://agents.example.test/mcp"] if how == "audiences" else None)
+    args = ["check", "--routes", str(routes), "--policies", str(policies)]
+    env = {}
+    if how == "flag":
+        args += ["--public-url", "https://agents.example.test"]
+    elif how == "environment":
+        env["SANDGATE_PUBLIC_URL"] = "https://agents.example.test"
+    result = sandgate(args, tmp_path, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- routes to sandboxes and previews that take any token of their issuer ------------------------
+
+
+def permissive(shipped: str, change: str) -> str:
+    """The shipped sandbox policies with their audience requirement, their scope requirement, or
+    both, taken out."""
+    import yaml
+
+    security, sandbox = yaml.safe_load_all(shipped)
+    if change in ("no-audience", "neither"):
+        del security["spec"]["jwt"]["providers"][0]["audiences"]
+    if change in ("no-scope", "neither"):
+        del security["spec"]["authorization"]["rules"][0]["principal"]["jwt"]["scopes"]
+    if change == "allow-by-default":
+        security["spec"]["authorization"]["defaultAction"] = "Allow"
+    return yaml.safe_dump_all([security, sandbox])
+
+
+def open_token_warnings(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stdout.splitlines() if "accepts tokens with" in line]
+
+
+def test_check_does_not_warn_about_the_shipped_sandbox_policy(tmp_path):
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(SHIPPED_POLICIES)], tmp_path)
+    assert result.returncode == 0 and open_token_warnings(result) == [], result.stdout
+
+
+@pytest.mark.parametrize("change, missing", [
+    ("no-audience", ["no audience requirement"]),
+    ("no-scope", ["no scope requirement"]),
+    ("allow-by-default", ["no scope requirement"]),
+    ("neither", ["no audience requirement", "no scope requirement"]),
+])
+def test_check_warns_when_a_sandbox_or_preview_route_accepts_any_token_of_its_issuer(tmp_path, change, missing):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "sandboxes.yaml").write_text(permissive((SHIPPED_POLICIES / "sandboxes.yaml").read_text(), change))
+    result = sandgate(["check", "--routes", str(SHIPPED_ROUTES), "--policies", str(policies)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning, not an error
+    warnings = open_token_warnings(result)
+    covered = {"platform/sandboxes rule header-routed", "platform/sandboxes rule sandbox-api", "platform/previews rule preview-api"}
+    assert {w.split("HTTPRoute ", 1)[1].split(" (")[0] for w in warnings} == covered, result.stdout
+    for line in warnings:
+        assert line.endswith("(warning)") and "SecurityPolicy platform/sandboxes" in line
+        assert ("SandboxRouter platform/sandboxes" in line) or ("PreviewZone platform/previews" in line)
+        assert all(m in line for m in missing) and line.count("requirement") == len(missing), line
+        assert ERROR_LINE.match(line[: -len(" (warning)")]), line

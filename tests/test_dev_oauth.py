@@ -32,6 +32,7 @@ from yarl import URL
 from gateway.commands.dev import dev_environment
 from gateway.devstack import API_SERVICE, MCP_SCOPE, try_commands
 from gateway.devstack.api import issue_token
+from gateway.devstack.urls import SANDBOX_SCOPE
 from gateway.kube import HTTPROUTE, SANDBOX, SERVICE, KubeClient
 from gateway.server.app import start_gateway
 from tests.support.policy_harness import assert_error_body, challenge_params, readiness, wait_for, wait_ready
@@ -177,13 +178,56 @@ def port_proxy(dev, path: str = "/chat") -> str:
 
 
 def token_for(dev, subject: str) -> str:
-    """A token of the dev issuer, exactly as POST /oauth/token makes it, for another subject."""
-    form = MultiDict(grant_type="client_credentials")
+    """A platform token of the dev issuer (scope sandboxes), exactly as POST /oauth/token makes
+    it, for another subject."""
+    form = MultiDict(grant_type="client_credentials", scope=SANDBOX_SCOPE)
     return issue_token(form, dev.public_url, dev.stack.signing_key, subject=subject)["access_token"]
 
 
+async def sandbox_token(dev, http) -> str:
+    """The platform's token for the demo sandbox's owner: what the tour's SANDBOX_TOKEN is."""
+    return await get_token(dev, http, scope=SANDBOX_SCOPE)
+
+
+async def test_an_mcp_clients_token_opens_no_sandbox_terminal_port_or_preview(dev, http):
+    """The dev issuer's default token is an MCP client's (audience the MCP URL, scope
+    mcp:tools): the owner's own subject, yet refused everywhere sandboxes are reached."""
+    mcp = await get_token(dev, http)
+    bearer = {"Authorization": f"Bearer {mcp}"}
+    async with http.post(dev.public_url + "/chat", json={}, headers=sandbox_headers(dev, mcp)) as resp:
+        assert resp.status == 401
+        assert_error_body(await resp.json(), "unauthorized", "token-audience-mismatch")
+    async with http.post(port_proxy(dev), json={}, headers=bearer) as resp:
+        assert resp.status == 401
+        assert_error_body(await resp.json(), "unauthorized", "token-audience-mismatch")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with http.ws_connect(port_proxy(dev, "/ws"), headers=bearer):
+            pass
+    assert refused.value.status == 401
+    terminal = f"{dev.public_url}/gateway/v1/sandboxes/sandboxes/demo/terminal"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with http.ws_connect(terminal, headers=bearer):
+            pass
+    assert refused.value.status == 401
+    status, body = await create_preview(dev, http, mcp)
+    assert status == 401 and body["violations"][0]["code"] == "token-audience-mismatch", body
+
+
+async def test_a_platform_token_without_the_sandboxes_scope_is_403(dev, http):
+    token = await get_token(dev, http, scope="openid", resource=dev.public_url)
+    async with http.post(dev.public_url + "/chat", json={}, headers=sandbox_headers(dev, token)) as resp:
+        assert resp.status == 403
+        assert_error_body(await resp.json(), "policy_violation", "insufficient-scope")
+    status, body = await create_preview(dev, http, token)
+    assert status == 403 and body["violations"][0]["code"] == "insufficient-scope", body
+    # and an MCP token for the platform's audience is no better: the scope is what counts
+    token = await get_token(dev, http, scope=MCP_SCOPE, resource=dev.public_url)
+    async with http.post(port_proxy(dev), json={}, headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 403
+
+
 async def test_the_dev_token_reaches_the_demo_sandbox_by_headers(dev, http):
-    token = await get_token(dev, http)
+    token = await sandbox_token(dev, http)
     async with http.post(dev.public_url + "/chat", json={"message": "hi"}, headers=sandbox_headers(dev, token)) as resp:
         assert resp.status == 200, await resp.text()
         assert await resp.json() == {"sandbox": "sandboxes/demo", "reply": "Sandbox sandboxes/demo heard: hi"}
@@ -195,7 +239,7 @@ async def test_the_dev_token_reaches_the_demo_sandbox_by_headers(dev, http):
 
 
 async def test_the_dev_token_reaches_the_demo_sandbox_through_the_port_proxy(dev, http):
-    token = await get_token(dev, http)
+    token = await sandbox_token(dev, http)
     bearer = {"Authorization": f"Bearer {token}"}
     async with http.post(port_proxy(dev), json={"message": "hi"}, headers=bearer) as resp:
         assert resp.status == 200, await resp.text()
@@ -230,7 +274,7 @@ async def test_someone_elses_token_finds_no_sandbox(dev, http):
     async with http.post(port_proxy(dev), json={}, headers={"Authorization": f"Bearer {stranger}"}) as resp:
         assert resp.status == 404
     # ... exactly as for a sandbox that does not exist, so names cannot be probed
-    owner = await get_token(dev, http)
+    owner = await sandbox_token(dev, http)
     missing = sandbox_headers(dev, owner, **{"X-Sandbox-ID": "nope"})
     async with http.post(dev.public_url + "/chat", json={}, headers=missing) as resp:
         assert resp.status == 404
@@ -238,7 +282,7 @@ async def test_someone_elses_token_finds_no_sandbox(dev, http):
 
 async def test_the_terminal_answers_an_error_in_dev(dev, http):
     """The Kubernetes API stand-in has no pod exec (README, `sandgate dev`)."""
-    token = await get_token(dev, http)
+    token = await sandbox_token(dev, http)
     terminal = f"{dev.public_url}/gateway/v1/sandboxes/sandboxes/demo/terminal"
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         async with http.ws_connect(terminal, headers={"Authorization": f"Bearer {token}"}):
@@ -263,7 +307,7 @@ def preview_host(created: dict) -> dict:
 
 
 async def test_the_dev_token_opens_a_preview_whose_host_reaches_the_demo_sandbox(dev, http):
-    token = await get_token(dev, http)
+    token = await sandbox_token(dev, http)
     status, created = await create_preview(dev, http, token)
     assert status == 201, created
     url, host = URL(created["url"]), preview_host(created)
@@ -300,7 +344,7 @@ async def test_the_dev_token_opens_a_preview_whose_host_reaches_the_demo_sandbox
 
 
 async def test_a_preview_is_listed_kept_alive_and_deleted_and_then_its_host_is_404(dev, http):
-    token = await get_token(dev, http)
+    token = await sandbox_token(dev, http)
     _, created = await create_preview(dev, http, token)
     bearer = {"Authorization": f"Bearer {token}"}
     previews = dev.public_url + "/gateway/v1/previews"
@@ -323,7 +367,7 @@ async def test_a_preview_is_listed_kept_alive_and_deleted_and_then_its_host_is_4
 
 async def test_a_preview_deleted_in_the_cluster_stops_being_served(dev, http):
     """The gateway learns it from its watch of preview HTTPRoutes on the stand-in."""
-    _, created = await create_preview(dev, http, await get_token(dev, http))
+    _, created = await create_preview(dev, http, await sandbox_token(dev, http))
     host = preview_host(created)
 
     async def gone() -> bool:
@@ -362,11 +406,12 @@ async def test_the_printed_try_commands_work(dev):
     assert process.returncode == 0, out.decode(errors="replace")
     chunks = re.split(r"<<<\d+>>>\n", out.decode())[:-1]
     statuses = [m.group(1) if (m := re.search(r"^HTTP/1\.1 (\d{3})", c, re.M)) else None for c in chunks]
-    # Every URL answers 200, except /mcp without a token; then the token (no output) and its
-    # use on /mcp, on the sandbox by headers and through the port proxy; a preview of the
-    # sandbox's port (its URL kept, no output) and the preview's host.
-    tail = ["401", None, "200", "200", "200", None, "200"]
+    # Every URL answers 200, except /mcp without a token; then the MCP token (no output) and its
+    # use on /mcp; the platform token (no output) and its use on the sandbox by headers and
+    # through the port proxy; a preview of the sandbox's port (its URL kept, no output) and the
+    # preview's host.
+    tail = ["401", None, "200", None, "200", "200", None, "200"]
     assert statuses == ["200"] * (len(commands) - len(tail)) + tail, statuses
-    assert '"serverInfo":{"name":"sandgate-dev-mcp"' in chunks[-5]
+    assert '"serverInfo":{"name":"sandgate-dev-mcp"' in chunks[-6]
     reached = [chunks[-4], chunks[-3], chunks[-1]]
     assert all('"reply": "Sandbox sandboxes/demo heard: hello"' in chunk for chunk in reached), reached

@@ -38,7 +38,7 @@ from gateway.devstack import (
 )
 from gateway.devstack import api, cluster
 from gateway.devstack.policy import mcp_security_policy, sandbox_policies, write_policies
-from gateway.devstack.urls import public_origin
+from gateway.devstack.urls import SANDBOX_SCOPE, public_origin
 from gateway.devstack.cluster import MERGE_PATCH
 from gateway.devstack.cluster_store import ApiError, Store, TooOld, label_selector, merge_patch
 from gateway.kube import HTTPROUTE, SANDBOX, SANDBOX_CLAIM, SERVICE, KubeClient, KubeError, WatchedKind
@@ -124,15 +124,20 @@ def test_try_urls_cover_each_stand_in_under_the_public_origin():
 
 def test_try_commands_curl_every_url_then_get_a_token_and_use_it_on_mcp_the_sandbox_and_a_preview():
     commands = try_commands("https://agents.example.com/", 41234)
-    assert len(commands) == len(try_urls("https://agents.example.com")) + 6
-    *plain, get_token, use_token, by_headers, by_port_proxy, create_preview, use_preview = commands
+    assert len(commands) == len(try_urls("https://agents.example.com")) + 7
+    *plain, get_token, use_token, get_sandbox_token, by_headers, by_port_proxy, create_preview, use_preview = commands
     assert all(c.startswith("curl -i ") for c in plain)
     assert plain[-1] == "curl -i https://agents.example.com/mcp"  # the 401 comes first
     assert get_token.startswith("TOKEN=$(curl -s -X POST -d grant_type=client_credentials ")
     assert "https://agents.example.com/oauth/token |" in get_token
-    for command in (use_token, by_headers, by_port_proxy, create_preview):
-        assert '-H "Authorization: Bearer $TOKEN"' in command
+    assert '-H "Authorization: Bearer $TOKEN"' in use_token
     assert use_token.endswith(" https://agents.example.com/mcp")
+    # The MCP token opens no sandbox: the platform's token (scope sandboxes) does.
+    assert get_sandbox_token.startswith(
+        f"SANDBOX_TOKEN=$(curl -s -X POST -d grant_type=client_credentials -d scope={SANDBOX_SCOPE} ")
+    assert "https://agents.example.com/oauth/token |" in get_sandbox_token
+    for command in (by_headers, by_port_proxy, create_preview):
+        assert '-H "Authorization: Bearer $SANDBOX_TOKEN"' in command and "$TOKEN" not in command
     assert "-H 'X-Sandbox-ID: demo' -H 'X-Sandbox-Port: 41234'" in by_headers
     assert by_headers.endswith(" https://agents.example.com/chat")
     assert by_port_proxy.endswith(" https://agents.example.com/gateway/v1/sandboxes/sandboxes/demo/ports/41234/chat")
@@ -271,6 +276,17 @@ async def test_client_credentials_token_verifies_against_the_served_jwks(stack, 
     assert (claims["sub"], claims["scope"]) == ("dev-user", MCP_SCOPE)
     assert claims["exp"] - claims["iat"] == 3600
     assert abs(claims["iat"] - time.time()) < 60
+
+
+async def test_a_sandboxes_token_is_for_the_platform_and_an_mcp_token_is_not(stack, http):
+    status, _, body = await request_token(stack, http, {"grant_type": "client_credentials", "scope": SANDBOX_SCOPE})
+    assert status == 200 and body["scope"] == SANDBOX_SCOPE, body
+    claims = await verify(stack, http, body["access_token"], PUBLIC)  # the platform's own audience
+    assert (claims["aud"], claims["scope"], claims["sub"]) == (PUBLIC, SANDBOX_SCOPE, "dev-user")
+    _, _, mcp = await request_token(stack, http, {"grant_type": "client_credentials"})
+    assert (await verify(stack, http, mcp["access_token"], PUBLIC + "/mcp"))["scope"] == MCP_SCOPE
+    with pytest.raises(pyjwt.InvalidAudienceError):
+        await verify(stack, http, mcp["access_token"], PUBLIC)
 
 
 async def test_token_audience_is_the_resource_parameter_and_scope_as_asked(stack, http):

@@ -240,14 +240,14 @@ async def test_a_repeated_allowed_request_is_recorded_and_forwarded_like_the_fir
         assert len(lines) == 3
         assert len({r["audit_id"] for r in lines}) == len({r["request_id"] for r in lines}) == 3
         assert {(r["policy"], r["decision"], r["principal"], r["credential"]) for r in lines} == {
-            ("infra/p", "allow", "user-1", lines[0]["credential"])}
+            ("infra/p", "allow", f"{ISSUER}#user-1", lines[0]["credential"])}
         assert lines[0]["credential"] and lines[0]["reasons"] == []
         assert await wait_for(lambda: _decisions_stored(gw, 3))
         stored = {r.id: r for r in await gw.store.list_audit(kind="decision")}
         for line in lines:
             record = stored[line["audit_id"]]
             assert (record.request_id, record.path, record.method, record.principal, record.decision) == (
-                line["request_id"], "/docs/a", "GET", "user-1", "allow")
+                line["request_id"], "/docs/a", "GET", f"{ISSUER}#user-1", "allow")
             assert record.detail == {"credential": line["credential"]} and record.latency_ms >= 0
         assert await metric_value(gw, "sandgate_policy_decisions_total", policy="infra/p", decision="allow") == 3
 

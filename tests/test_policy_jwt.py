@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.fixtures import issuer, recording_echo  # noqa: F401 (fixtures)
 from tests.support.harness import GATEWAY, access_records, backend, echo_routes, running_gateway
-from tests.support.issuer import Issuer, claims, forge_hs256, forge_none, unsigned
+from tests.support.issuer import ISSUER, Issuer, claims, forge_hs256, forge_none, unsigned
 from tests.support.policy_harness import (
     assert_missing,
     assert_refused,
@@ -333,7 +333,84 @@ async def test_decision_is_logged_without_the_token(tmp_path, issuer, upstream):
     decisions = [r for r in records if "decision" in r]  # the request's line carries its decision
     assert len(decisions) == len(records) == 2
     assert [d["decision"] for d in decisions] == ["allow", "deny"]
-    assert decisions[0]["principal"] == "alice" and re.fullmatch(r"[0-9a-f]{16}", decisions[0]["credential"])
+    assert decisions[0]["principal"] == f"{ISSUER}#alice" and re.fullmatch(r"[0-9a-f]{16}", decisions[0]["credential"])
     assert decisions[1]["reasons"] == ["credentials-missing"]
     assert all(d["policy"] == "infra/jwt" and d["request_id"] and d["revision"] for d in decisions)
     assert token not in text and token.split(".")[2] not in text
+
+
+@pytest.mark.parametrize("uri_host", ["keys.idp.invalid:8443", "IdP.Example.invalid:80"])
+async def test_resolve_applies_to_jwks_fetches(tmp_path, issuer, upstream, uri_host):
+    """`--resolve HOST:PORT=ADDR:PORT` sends the JWKS fetch of a made-up host (never resolvable:
+    .invalid) to the loopback issuer, as it does for backends; the URI keeps its own host."""
+    host, _, port = uri_host.rpartition(":")
+    uri = f"http://{host}{'' if port == '80' else ':' + port}/jwks.json"
+    policy = security_policy("jwt", {"jwt": {"providers": [provider(issuer, remoteJWKS={"uri": uri})]}})
+    overrides = {uri_host.lower(): ("127.0.0.1", issuer.port)}
+    async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=policy, overrides=overrides) as gw:
+        assert await wait_ready(gw), "the JWKS of the overridden host was never fetched"
+        assert (await call(gw, token=issuer.mint()))[0] == 200
+    assert issuer.fetches >= 1 and "/jwks.json" in issuer.paths
+
+
+
+@pytest.mark.parametrize("removed", ["rsa-1", "ec-1"])
+async def test_a_key_removed_from_the_jwks_stops_verifying_cached_tokens(tmp_path, issuer, upstream, removed):
+    """SPEC §2.2: the verified-token cache never outlives the key that verified the token. A
+    token verified (and cached, with its decision) before its key left the JWKS is refused
+    within cacheDuration plus one refresh; a token of a key still served keeps working."""
+    kept = {"rsa-1": "ec-1", "ec-1": "rsa-1"}[removed]
+    async with jwt_gateway(tmp_path, issuer, upstream, remoteJWKS={"uri": issuer.jwks_uri, "cacheDuration": "1s"}) as gw:
+        doomed, survivor = issuer.mint(kid=removed), issuer.mint(kid=kept)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):  # cached, and the allowed decision kept with it
+                assert (await call(gw, token=doomed, session=session))[0] == 200
+                assert (await call(gw, token=survivor, session=session))[0] == 200
+            issuer.keys = [k for k in issuer.keys if k.kid != removed]
+
+            async def refused():
+                return (await call(gw, token=doomed, session=session))[0] == 401
+
+            assert await wait_for(refused, timeout=8.0), "a token of a removed key still verifies from the cache"
+            upstream.requests.clear()
+            assert_refused(await call(gw, token=doomed, session=session), "token-key-unknown", upstream)
+            assert (await call(gw, token=survivor, session=session))[0] == 200
+
+
+async def test_principals_are_issuer_and_subject_not_bare_subject(tmp_path, issuer, upstream):
+    """Two trusted issuers both have a user "alice": the audit record and the access log name
+    each as issuer#subject, so one can never be taken for the other."""
+    issuers = ("https://a.example.test", "https://b.example.test/tenant#1")
+    providers = [provider(issuer, name=f"idp-{i}") | {"issuer": iss} for i, iss in enumerate(issuers)]
+    policy = security_policy("jwt", {"jwt": {"providers": providers}})
+    async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=policy) as gw:
+        assert await wait_ready(gw)
+        for iss in issuers:
+            assert (await call(gw, token=issuer.mint(claims(iss=iss, sub="alice"))))[0] == 200
+        principals = [r["principal"] for r in access_records(gw) if "decision" in r]
+    assert principals == ["https://a.example.test#alice", "https://b.example.test/tenant%231#alice"]
+
+
+async def test_the_verified_token_cache_is_bounded_by_bytes_and_long_paths_are_not_memoised(issuer):
+    """Valid tokens are what an account holder can mint at will, up to 16 KiB each: the cache
+    of verified tokens holds at most its byte budget whatever their size, and a token's memo of
+    decisions never keeps a key longer than MEMO_KEY_CHARS (paths are the client's)."""
+    import json as json_module
+
+    from gateway.auth import jwt as jwt_module
+    from gateway.auth.jwks import KeySet
+    from gateway.policy.model import JwtProvider, TokenSource
+
+    key_set = KeySet("idp", None, None, cache_seconds=300, inline=json_module.dumps(issuer.jwks()))
+    budget = 40 * (2 * 8 * 1024 + jwt_module.MEMO_ALLOWANCE)  # room for about 40 tokens of 8 KiB
+    verifier = jwt_module.JwtVerifier(lambda provider: key_set, cache_bytes=budget)
+    providers = (JwtProvider("idp", None, ("api",), None, "inline", 300, (), TokenSource()),)
+    for i in range(200):
+        token = issuer.mint(claims(pad=f"{i}" + "x" * 8 * 1024))
+        verified = await verifier.verify(token, providers)
+        verified.remember(("p", "GET", "/" + "a" * 300), "long")
+        verified.remember(("p", "GET", "/short"), "short")
+        assert set(verified.memo.values()) == {"short"}
+        assert verifier.cached_bytes <= budget
+    assert 20 <= len(verifier._cache) <= 40
+    assert verifier.cached(token, providers) is verified  # the latest one is still cached

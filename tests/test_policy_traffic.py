@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.policy.ratelimit import LocalRateLimiter, RateLimitRule, SourceSelector
+from tests.support.fixtures import issuer, recording_echo  # noqa: F401 (fixtures)
 from tests.support.harness import GATEWAY, admin_url, backend, running_gateway, route_to, url
 from tests.support.rawhttp import closed_within
 
@@ -346,3 +347,164 @@ def test_hostile_cookie_headers_never_break_token_extraction(cookie):
     assert extract_api_key(ApiKeyAuth(cookies=("session",)), facts) == token
     good = RequestFacts("GET", "/", "", CIMultiDict({"Cookie": "other=1; session=abc"}), "127.0.0.1")
     assert extract_token((provider,), good) == "abc"
+
+
+# --- state keyed by client input stays bounded ----------------------------------------------------
+
+DISTINCT_USER_LIMIT = """  rateLimit:
+    type: Local
+    local:
+      rules:
+      - clientSelectors:
+        - headers: [{{name: X-User, type: Distinct}}]
+        limit: {{requests: {requests}, unit: Hour}}
+"""
+
+
+async def gauge(gw, name: str) -> float:
+    from tests.support.policy_harness import metric_value
+
+    return await metric_value(gw, name)
+
+
+async def test_a_flood_of_long_distinct_values_keeps_rate_limit_buckets_bounded_by_bytes_and_count(app, tmp_path):
+    """Distinct header values are the client's: 15 KiB each (under the 16 KiB header line
+    limit), hundreds of them. The buckets' keys are kept as fixed-size digests (bytes bounded),
+    their number stays under the cap (count bounded), and the limit still holds for a value that
+    is being used. (The echo upstream itself refuses such long lines: only the gateway's
+    limiter is under test here.)"""
+    policy = traffic_policy(DISTINCT_USER_LIMIT.format(requests=1))
+    value_bytes, flood = 15 * 1024, 300
+    async with running_gateway(tmp_path, app, policies_yaml=policy) as gw, aiohttp.ClientSession() as session:
+        for i in range(flood):
+            status = (await get(session, gw, headers={"X-User": f"{i:06d}" + "v" * value_bytes}))[0]
+            assert status not in (429, 431), status
+        assert await gauge(gw, "sandgate_ratelimit_buckets") == flood
+        held = await gauge(gw, "sandgate_ratelimit_key_bytes")
+        assert 0 < held <= flood * 64, f"{held} characters of keys held for {flood} values of {value_bytes} bytes"
+
+        # The count: a gateway whose limiter keeps at most 50 buckets per rule.
+        gw.gateway.rate_limiter = LocalRateLimiter(max_buckets_per_rule=50)
+        for i in range(flood):
+            await get(session, gw, headers={"X-User": f"u{i}" + "w" * 1000})
+        assert await gauge(gw, "sandgate_ratelimit_buckets") == 50
+        assert await gauge(gw, "sandgate_ratelimit_key_bytes") <= 50 * 64
+        recent = {"X-User": f"u{flood - 1}" + "w" * 1000}
+        assert (await get(session, gw, headers=recent))[0] == 429  # a recent bucket is remembered
+
+
+async def test_a_reload_drops_the_rate_limit_buckets_of_the_old_revision(app, tmp_path):
+    async with running_gateway(tmp_path, app, policies_yaml=traffic_policy(DISTINCT_USER_LIMIT.format(requests=1)),
+                               reload_interval=0.1) as gw, aiohttp.ClientSession() as session:
+        for user in ("a", "b", "c", "d"):
+            assert (await get(session, gw, headers={"X-User": user}))[0] == 200
+        assert (await get(session, gw, headers={"X-User": "a"}))[0] == 429
+        assert await gauge(gw, "sandgate_ratelimit_buckets") == 4
+
+        (tmp_path / "policies" / "policies.yaml").write_text(traffic_policy(DISTINCT_USER_LIMIT.format(requests=2)))
+
+        async def reloaded():
+            status, headers, _ = await get(session, gw, headers={"X-User": "e"})
+            return headers.get("X-RateLimit-Limit") == "2"
+
+        from tests.support.policy_harness import wait_for
+
+        assert await wait_for(reloaded, timeout=10)
+        assert await gauge(gw, "sandgate_ratelimit_buckets") == 1  # only "e", of the new revision
+        assert (await get(session, gw, headers={"X-User": "a"}))[0] == 200  # a new revision, a new bucket
+
+
+async def test_rate_limit_distinct_per_claim_counts_per_issuer_and_subject(tmp_path, upstream, issuer):
+    """claimToHeaders `sub` -> X-User and a Distinct limit on X-User: "alice" of issuer A and
+    "alice" of issuer B are two callers with a bucket each."""
+    from tests.support.issuer import claims
+    from tests.support.policy_harness import provider, security_policy, wait_ready
+
+    issuers = ("https://a.example.test", "https://b.example.test")
+    providers = [provider(issuer, name=f"idp-{i}", audiences=["api"], claimToHeaders=[{"claim": "sub", "header": "X-User"}])
+                 | {"issuer": iss} for i, iss in enumerate(issuers)]
+    policies = security_policy("jwt", {"jwt": {"providers": providers}}, targets=[
+        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "app"}]) + traffic_policy(
+        DISTINCT_USER_LIMIT.format(requests=1))
+    routes = GATEWAY + backend("app", upstream.port) + route_to("app")
+    async with running_gateway(tmp_path, routes, policies_yaml=policies) as gw, aiohttp.ClientSession() as session:
+        assert await wait_ready(gw)
+        alice = [issuer.mint(claims(iss=iss, sub="alice", aud="api")) for iss in issuers]
+        bearer = [{"Authorization": f"Bearer {token}"} for token in alice]
+        assert (await get(session, gw, headers=bearer[0]))[0] == 200
+        assert (await get(session, gw, headers=bearer[0]))[0] == 429
+        assert (await get(session, gw, headers=bearer[1]))[0] == 200  # another issuer's alice
+        assert (await get(session, gw, headers=bearer[1]))[0] == 429
+        # A client-sent X-User never picks the bucket: claimToHeaders replaces it.
+        assert (await get(session, gw, headers={**bearer[1], "X-User": "mallory"}))[0] == 429
+
+
+class _KeepAliveServer(asyncio.Protocol):
+    """A minimal HTTP/1.1 upstream that keeps connections open; `open` holds the live ones."""
+
+    def __init__(self, open_connections: set):
+        self.open = open_connections
+        self.buffer = b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.open.add(transport)
+
+    def connection_lost(self, exc):
+        self.open.discard(self.transport)
+
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            _, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+async def test_upstream_pools_and_idle_connections_stay_bounded_across_many_addresses(tmp_path):
+    """Sandbox and preview targets are many distinct (address, port) pairs. With at most 4
+    pools, 2 idle connections per pool and 5 in all, traffic to 12 addresses leaves at most 5
+    kept-alive connections open at the upstreams, and every request is still answered."""
+    from gateway.proxy.upstream import UpstreamPool
+    from tests.support.harness import free_port
+    from tests.support.policy_harness import metric_value, prefix_route
+
+    loop = asyncio.get_running_loop()
+    open_connections: set = set()
+    port = free_port()
+    addresses = [f"127.0.0.{i}" for i in range(2, 14)]
+    servers = [await loop.create_server(lambda: _KeepAliveServer(open_connections), address, port)
+               for address in addresses]
+    routes = GATEWAY
+    for i, address in enumerate(addresses):
+        routes += f"""\
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: b{i}, namespace: infra}}
+spec:
+  endpoints:
+  - ip: {{address: {address}, port: {port}}}
+""" + prefix_route(f"r{i}", f"/b{i}", f"b{i}")
+    try:
+        async with running_gateway(tmp_path, routes) as gw:
+            await gw.gateway.pool.close()
+            gw.gateway.pool = UpstreamPool(max_pools=4, max_idle_per_pool=2, max_idle=5)
+            async with aiohttp.ClientSession() as session:
+                for _ in range(2):
+                    for i in range(len(addresses)):
+                        # 3 at once: each needs a connection of its own, then all go idle
+                        results = await asyncio.gather(*(get(session, gw, f"/b{i}/x") for _ in range(3)))
+                        assert [r[0] for r in results] == [200, 200, 200]
+                assert await metric_value(gw, "sandgate_upstream_pools") <= 4
+                assert await metric_value(gw, "sandgate_upstream_idle_connections") <= 5
+
+                async def settled():
+                    return len(open_connections) <= 5
+
+                from tests.support.policy_harness import wait_for
+
+                assert await wait_for(settled, timeout=5), f"{len(open_connections)} upstream connections kept open"
+                assert (await get(session, gw, "/b0/again"))[0] == 200  # an evicted pool comes back
+    finally:
+        for server in servers:
+            server.close()

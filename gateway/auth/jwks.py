@@ -4,6 +4,10 @@
   OKP key EdDSA. Symmetric (`oct`) keys are never accepted from a JWKS: a public key set that
   carries one would let anyone holding the "public" value forge tokens.
 - A refresh that fails, returns garbage or an empty set keeps the cached keys.
+- Each refresh that drops a key bumps `generation`: a verified token cached by the verifier
+  (gateway.auth.jwt) remembers the key and the generation it was verified under, so the cache
+  never outlives the key (SPEC §2.2). A refresh that serves the same keys again keeps the same
+  key objects and the same generation, so cached tokens stay cached.
 - An unknown `kid` triggers at most one refetch per `min_refetch_seconds` per provider, and
   concurrent requests share it (single flight), so a flood of forged kids cannot make the
   gateway hammer the issuer.
@@ -34,6 +38,7 @@ class VerificationKey:
     kid: str | None
     algorithms: frozenset[str]
     key: object  # a cryptography public key
+    material: str = ""  # the JWK as canonical JSON: the same key in two fetches compares equal
 
 
 def allowed_algorithms(jwk: dict) -> frozenset[str]:
@@ -72,7 +77,8 @@ def parse_key_set(raw: bytes | str) -> list[VerificationKey]:
         if hasattr(parsed.key, "private_bytes"):
             continue  # a private key has no business in a JWKS
         kid = jwk.get("kid")
-        keys.append(VerificationKey(kid if isinstance(kid, str) else None, algorithms, parsed.key))
+        material = json.dumps(jwk, sort_keys=True, separators=(",", ":"), default=str)
+        keys.append(VerificationKey(kid if isinstance(kid, str) else None, algorithms, parsed.key, material))
     return keys
 
 
@@ -97,6 +103,7 @@ class KeySet:
         self.min_refetch_seconds = min_refetch_seconds
         self._on_refresh = on_refresh or (lambda provider, result: None)
         self.keys: list[VerificationKey] = parse_key_set(inline) if inline else []
+        self.generation = 0  # bumped whenever a key is removed (see holds)
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._inflight: asyncio.Future | None = None
@@ -104,6 +111,19 @@ class KeySet:
     @property
     def loaded(self) -> bool:
         return bool(self.keys)
+
+    def holds(self, key: VerificationKey) -> bool:
+        """Whether `key` (an object of this set) is still one of its keys."""
+        return any(k is key for k in self.keys)
+
+    def _replace(self, keys: list[VerificationKey]) -> None:
+        """Adopt a fetched key set, keeping the objects of keys it still has."""
+        current = {k.material: k for k in self.keys}
+        keys = [current.get(k.material, k) for k in keys]
+        kept = {id(k) for k in keys}
+        if any(id(k) not in kept for k in self.keys):
+            self.generation += 1
+        self.keys = keys
 
     def find(self, kid: str | None, algorithm: str) -> list[VerificationKey]:
         return [
@@ -136,7 +156,7 @@ class KeySet:
             keys = parse_key_set(await self._fetch(self.uri))
             if not keys:
                 raise ValueError("the key set has no usable keys")
-            self.keys = keys
+            self._replace(keys)
             self._fetched_at = monotonic()
             self._on_refresh(self.provider, "success")
         except Exception as e:  # noqa: BLE001 - any failure keeps the last good keys

@@ -122,7 +122,8 @@ def run_explain(
         print("policy:   none: this route is public")
     else:
         print(f"policy:   SecurityPolicy {security.key} (revision {security.revision})")
-        decision = asyncio.run(_decide(policies, config, security, found, method, path, query, headers, target))
+        decision = asyncio.run(_decide(policies, config, security, found, method, path, query, headers, target,
+                                           options.overrides))
         verdict = "allow" if decision.allowed else f"deny ({decision.status})"
         reasons = ", ".join(f"{v.code}: {v.message}" for v in decision.reasons) or "every check passed"
         print(f"decision: {verdict}: {reasons}")
@@ -165,9 +166,9 @@ def run_explain(
     return 0
 
 
-async def _decide(policies, config, security, found, method, path, query, headers, target):
+async def _decide(policies, config, security, found, method, path, query, headers, target, overrides):
     """The decision a running gateway would make; the only network call is a JWKS fetch."""
-    fetcher = JwksFetcher()
+    fetcher = JwksFetcher(overrides=overrides)
     try:
         runtime = PolicyRuntime(policies, config, fetcher)
         mcp = runtime.mcp_by_route.get(found.route.key)

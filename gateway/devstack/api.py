@@ -8,9 +8,12 @@
   public origin. The `/mcp` forms answer with the same document: clients that treat the MCP URL
   as the authorization server's URL probe them, and the seed platform served them this way.
 - `POST /oauth/token`: a real issuer for the `client_credentials` grant (RFC 6749 §4.4): an
-  RS256 JWT access token (RFC 9068 shape) for subject `dev-user`, audience the RFC 8707
-  `resource` parameter or else the public MCP URL, scope `mcp:tools` unless `scope` asks for
-  others it supports, valid for an hour. The other grants in the metadata are not implemented.
+  RS256 JWT access token (RFC 9068 shape) for subject `dev-user`, scope `mcp:tools` unless
+  `scope` asks for others it supports, valid for an hour. Its audience is the RFC 8707
+  `resource` parameter; without one, the platform's own audience (the public origin) when the
+  `sandboxes` scope is asked for, else the public MCP URL. So `-d scope=sandboxes` gives the
+  token the sandbox and preview routes accept, and the default is an MCP client's token, which
+  they refuse. The other grants in the metadata are not implemented.
 - `/oauth/jwks`: the public half of the signing key (RSA 2048, kid `dev-1`), generated when the
   app is made, so every run has a fresh key and nothing secret is ever written to disk.
 - `/api/events`: Server-Sent Events, one every 0.5 s (`?count=N`, 1..100, default 5).
@@ -33,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from yarl import URL
 
-from gateway.devstack.urls import MCP_SCOPE, public_origin
+from gateway.devstack.urls import MCP_SCOPE, SANDBOX_SCOPE, platform_audience, public_origin
 
 ISSUER = web.AppKey("issuer", str)
 SIGNING_KEY = web.AppKey("signing_key", rsa.RSAPrivateKey)
@@ -43,7 +46,7 @@ KEY_ID = "dev-1"
 TOKEN_LIFETIME = 3600
 SUBJECT = "dev-user"
 DEFAULT_CLIENT_ID = "sandgate-dev"
-SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access", MCP_SCOPE)
+SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access", MCP_SCOPE, SANDBOX_SCOPE)
 # RFC 6749 §5.1: token responses (and their errors) must not be cached.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -133,14 +136,14 @@ def _single(form, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _audience(form, public: str) -> str | list[str]:
+def _audience(form, public: str, scope: str) -> str | list[str]:
     resources = form.getall("resource", [])
     for resource in resources:  # RFC 8707 §2: an absolute URI without a fragment
         url = URL(resource)
         if not url.absolute or url.raw_fragment:
             raise _TokenError("invalid_target", f"resource must be an absolute URI without a fragment: {resource!r}")
     if not resources:
-        return f"{public}/mcp"
+        return platform_audience(public) if SANDBOX_SCOPE in scope.split() else f"{public}/mcp"
     return resources[0] if len(resources) == 1 else resources
 
 
@@ -162,7 +165,8 @@ def issue_token(form, issuer: str, key: rsa.RSAPrivateKey, subject: str = SUBJEC
         raise _TokenError("invalid_request", "grant_type is required")
     if grant_type != "client_credentials":
         raise _TokenError("unsupported_grant_type", "only grant_type=client_credentials is implemented here")
-    scope, audience = _scope(form), _audience(form, issuer)
+    scope = _scope(form)
+    audience = _audience(form, issuer, scope)
     now = int(time.time())
     claims = {
         "iss": issuer,

@@ -7,11 +7,13 @@ HTTPRoute platform/mcp alone, so `/mcp/health` stays public and the RFC 9728 met
 gateway serves itself) needs no token. policies/examples/platform.yaml is this same object for
 a cluster.
 
-Sandboxes and previews: any JWT from the same issuer on HTTPRoutes platform/sandboxes and
-platform/previews (the preview API), and a SandboxPolicy that lets its subject reach, and open
-previews of, the sandboxes whose claim names it as owner (or that are shared with it; group
-platform-admins reaches all). policies/sandboxes.yaml is the same two objects for a
-cluster. Tests keep each dev policy equal to its shipped counterpart.
+Sandboxes and previews: a JWT from the same issuer for the platform's own audience (the public
+origin) with scope `sandboxes`, on HTTPRoutes platform/sandboxes and platform/previews (the
+preview API), and a SandboxPolicy that lets its subject reach, and open previews of, the
+sandboxes whose claim names it as owner (or that are shared with it; group platform-admins
+reaches all). A token issued to an MCP client (audience the MCP URL, scope mcp:tools) gets
+nothing there. policies/sandboxes.yaml is the same two objects for a cluster. Tests keep each
+dev policy equal to its shipped counterpart.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.devstack.urls import MCP_SCOPE, public_origin
+from gateway.devstack.urls import MCP_SCOPE, SANDBOX_SCOPE, platform_audience, public_origin
 
 POLICY_FILE = "mcp.yaml"
 SANDBOX_POLICY_FILE = "sandboxes.yaml"
@@ -74,10 +76,10 @@ def sandbox_policies(public_url: str, jwks_uri: str) -> list[dict]:
     """The SecurityPolicy of HTTPRoutes platform/sandboxes and platform/previews (the preview
     API), and the SandboxPolicy of those two and platform/preview-hosts.
 
-    No `audiences`: the platform's own tokens are accepted whatever resource they were asked
-    for (the dev issuer's default is the MCP URL); who reaches which sandbox, and opens its
-    previews, is decided by the SandboxPolicy from the subject, not by the token's audience.
-    The preview hosts take no JWT: their token is the capability."""
+    Tokens must be the platform's own: audience the public origin and scope `sandboxes`
+    (no token: 401; another audience, e.g. an MCP client's: 401; no `sandboxes` scope: 403).
+    Who reaches which sandbox, and opens its previews, is then decided by the SandboxPolicy
+    from the subject. The preview hosts take no JWT: their token is the capability."""
     def routes(*names: str) -> list[dict]:
         return [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": name} for name in names]
 
@@ -92,9 +94,20 @@ def sandbox_policies(public_url: str, jwks_uri: str) -> list[dict]:
                     {
                         "name": PROVIDER,
                         "issuer": public_origin(public_url),
+                        "audiences": [platform_audience(public_url)],
                         "remoteJWKS": {"uri": jwks_uri, "cacheDuration": "5m"},
                     }
                 ]
+            },
+            "authorization": {
+                "defaultAction": "Deny",
+                "rules": [
+                    {
+                        "name": "sandboxes-scope",
+                        "action": "Allow",
+                        "principal": {"jwt": {"provider": PROVIDER, "scopes": [SANDBOX_SCOPE]}},
+                    }
+                ],
             },
         },
     }

@@ -20,6 +20,11 @@ FRONTEND_SERVICE = "frontend.platform.svc.cluster.local:3000"
 # metadata advertises: one name, so the three cannot drift apart.
 MCP_SCOPE = "mcp:tools"
 
+# The scope the sandbox and preview routes require, with the platform's own audience (the public
+# origin, see platform_audience): tokens issued to third-party MCP clients (audience the MCP
+# URL, scope mcp:tools) never open terminals, reach sandbox ports or create previews.
+SANDBOX_SCOPE = "sandboxes"
+
 # The sandbox the Kubernetes API stand-in lists (gateway/devstack/cluster.py): its namespace is
 # the one the shipped SandboxRouter opens. And what the tour says to it.
 SANDBOX_NAMESPACE = "sandboxes"
@@ -45,6 +50,12 @@ def public_origin(public_url: str) -> str:
     if url.raw_path not in ("", "/") or url.raw_query_string or url.raw_fragment or url.raw_user:
         raise ValueError(f"public URL must be an origin without path, query or user, got {public_url!r}")
     return str(url.origin())
+
+
+def platform_audience(public_url: str) -> str:
+    """The audience of the platform's own API tokens: its public origin. An MCP token's is the
+    MCP URL (`{origin}/mcp`), so the two never pass for each other."""
+    return public_origin(public_url)
 
 
 def try_urls(public_url: str) -> list[str]:
@@ -77,13 +88,15 @@ def _take(field: str) -> str:
 
 def try_commands(public_url: str, sandbox_port: int) -> list[str]:
     """The shell commands `sandgate dev` prints: `curl` for each of `try_urls` (the last, /mcp
-    without a token, is the 401 pointing at the metadata), then a token from the API stand-in,
-    the same MCP endpoint called with it, the demo sandbox (listening on `sandbox_port`)
-    reached with it by `X-Sandbox-*` headers and through the port proxy, and a preview of that
-    port: created with the token, then reached by its URL without one."""
+    without a token, is the 401 pointing at the metadata), then an MCP token from the API
+    stand-in and the same MCP endpoint called with it, then a platform token (scope
+    `sandboxes`, audience the platform) with which the demo sandbox (listening on
+    `sandbox_port`) is reached by `X-Sandbox-*` headers and through the port proxy, and a
+    preview of that port is created, then reached by its URL without any token."""
     origin = public_origin(public_url)
     namespace, name = SANDBOX_NAMESPACE, SANDBOX_NAME
     bearer = '-H "Authorization: Bearer $TOKEN"'
+    platform = '-H "Authorization: Bearer $SANDBOX_TOKEN"'
     json_body = "-H 'Content-Type: application/json' -d"
     chat = f"{json_body} {shlex.quote(_CHAT)}"
     preview = json.dumps({"namespace": namespace, "sandbox": name, "port": sandbox_port}, separators=(",", ":"))
@@ -92,8 +105,10 @@ def try_commands(public_url: str, sandbox_port: int) -> list[str]:
         f"curl -i {bearer} "
         "-H 'Accept: application/json, text/event-stream' -H 'Content-Type: application/json' "
         f"-d {shlex.quote(_INITIALIZE)} {origin}/mcp",
-        f"curl -i {bearer} -H 'X-Sandbox-ID: {name}' -H 'X-Sandbox-Port: {sandbox_port}' {chat} {origin}/chat",
-        f"curl -i {bearer} {chat} {origin}/gateway/v1/sandboxes/{namespace}/{name}/ports/{sandbox_port}/chat",
-        f"PREVIEW=$(curl -s {bearer} {json_body} {shlex.quote(preview)} {origin}/gateway/v1/previews | {_take('url')})",
+        f"SANDBOX_TOKEN=$(curl -s -X POST -d grant_type=client_credentials -d scope={SANDBOX_SCOPE} "
+        f"{origin}/oauth/token | {_take('access_token')})",
+        f"curl -i {platform} -H 'X-Sandbox-ID: {name}' -H 'X-Sandbox-Port: {sandbox_port}' {chat} {origin}/chat",
+        f"curl -i {platform} {chat} {origin}/gateway/v1/sandboxes/{namespace}/{name}/ports/{sandbox_port}/chat",
+        f"PREVIEW=$(curl -s {platform} {json_body} {shlex.quote(preview)} {origin}/gateway/v1/previews | {_take('url')})",
         f'curl -i --connect-to {_connect_to(origin)} {chat} "${{PREVIEW}}chat"',
     ]

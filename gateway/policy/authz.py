@@ -93,9 +93,19 @@ def _path_matches(op: PathOperation, path: str) -> bool:
     return hit != op.invert
 
 
-@lru_cache(maxsize=4096)
+MAX_IP_CHARS = 45  # the longest textual IPv6 address (with an embedded IPv4 one)
+
+
 def parse_ip(text: str):
-    """An ip_address, or None for anything that is not one (e.g. a unix-socket peer)."""
+    """An ip_address, or None for anything that is not one (e.g. a unix-socket peer). The text
+    may come from X-Forwarded-For: longer than any address, it is not one, and never cached."""
+    if len(text) > MAX_IP_CHARS:
+        return None
+    return _parse_ip(text)
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip(text: str):
     try:
         return ipaddress.ip_address(text)
     except ValueError:

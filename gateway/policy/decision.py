@@ -13,7 +13,7 @@ from typing import Mapping, NamedTuple
 from urllib.parse import parse_qsl
 
 from gateway.auth.apikeys import ApiKeyPrincipal, ApiKeyVerifier
-from gateway.auth.jwt import JwtVerifier, TokenError, VerifiedToken, claim_headers
+from gateway.auth.jwt import API_KEY_PROVIDER, JwtVerifier, TokenError, VerifiedToken, claim_headers
 from gateway.policy import authz
 from gateway.policy.model import ApiKeyAuth, JwtProvider, SecurityPolicy
 
@@ -49,7 +49,8 @@ class Decision(NamedTuple):
 
     @property
     def principal(self) -> str | None:
-        return None if self.token is None else self.token.subject
+        """"ISSUER#SUBJECT" of the verified caller (VerifiedToken.principal)."""
+        return None if self.token is None else self.token.principal
 
 
 class RequestFacts(NamedTuple):
@@ -136,8 +137,6 @@ def _authorize(policy: SecurityPolicy, facts: RequestFacts, token: VerifiedToken
         upstream_headers += ((policy.api_key.forward_client_id_header, token.claims["client_id"]),)
     return Decision(True, 200, (), policy, token, sent, upstream_headers=upstream_headers)
 
-
-API_KEY_PROVIDER = "api-key"
 
 
 def _api_key_token(principal: ApiKeyPrincipal, key: str) -> VerifiedToken:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections import deque
+from collections import OrderedDict, deque
 from time import monotonic
 
 from aiohttp.client_exceptions import ClientResponseError, ServerDisconnectedError
@@ -105,7 +105,7 @@ class _Connection:
 
 
 class _HostPool:
-    """Idle keep-alive connections to one endpoint, most recently used first."""
+    """Idle keep-alive connections to one endpoint, most recently used last."""
 
     def __init__(self, client: "H1Client", endpoint: Endpoint, scheme: str, ssl_context, server_hostname):
         self.client = client
@@ -113,10 +113,12 @@ class _HostPool:
         self.ssl = ssl_context if scheme == "https" else None
         self.server_hostname = server_hostname
         self.idle: deque[_Connection] = deque()
+        self.retired = False  # evicted from the client: connections coming back are closed
 
     def take(self) -> _Connection | None:
         while self.idle:
             connection = self.idle.pop()
+            self.client.idle_count -= 1
             if connection.reusable():
                 connection.reused = True
                 return connection
@@ -124,11 +126,25 @@ class _HostPool:
         return None
 
     def put_back(self, connection: _Connection) -> None:
-        if self.client.closed:
+        client = self.client
+        if client.closed or self.retired:
             connection.close()
             return
+        if len(self.idle) >= client.max_idle_per_pool:
+            self.drop_oldest()
+        elif client.idle_count >= client.max_idle:
+            client.drop_oldest_idle()
         connection.idle_since = monotonic()
         self.idle.append(connection)
+        client.idle_count += 1
+
+    def drop_oldest(self) -> None:
+        self.idle.popleft().close()
+        self.client.idle_count -= 1
+
+    def retire(self) -> None:
+        self.retired = True
+        self.close_idle(float("inf"))
 
     async def connect(self, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -151,14 +167,25 @@ class _HostPool:
                 connection.close()
             else:
                 keep.append(connection)
+        self.client.idle_count -= len(self.idle) - len(keep)
         self.idle = keep
 
 
 class H1Client:
-    def __init__(self, *, keepalive_seconds: float = 60.0):
+    """Pools per (endpoint, scheme, TLS settings). Sandbox and preview targets are many distinct
+    pod addresses, so everything here is bounded: at most `max_pools` pools (the least recently
+    used one is dropped, closing its idle connections), `max_idle_per_pool` idle connections in
+    one pool and `max_idle` in all (the oldest idle connection is closed first)."""
+
+    def __init__(self, *, keepalive_seconds: float = 60.0, max_pools: int = 1024, max_idle_per_pool: int = 64,
+                 max_idle: int = 1024):
         self.keepalive_seconds = keepalive_seconds
+        self.max_pools = max_pools
+        self.max_idle_per_pool = max_idle_per_pool
+        self.max_idle = max_idle
+        self.idle_count = 0  # idle connections in every pool
         self.closed = False
-        self._pools: dict[tuple, _HostPool] = {}
+        self._pools: OrderedDict[tuple, _HostPool] = OrderedDict()  # least recently used first
         self._verified = ssl.create_default_context()
         self._unverified = ssl.create_default_context()
         self._unverified.check_hostname = False
@@ -169,11 +196,26 @@ class H1Client:
         key = (endpoint, scheme, verify_tls, server_hostname)
         pool = self._pools.get(key)
         if pool is None:
+            if len(self._pools) >= self.max_pools:
+                self._pools.popitem(last=False)[1].retire()
             context = self._verified if verify_tls else self._unverified
             pool = self._pools[key] = _HostPool(self, endpoint, scheme, context, server_hostname)
             if self._reaper is None:
                 self._reaper = asyncio.ensure_future(self._reap_idle())
+        else:
+            self._pools.move_to_end(key)
         return pool
+
+    @property
+    def pool_count(self) -> int:
+        return len(self._pools)
+
+    def drop_oldest_idle(self) -> None:
+        """Close one idle connection of the least recently used pool that has one."""
+        for pool in self._pools.values():
+            if pool.idle:
+                pool.drop_oldest()
+                return
 
     async def request(
         self,
@@ -256,7 +298,7 @@ class H1Client:
             self._reaper.cancel()
             self._reaper = None
         for pool in self._pools.values():
-            pool.close_idle(float("inf"))
+            pool.retire()
         self._pools.clear()
 
 

@@ -29,12 +29,22 @@ def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
     )
 
 
-class UpstreamPool:
-    """HTTP goes through the lean keep-alive client; WebSocket upgrades through aiohttp's."""
+MAX_ROUND_ROBINS = 4096  # upstreams with several endpoints whose rotation is remembered
 
-    def __init__(self, *, keepalive_seconds: float = 60.0):
+
+class UpstreamPool:
+    """HTTP goes through the lean keep-alive client; WebSocket upgrades through aiohttp's.
+
+    Sandbox and preview targets are many distinct addresses: the HTTP client keeps at most
+    `max_pools` (address, port) pools, `max_idle_per_pool` idle connections in each and
+    `max_idle` in all (H1Client). aiohttp's WebSocket connector keeps no upgraded connection
+    idle, and drops others after `keepalive_seconds`."""
+
+    def __init__(self, *, keepalive_seconds: float = 60.0, max_pools: int = 1024, max_idle_per_pool: int = 64,
+                 max_idle: int = 1024):
         self._keepalive = keepalive_seconds
-        self.http = H1Client(keepalive_seconds=keepalive_seconds)
+        self.http = H1Client(keepalive_seconds=keepalive_seconds, max_pools=max_pools,
+                             max_idle_per_pool=max_idle_per_pool, max_idle=max_idle)
         self._tcp: aiohttp.ClientSession | None = None
         self._unix: dict[str, aiohttp.ClientSession] = {}
         self._round_robin: dict[Upstream, itertools.cycle] = {}
@@ -66,6 +76,8 @@ class UpstreamPool:
             return upstream.endpoints[0]
         cycle = self._round_robin.get(upstream)
         if cycle is None:
+            if len(self._round_robin) >= MAX_ROUND_ROBINS:
+                self._round_robin.clear()  # forgetting where a rotation was costs nothing but evenness
             cycle = self._round_robin[upstream] = itertools.cycle(upstream.endpoints)
         return next(cycle)
 

@@ -24,6 +24,7 @@ from gateway.audit import AuditLog
 from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener, SandboxRouter
 from gateway.policy.loader import load_policies
+from gateway.policy.audience import mcp_audience_errors
 from gateway.policy.runtime import PolicyRuntime
 from gateway.routing.table import RouteTable, compile_table
 from gateway.sandbox.readiness import needs_cluster_state
@@ -211,6 +212,7 @@ class RunningGateway:
         errors = list(config.errors) + (policies.errors if policies else [])
         if not errors:
             errors = router_errors(config, _secured(policies))
+            errors += mcp_audience_errors(config, policies, self.options.settings.public_url)
         if errors:
             for line in errors:
                 event(log, "routes not reloaded", logging.ERROR, error=line)
@@ -294,6 +296,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     except MissingSecret as e:
         raise StartupError(str(e)) from e
     sandbox_errors = router_errors(config, _secured(policies))
+    sandbox_errors += mcp_audience_errors(config, policies, options.settings.public_url)
     if sandbox_errors:
         raise StartupError("\n".join(sandbox_errors))
     access_log = AccessLog(options.access_log)
@@ -306,7 +309,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise StartupError(f"cannot open the store ({'PostgreSQL' if options.database_url else options.data_dir}): {e}") from e
     audit = AuditLog(store, options.spool_dir or options.data_dir,
                      on_depth=metrics.audit_queue_depth.set, on_spooled=metrics.audit_spooled.inc)
-    fetcher = JwksFetcher()
+    fetcher = JwksFetcher(overrides=options.load.overrides)  # --resolve: every address dialled
     try:
         runtime = PolicyRuntime(policies, config, fetcher, on_refresh=metrics.observe_jwks_refresh,
                                 api_key_lookup=store.find_api_key)

@@ -118,7 +118,7 @@ async def enforce(
         route=route_key,
         policy=enforcement.key,
         revision=policy.revision,
-        principal=None if token is None else token.subject,
+        principal=None if token is None else token.principal,  # issuer#subject
         method=method,
         host=host,
         path=redact_path(path),  # a preview API path can carry a token

@@ -92,7 +92,8 @@ class Gateway:
         self.metrics = metrics
         self.access_log = access_log
         self.pool = UpstreamPool()
-        self.rate_limiter = LocalRateLimiter()  # outlives reloads; buckets are keyed by policy revision
+        self.rate_limiter = LocalRateLimiter()  # outlives reloads; keeps the buckets of current revisions
+        metrics.watch_sizes(lambda: self.rate_limiter, lambda: self.pool)
         self._retry_budgets: dict[tuple[str, int], RetryBudget] = {}  # per route rule, as Envoy Gateway's
         self.sockets = websocket.OpenSockets()
         self.sandboxes: SandboxAccess | None = None  # set when a SandboxRouter is configured
@@ -240,7 +241,9 @@ class Gateway:
         traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
-            limited = self._rate_limit(request, traffic, out_headers, client_ip, found.route.key, request_id)
+            token = allowed.decision.token if allowed is not None and allowed.decision is not None else None
+            limited = self._rate_limit(request, traffic, out_headers, client_ip, found.route.key, request_id,
+                                       None if token is None else token.issuer)
             if isinstance(limited, web.StreamResponse):
                 return limited
             rate_headers = limited
@@ -346,14 +349,15 @@ class Gateway:
         apply_modifier(out, choice.filters.request_headers)
         return out
 
-    def _rate_limit(self, request, traffic, out_headers, client_ip: str, route_key: str, request_id: str):
+    def _rate_limit(self, request, traffic, out_headers, client_ip: str, route_key: str, request_id: str,
+                    issuer: str | None = None):
         """X-RateLimit-* headers for the response, or the 429 that refuses the request.
 
         Evaluated on the upstream headers, after claimToHeaders, so a Distinct header
-        selector can limit per claim."""
+        selector can limit per claim (and per issuer: `issuer` of the verified principal)."""
         verdict = self.rate_limiter.check(
-            f"{traffic.key}@{traffic.revision}", traffic.rate_limits,
-            headers=out_headers, client_ip=parse_ip(client_ip), method=request.method,
+            traffic.key, traffic.rate_limits, revision=traffic.revision,
+            headers=out_headers, client_ip=parse_ip(client_ip), method=request.method, issuer=issuer,
         )
         if verdict is None:
             return ()

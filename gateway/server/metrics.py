@@ -68,6 +68,21 @@ class Metrics:
         self._decision_children: dict[tuple, object] = {}
         self._upstream_children: dict[str, object] = {}
 
+    def watch_sizes(self, rate_limiter, pool) -> None:
+        """Gauges of state keyed by client input, read when scraped (no cost per request):
+        `rate_limiter()` is the live LocalRateLimiter, `pool()` the live UpstreamPool. Values
+        of one process: with --workers the supervisor's /metrics does not show them."""
+        r = self.registry
+        for name, doc, read in (
+            ("sandgate_ratelimit_buckets", "Local rate-limit buckets held", lambda: rate_limiter().bucket_count),
+            ("sandgate_ratelimit_key_bytes", "Characters of the local rate-limit bucket keys held",
+             lambda: rate_limiter().key_bytes),
+            ("sandgate_upstream_pools", "Upstream (address, port) connection pools held", lambda: pool().http.pool_count),
+            ("sandgate_upstream_idle_connections", "Idle kept-alive upstream connections",
+             lambda: pool().http.idle_count),
+        ):
+            Gauge(name, doc, registry=r, multiprocess_mode="livesum").set_function(read)
+
     def observe_request(self, route: str, method: str, code: int, seconds: float, upstream_seconds: float) -> None:
         key = (route, method, code)
         counter = self._request_children.get(key)
