@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import sqlite3
 import time
 from collections import Counter
@@ -276,3 +277,128 @@ async def test_the_embedded_default_stores_decisions_in_the_data_dir(issuer, ups
         content = path.read_bytes()
         for secret in secrets_of(mix):
             assert secret.encode() not in content, f"{path.name} holds a token"
+
+
+# --- volume (SPEC §6): rollups, paths cut, the capped spool -------------------------------------
+
+async def send(running, paths: list[str], headers: dict[str, str], method: str = "GET") -> list[str]:
+    """One request per path, in order; their request ids."""
+    ids = []
+    async with aiohttp.ClientSession() as session:
+        for path in paths:
+            async with session.request(method, url(running, path), headers=headers) as response:
+                await response.read()
+                ids.append(response.headers["X-Request-Id"])
+    return ids
+
+
+def stored_decisions(data_dir) -> list[sqlite3.Row]:
+    """The embedded store's decision records, oldest first."""
+    with sqlite3.connect(data_dir / SQLITE_FILE) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM audit_events WHERE kind = 'decision' ORDER BY at, id").fetchall()
+
+
+async def test_repeats_of_a_decision_are_one_rollup_record_with_the_exact_count(issuer, upstream_port, tmp_path):
+    good, unscoped, forged, anonymous = credentials(issuer)
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer)) as running:
+        # The path is not part of the key: a rollup keeps the first path.
+        allowed = await send(running, [f"/docs/{i % 3}" for i in range(7)], good)
+        denied = await send(running, ["/x"] * 5, anonymous)
+        lines = {line["request_id"]: line for line in access_records(running)}
+    by_request = {r["request_id"]: r for r in stored_decisions(tmp_path / "data")}
+
+    first, rollup = by_request[allowed[0]], by_request[allowed[1]]
+    assert (first["request_count"], first["last_request_id"], first["path"]) == (1, None, "/docs/0")
+    assert (rollup["request_count"], rollup["last_request_id"], rollup["path"]) == (6, allowed[-1], "/docs/0")
+    assert rollup["at"] < rollup["last_at"] and rollup["decision"] == "allow"
+    assert lines[allowed[0]]["audit_id"] == first["id"]
+    assert {lines[rid]["audit_id"] for rid in allowed[1:]} == {rollup["id"]}, "a repeat's audit id is its rollup's"
+    # Denials roll up the same way after the first.
+    assert [(by_request[rid]["request_count"], by_request[rid]["last_request_id"]) for rid in denied[:2]] == [
+        (1, None), (4, denied[-1])]
+    assert len(by_request) == 4
+
+
+async def test_a_rollup_is_stored_when_its_window_closes_and_the_next_repeat_starts_anew(issuer, upstream_port, tmp_path):
+    good = credentials(issuer)[0]
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer),
+                               audit=AuditSettings(rollup_window=0.5)) as running:
+        early = await send(running, ["/a"] * 4, good)
+
+        async def rollup_stored() -> bool:
+            return await running.store.count_audit(kind="decision", last_request_id=early[-1]) == 1
+
+        assert await wait_for(rollup_stored, timeout=10), "the rollup was not stored when its window closed"
+        late = await send(running, ["/a"] * 3, good)
+    records = stored_decisions(tmp_path / "data")
+    assert [(r["request_id"], r["request_count"], r["last_request_id"]) for r in records] == [
+        (early[0], 1, None), (early[1], 3, early[-1]), (late[0], 1, None), (late[1], 2, late[-1])]
+
+
+async def test_with_audit_allowed_every_each_request_has_its_record(issuer, upstream_port, tmp_path):
+    good = credentials(issuer)[0]
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer),
+                               audit=AuditSettings(allowed="every")) as running:
+        sent = await send(running, ["/a"] * 6, good)
+        lines = access_records(running)
+    records = stored_decisions(tmp_path / "data")
+    assert [r["request_id"] for r in records] == sent and {r["request_count"] for r in records} == {1}
+    assert [line["audit_id"] for line in lines] == [r["id"] for r in records]
+
+
+async def test_the_rollup_table_is_bounded_against_a_flood_of_distinct_credentials(issuer, upstream_port, tmp_path):
+    """Each token is a key of its own; the table closes its oldest slots to stay within its
+    count and byte bounds, and their counts are still stored, exactly."""
+    tokens = [issuer.mint(claims(sub="reader", scope="echo:read")) for _ in range(40)]
+    bounds = AuditSettings(rollup_max_slots=16, rollup_max_bytes=6 * 1024)  # a slot is ~500 bytes: both bite
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer), audit=bounds) as running:
+        rollups = running.gateway.audit.rollups
+        for token in tokens:
+            await send(running, ["/m", "/m", "/m"], {"Authorization": f"Bearer {token}"})
+            assert len(rollups) <= 16 and rollups.bytes <= 6 * 1024, (len(rollups), rollups.bytes)
+        assert rollups.evicted_total >= len(tokens) - 16
+    records = stored_decisions(tmp_path / "data")
+    assert sum(r["request_count"] for r in records) == 3 * len(tokens)
+    assert sorted(Counter(r["detail"] for r in records).values()) == [2] * len(tokens), "per token: a first, a rollup"
+
+
+async def test_a_long_path_is_stored_cut_at_2_kib_and_marked(issuer, upstream_port, tmp_path):
+    """A path is client input kept for the whole retention (multi-byte text: tests/test_store.py)."""
+    long_path = "/" + "a" * 10_239  # 10 KiB
+    exactly = "/" + "b" * 2047
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer),
+                               audit=AuditSettings(allowed="every")) as running:
+        ids = await send(running, [long_path, exactly, "/short"], {})
+        lines = {line["request_id"]: line for line in access_records(running)}
+    by_request = {r["request_id"]: r for r in stored_decisions(tmp_path / "data")}
+    cut, whole, short = (by_request[rid] for rid in ids)
+    assert (cut["path"], cut["path_cut"]) == (long_path[:2048], 1)
+    assert (whole["path"], whole["path_cut"]) == (exactly, 0)
+    assert (short["path"], short["path_cut"]) == ("/short", 0)
+    assert lines[ids[0]]["audit_id"] == cut["id"]
+
+
+async def test_a_full_spool_drops_counts_and_logs_what_it_cannot_keep(cluster, issuer, upstream_port, tmp_path, caplog):
+    cap = 5000  # a few records' worth
+    mix = credentials(issuer)
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=policy(issuer),
+                               database_url=cluster.url, audit=AuditSettings(allowed="every", spool_max_bytes=cap)) as running:
+        await cluster.stop()
+        await send_load(running, mix, seen, {}, errors, total=120)
+        assert await wait_for(lambda: metric_above(running, "sandgate_audit_dropped_total", 0)), "nothing was counted as dropped"
+        spool = tmp_path / "data" / SPOOL_FILE
+        assert 0 < spool.stat().st_size <= cap
+        kept = spooled_lines(tmp_path / "data")
+        await asyncio.sleep(0.5)  # the writer flushes every 200 ms
+        dropped = await metric_value(running, "sandgate_audit_dropped_total")
+        spooled = await metric_value(running, "sandgate_audit_spooled_total")
+        await cluster.start()
+        await running.drain()
+    assert errors == [] and len(seen) == 120
+    assert spooled == kept and spooled + dropped == 120, (spooled, dropped)
+    assert await decision_count(cluster.url) == kept, "the spool's records reach the store once it is back"
+    assert any("spool is full" in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records
+               if r.name == "sandgate.audit" and r.levelno >= logging.ERROR), "the drop was not logged"

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Callable
 
 from gateway.audit.record import AuditRecord
-from gateway.audit.rollup import WINDOW_SECONDS, Rollups, Slot
+from gateway.audit.rollup import MAX_BYTES, MAX_SLOTS, WINDOW_SECONDS, Rollups, Slot
 from gateway.audit.spool import DEFAULT_MAX_BYTES, Spool
 
 if TYPE_CHECKING:
@@ -45,11 +45,13 @@ class AuditSettings:
     retention: timedelta | None = DEFAULT_RETENTION  # --audit-retention; None keeps records forever
     spool_max_bytes: int = DEFAULT_MAX_BYTES  # --audit-spool-max
     rollup_window: float = WINDOW_SECONDS  # SPEC: 60 s; tests shorten it
+    rollup_max_slots: int = MAX_SLOTS  # the rollup table's bounds (gateway.audit.rollup)
+    rollup_max_bytes: int = MAX_BYTES
     retention_interval: float = 3600.0  # how often expired records are looked for
 
     def arguments(self) -> dict:
-        return {"allowed": self.allowed, "retention": self.retention, "spool_max_bytes": self.spool_max_bytes,
-                "rollup_window": self.rollup_window, "retention_interval": self.retention_interval}
+        """AuditLog's keyword arguments."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 class AuditLog:
@@ -68,7 +70,8 @@ class AuditLog:
         stop_replay_seconds: float = 10.0,
         allowed: str = "rollup",
         rollup_window: float = WINDOW_SECONDS,
-        rollup_limits: dict | None = None,  # Rollups(max_slots=..., max_bytes=...)
+        rollup_max_slots: int = MAX_SLOTS,
+        rollup_max_bytes: int = MAX_BYTES,
         retention: timedelta | None = DEFAULT_RETENTION,  # None: keep records forever
         retention_interval: float = 3600.0,
         spool_max_bytes: int = DEFAULT_MAX_BYTES,
@@ -79,7 +82,8 @@ class AuditLog:
         self._store = store
         self._spool = Spool(data_dir, spool_max_bytes)
         # None in `every` mode: each decision is queued as its own record.
-        self.rollups = Rollups(self.record, window=rollup_window, **(rollup_limits or {})) if allowed == "rollup" else None
+        self.rollups = Rollups(self.record, window=rollup_window, max_slots=rollup_max_slots,
+                               max_bytes=rollup_max_bytes) if allowed == "rollup" else None
         self._retention = retention
         self._retention_interval = retention_interval
         self._on_dropped = on_dropped
