@@ -154,7 +154,7 @@ def run_head_to_head(results: list[Result], slices: int, bench: Bench) -> dict[s
     measured = {result.case.name: result for result in results if result.status == "ok" and result.rounds}
     found: dict[str, list[float]] = {}
     for ratio in RATIOS:
-        if ratio.target is None or ratio.metric != "rps" or slices <= 0:
+        if (ratio.target is None and not ratio.head_to_head) or ratio.metric != "rps" or slices <= 0:
             continue
         a, b = measured.get(ratio.numerator), measured.get(ratio.denominator)
         if a is None or b is None or a.target.url == b.target.url:  # one process can't share with itself
