@@ -75,6 +75,7 @@ class AuditLog:
         retention: timedelta | None = DEFAULT_RETENTION,  # None: keep records forever
         retention_interval: float = 3600.0,
         spool_max_bytes: int = DEFAULT_MAX_BYTES,
+        max_queued: int = 100_000,  # records kept in memory while neither store nor spool takes them
     ):
         if allowed not in ALLOWED_MODES:
             raise ValueError(f"audit mode {allowed!r}: expected one of {', '.join(ALLOWED_MODES)}")
@@ -88,6 +89,7 @@ class AuditLog:
         self._retention_interval = retention_interval
         self._on_dropped = on_dropped
         self._dropped_total = 0
+        self._max_queued = max_queued
         self.retention_deleted_total = 0
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -158,7 +160,8 @@ class AuditLog:
             except TimeoutError:
                 log.warning("audit: spool not written back before shutdown; the next start replays it")
         if self._queue:
-            log.error("audit: %d records lost: neither the store nor the spool took them", len(self._queue))
+            self._drop(list(self._queue), "at shutdown neither the store nor the spool took them")
+            self._queue.clear()
 
     async def _write_loop(self) -> None:
         while not self._stopping:
@@ -187,6 +190,11 @@ class AuditLog:
             batch = [self._queue.popleft() for _ in range(min(self._batch_size, due))]
             due -= len(batch)
             if not await self._deliver(batch):
+                if len(self._queue) + len(batch) > self._max_queued:
+                    # Neither the store nor the spool takes anything (a full disk): memory is
+                    # the last place left, and it is bounded too.
+                    self._drop(batch, "the store is down and the spool cannot be written")
+                    continue
                 # Keep them, in order, for the next flush rather than retrying in a tight loop.
                 self._queue.extendleft(reversed(batch))
                 delivered = False
@@ -215,12 +223,14 @@ class AuditLog:
             if self._on_spooled:
                 self._on_spooled(kept)
         if dropped:
-            self._dropped_total += dropped
-            if self._on_dropped:
-                self._on_dropped(dropped)
-            log.error("audit: the spool is full (--audit-spool-max %d bytes) and the store is down: %d records "
-                      "dropped, %d in all", self._spool.max_bytes, dropped, self._dropped_total)
+            self._drop(batch[kept:], f"the spool is full (--audit-spool-max {self._spool.max_bytes} bytes) and the store is down")
         return True
+
+    def _drop(self, records: list[AuditRecord], why: str) -> None:
+        self._dropped_total += len(records)
+        if self._on_dropped:
+            self._on_dropped(len(records))
+        log.error("audit: %s: %d records dropped, %d in all", why, len(records), self._dropped_total)
 
     async def _retention_loop(self) -> None:
         while True:
