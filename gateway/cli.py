@@ -47,6 +47,14 @@ def _load_options(args) -> LoadOptions:
     return LoadOptions(cluster_domain=args.cluster_domain, overrides=overrides)
 
 
+def _audit_mode(text: str) -> str:
+    # A type, not `choices`: argparse checks choices against the command line only, and the
+    # default may come from SANDGATE_AUDIT_ALLOWED.
+    if text not in ("rollup", "every"):
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose rollup or every)")
+    return text
+
+
 def _retention(text: str) -> timedelta | None:
     """--audit-retention: "30d", "12h"...; "0" (or "0s") keeps records forever."""
     try:
@@ -96,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=int(_env("max-body-bytes", "0")) or None,
                        help="refuse larger request bodies with 413 (default: no limit)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    serve.add_argument("--audit-allowed", choices=("rollup", "every"), default=_env("audit-allowed", "rollup"),
+    serve.add_argument("--audit-allowed", type=_audit_mode, metavar="{rollup,every}", default=_env("audit-allowed", "rollup"),
                        help="rollup (default): a repeated identical decision within 60 s is stored once, then as one "
                             "record with its count; every: one record per request")
     serve.add_argument("--audit-retention", type=_retention, default=_env("audit-retention", "30d"),

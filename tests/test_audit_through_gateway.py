@@ -34,6 +34,7 @@ from tests.support.harness import access_records, echo_routes, running_gateway, 
 from tests.support.issuer import AUDIENCE, ISSUER, Issuer, claims
 from tests.support.policy_harness import metric_value, security_policy, wait_for
 from tests.support.postgres import throwaway_cluster
+from tests.support.store_gateway import sandgate_cli
 
 RATE = 500  # requests per second, from CLIENTS clients: ~1,500 requests over ~3 s
 CLIENTS = 6
@@ -402,3 +403,15 @@ async def test_a_full_spool_drops_counts_and_logs_what_it_cannot_keep(cluster, i
     assert await decision_count(cluster.url) == kept, "the spool's records reach the store once it is back"
     assert any("spool is full" in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records
                if r.name == "sandgate.audit" and r.levelno >= logging.ERROR), "the drop was not logged"
+
+
+@pytest.mark.parametrize("args, env, flag", [
+    (["--audit-allowed", "some"], {}, "--audit-allowed"),
+    ([], {"SANDGATE_AUDIT_ALLOWED": "all"}, "--audit-allowed"),
+    (["--audit-retention", "forever"], {}, "--audit-retention"),
+    (["--audit-spool-max", "2TB"], {}, "--audit-spool-max"),
+    ([], {"SANDGATE_AUDIT_SPOOL_MAX": "-5"}, "--audit-spool-max"),
+])
+async def test_a_bad_audit_flag_stops_serve_naming_it(args, env, flag):
+    code, _, err = await sandgate_cli("serve", "--routes", "/nonexistent.yaml", *args, **env)
+    assert code == 2 and f"argument {flag}:" in err, err
