@@ -225,7 +225,7 @@ async def test_a_repeated_token_is_decided_afresh_for_each_header_method_and_pat
 
 async def test_a_repeated_allowed_request_is_recorded_and_forwarded_like_the_first(tmp_path, issuer, upstream):
     """Repeats of an allowed token, route, method and path reuse its decision: each still gets
-    its own audit record (with --audit-allowed every; rollups: tests/test_audit_rollups.py), log
+    its own audit record (with --audit-allowed every; rollups: tests/test_audit_through_gateway.py), log
     fields and count, and claimToHeaders; expiry and a policy reload end the reuse."""
     spec = {"jwt": {"providers": [provider(issuer, claimToHeaders=[{"claim": "sub", "header": "X-User-Sub"}])]},
             **authorization([READ_DOCS])}
