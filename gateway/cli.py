@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=int(_env("max-body-bytes", "0")) or None,
                        help="refuse larger request bodies with 413 (default: no limit)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    serve.add_argument("--audit-allowed", type=_audit_mode, metavar="{rollup,every}", default=_env("audit-allowed", "rollup"),
+    serve.add_argument("--audit-allowed", type=_audit_mode, metavar="{rollup,every}",
+                       default=_env("audit-allowed", "rollup"),
                        help="rollup (default): a repeated identical decision within 60 s is stored once, then as one "
                             "record with its count; every: one record per request")
     serve.add_argument("--audit-retention", type=_retention, default=_env("audit-retention", "30d"),

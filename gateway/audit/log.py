@@ -223,7 +223,8 @@ class AuditLog:
             if self._on_spooled:
                 self._on_spooled(kept)
         if dropped:
-            self._drop(batch[kept:], f"the spool is full (--audit-spool-max {self._spool.max_bytes} bytes) and the store is down")
+            why = f"the spool is full (--audit-spool-max {self._spool.max_bytes} bytes) and the store is down"
+            self._drop(batch[kept:], why)
         return True
 
     def _drop(self, records: list[AuditRecord], why: str) -> None:

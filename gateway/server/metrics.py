@@ -57,7 +57,8 @@ class Metrics:
             "sandgate_audit_spooled", "Audit records written to the local spool while the store was down", registry=r
         )
         self.audit_dropped = Counter(
-            "sandgate_audit_dropped", "Audit records dropped: the store was down and the spool full (--audit-spool-max) or unwritable",
+            "sandgate_audit_dropped",
+            "Audit records dropped: the store was down and the spool full (--audit-spool-max) or unwritable",
             registry=r,
         )
         # Every replica watches the same previews: the gauge is the same on all of them ("max").
