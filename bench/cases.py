@@ -35,6 +35,7 @@ class Ratio:
     denominator: str
     target: float | None = None  # the ratio must be at least this
     metric: str = "rps"
+    head_to_head: bool = False  # also measured head to head without a target (for information)
 
     @property
     def name(self) -> str:
@@ -153,12 +154,13 @@ def start_sandgate(bench: Bench, name: str, routes: str, policies_yaml: str | No
     return Sandgate(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
 
 
-def sandgate(bench: Bench, name: str, extra_routes: int, policies_yaml: str | None = None) -> str:
-    """`sandgate serve` on a generated routes file: `/` goes to the HTTP origin, `/ws` to the
-    echo origin, plus `extra_routes` routes that the benchmarked requests never match."""
+def sandgate(bench: Bench, name: str, extra_routes: int, policies_yaml: str | None = None,
+             args: tuple[str, ...] = ()) -> str:
+    """`sandgate serve ARGS` on a generated routes file: `/` goes to the HTTP origin, `/ws` to
+    the echo origin, plus `extra_routes` routes that the benchmarked requests never match."""
     def start() -> Sandgate:
         routes = routes_yaml(urlsplit(origin(bench)).port, urlsplit(aiohttp_origin(bench)).port, extra_routes)
-        return start_sandgate(bench, name, routes, policies_yaml)
+        return start_sandgate(bench, name, routes, policies_yaml, args=args)
     return bench.shared(name, start).url
 
 
@@ -240,13 +242,14 @@ spec:
 BEARER = BearerToken()
 
 
-def sandgate_jwt(bench: Bench) -> str:
+def sandgate_jwt(bench: Bench, name: str = "sandgate-jwt", audit_allowed: str = "rollup") -> str:
     """sandgate with a SecurityPolicy on the `main` route: a JWT provider whose inline JWKS
     holds BEARER's key, and an authorization rule that allows its `read` scope only. A request
-    without the token must be refused, so that the case cannot pass by not checking at all."""
+    without the token must be refused, so that the case cannot pass by not checking at all.
+    `audit_allowed`: serve's --audit-allowed (rollup, the default, or every: one record per request)."""
     policy = JWT_POLICY.format(issuer=BEARER.issuer, audience=BEARER.audience, scope=BEARER.scope,
                                jwks=BEARER.jwks)
-    url = sandgate(bench, "sandgate-jwt", extra_routes=0, policies_yaml=policy) + "/"
+    url = sandgate(bench, name, extra_routes=0, policies_yaml=policy, args=(f"--audit-allowed={audit_allowed}",)) + "/"
     expect(url, {}, 401, "without a token", "the policy is not enforced")
     return url
 
@@ -342,7 +345,10 @@ CASES = (
          "sandgate with 10,000 extra routes the requests never match"),
     Case("sandgate-bearer", lambda b: sandgate(b, "sandgate", extra_routes=0) + "/", HTTP_JWT,
          "sandgate's plain route (no policy) with sandgate-jwt's request stream: the token on every request"),
-    Case("sandgate-jwt", sandgate_jwt, HTTP_JWT, "sandgate with a JWT SecurityPolicy; every request has the token"),
+    Case("sandgate-jwt", sandgate_jwt, HTTP_JWT,
+         "sandgate with a JWT SecurityPolicy; every request has the token (audit: rollup, the default)"),
+    Case("sandgate-jwt-every", lambda b: sandgate_jwt(b, "sandgate-jwt-every", "every"), HTTP_JWT,
+         "sandgate-jwt with --audit-allowed every: one audit record per request"),
     Case("sandgate-sandbox", sandgate_sandbox, HTTP_ROUTER_TOKEN,
          "X-Sandbox-ID/-Port + router token -> SandboxRouter (Cluster, API double) -> origin as the pod"),
     Case("sandgate-preview-10", lambda b: sandgate_preview(b, "sandgate-preview-10", previews=10), HTTP,
@@ -365,6 +371,7 @@ RATIOS = (
     Ratio("sandgate", "bare", target=0.9),
     Ratio("sandgate-10k", "sandgate", target=0.9),
     Ratio("sandgate-jwt", "sandgate-bearer", target=0.9),
+    Ratio("sandgate-jwt-every", "sandgate-bearer", head_to_head=True),
     Ratio("sandgate-jwt", "sandgate"),
     Ratio("sandgate-bearer", "sandgate"),
     Ratio("sandgate-sandbox", "direct"),
@@ -377,6 +384,7 @@ RATIOS = (
     Ratio("sandgate", "bare", metric="proxy_us_per_request"),
     Ratio("sandgate-10k", "sandgate", metric="proxy_us_per_request"),
     Ratio("sandgate-jwt", "sandgate-bearer", metric="proxy_us_per_request"),
+    Ratio("sandgate-jwt-every", "sandgate-bearer", metric="proxy_us_per_request"),
     Ratio("sandgate-sandbox", "sandgate", metric="proxy_us_per_request"),
     Ratio("sandgate-preview-10k", "sandgate-preview-10", metric="proxy_us_per_request"),
     Ratio("sandgate-preview-10", "sandgate", metric="proxy_us_per_request"),

@@ -154,7 +154,7 @@ def run_head_to_head(results: list[Result], slices: int, bench: Bench) -> dict[s
     measured = {result.case.name: result for result in results if result.status == "ok" and result.rounds}
     found: dict[str, list[float]] = {}
     for ratio in RATIOS:
-        if ratio.target is None or ratio.metric != "rps" or slices <= 0:
+        if (ratio.target is None and not ratio.head_to_head) or ratio.metric != "rps" or slices <= 0:
             continue
         a, b = measured.get(ratio.numerator), measured.get(ratio.denominator)
         if a is None or b is None or a.target.url == b.target.url:  # one process can't share with itself
@@ -259,8 +259,13 @@ def print_table(data: dict) -> None:
                          + value)
             print(f"  {verdict}  {name} >= {ratio['target']}  ({value})")
 
-    if data["shown"]:
+    informative = {name: ratio for name, ratio in data["ratios"].items()
+                   if ratio["target"] is None and ratio["head_to_head"] is not None}
+    if data["shown"] or informative:
         print("\nfor information")
+        for name, ratio in informative.items():
+            slices = ratio["head_to_head_slices"]
+            print(f"  {name + ' head to head':<64} {ratio['head_to_head']:>5.3f}  (slices {min(slices):.2f}-{max(slices):.2f})")
         for name, value in data["shown"].items():
             print(f"  {name:<64} " + ("not measured" if value is None else f"{value:>5.2f}"))
 

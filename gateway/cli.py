@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 
+from gateway.config.durations import parse_lifetime
 from gateway.config.loader import LoadOptions
 from gateway.routing.paths import BadRequestTarget
 
@@ -45,6 +47,35 @@ def _load_options(args) -> LoadOptions:
     return LoadOptions(cluster_domain=args.cluster_domain, overrides=overrides)
 
 
+def _audit_mode(text: str) -> str:
+    # A type, not `choices`: argparse checks choices against the command line only, and the
+    # default may come from SANDGATE_AUDIT_ALLOWED.
+    if text not in ("rollup", "every"):
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose rollup or every)")
+    return text
+
+
+def _retention(text: str) -> timedelta | None:
+    """--audit-retention: "30d", "12h"...; "0" (or "0s") keeps records forever."""
+    try:
+        seconds = 0.0 if text == "0" else parse_lifetime(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return timedelta(seconds=seconds) if seconds else None
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def _size(text: str) -> int:
+    """--audit-spool-max: bytes, or with a unit: 512MiB, 1GiB, 64k."""
+    number = text.rstrip("kKmMgGiIbB")
+    unit = _SIZE_UNITS.get(text[len(number):].lower())
+    if not number.isdigit() or unit is None or len(number) > 15:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (expected bytes, or e.g. 512MiB, 1GiB)")
+    return int(number) * unit
+
+
 def _add_store_flags(p: argparse.ArgumentParser, *, after_subcommand: bool = False) -> None:
     """--data-dir on `keys` / `db`, and again on each of their subcommands, so that
     `keys create --data-dir D` works as well as `keys --data-dir D create`. The copy on a
@@ -80,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open connections per listener port and process, unless a ClientTrafficPolicy sets "
                             "connection.connectionLimit.value (default: no limit)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--audit-allowed", type=_audit_mode, metavar="{rollup,every}",
+                       default=_env("audit-allowed", "rollup"),
+                       help="rollup (default): a repeated identical decision within 60 s is stored once, then as one "
+                            "record with its count; every: one record per request")
+    serve.add_argument("--audit-retention", type=_retention, default=_env("audit-retention", "30d"),
+                       help="delete audit records older than this (default 30d; 0 keeps them forever)")
+    serve.add_argument("--audit-spool-max", type=_size, default=_env("audit-spool-max", "1GiB"),
+                       help="the audit spool's cap while the store is down; beyond it records are dropped and "
+                            "counted in sandgate_audit_dropped_total (default 1GiB)")
     _add_store_flags(serve)
 
     check = sub.add_parser("check", help="validate routes and policies")

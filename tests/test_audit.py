@@ -172,3 +172,21 @@ async def test_records_reach_the_store_without_filling_a_batch(tmp_path):
         await audit.stop()
         await store.close()
     assert audit.spooled_total == 0 and spool_files(tmp_path) == []
+
+
+async def test_with_neither_store_nor_spool_the_memory_queue_is_bounded_and_drops_are_counted(tmp_path, caplog):
+    store = await open_store(None, data_dir=str(tmp_path))
+    await store.migrate()
+    await store.close()  # every write and ping fails from now on
+    not_a_dir = tmp_path / "spool-here"
+    not_a_dir.write_text("a file where the spool directory should be")  # every append fails
+    dropped: list[int] = []
+    audit = AuditLog(store, str(not_a_dir), batch_size=100, max_queued=700, on_dropped=dropped.append)
+    audit.start()
+    for n in range(2500):
+        audit.record(decision(n))
+    await eventually(lambda: audit.dropped_total >= 2500 - 700)
+    assert audit.queue_depth <= 700 and audit.dropped_total + audit.queue_depth == 2500
+    await audit.stop()
+    assert audit.dropped_total == sum(dropped) == 2500 and audit.queue_depth == 0
+    assert any("records dropped" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")

@@ -17,6 +17,7 @@ import aiohttp
 import jwt as pyjwt
 import pytest
 
+from gateway.audit import AuditSettings
 from gateway.server.handler import Settings
 from tests.support.fixtures import issuer, recording_echo  # noqa: F401 (fixtures)
 from tests.support.harness import (GATEWAY, access_records, backend, echo_routes, mcp_routes, route_to, running_gateway,
@@ -224,14 +225,14 @@ async def test_a_repeated_token_is_decided_afresh_for_each_header_method_and_pat
 
 async def test_a_repeated_allowed_request_is_recorded_and_forwarded_like_the_first(tmp_path, issuer, upstream):
     """Repeats of an allowed token, route, method and path reuse its decision: each still gets
-    its own audit record, log fields and count, and claimToHeaders; expiry and a policy reload
-    end the reuse."""
+    its own audit record (with --audit-allowed every; rollups: tests/test_audit_through_gateway.py), log
+    fields and count, and claimToHeaders; expiry and a policy reload end the reuse."""
     spec = {"jwt": {"providers": [provider(issuer, claimToHeaders=[{"claim": "sub", "header": "X-User-Sub"}])]},
             **authorization([READ_DOCS])}
     token = issuer.mint(claims())
     short_lived = issuer.mint(claims(sub="user-2", exp=int(time.time()) + 2))
     async with running_gateway(tmp_path, echo_routes(upstream.port), policies_yaml=security_policy("p", spec),
-                               reload_interval=0.1) as gw:
+                               reload_interval=0.1, audit=AuditSettings(allowed="every")) as gw:
         assert await wait_ready(gw)
         for _ in range(3):
             await expect(gw, upstream, "/docs/a", 200, token=token, headers={"X-User-Sub": "forged"})

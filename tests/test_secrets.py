@@ -21,6 +21,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from gateway.audit import AuditSettings
 from gateway.server.app import StartupError
 from tests.support.fixtures import upstream_port  # noqa: F401 (fixture)
 from tests.support.harness import echo_routes, running_gateway
@@ -132,8 +133,10 @@ async def test_a_rotated_database_password_is_used_for_new_connections(tmp_path,
         try:
             await admin.execute("CREATE ROLE gateway LOGIN SUPERUSER PASSWORD 'first-password'")
             url = f"postgresql://gateway@127.0.0.1:{cluster.port}/postgres"
+            # One record per request (not rollups): each batch of requests makes writes to count
             async with running_gateway(tmp_path, echo_routes(upstream_port), policies_yaml=jwt_policy(issuer),
-                                       database_url=url, database_password_file=str(secret.path)) as gw:
+                                       database_url=url, database_password_file=str(secret.path),
+                                       audit=AuditSettings(allowed="every")) as gw:
                 for _ in range(5):
                     assert (await call(gw, "/", token=token))[0] == 200
                 assert await wait_for(lambda: _stored(gw, 5))

@@ -9,9 +9,15 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
+from gateway.audit import AuditLog
 from gateway.audit.record import AuditRecord
+from gateway.audit.spool import Spool
 from gateway.store import SQLITE_FILE, open_store, schema
+from gateway.store.postgres import _TYPES as postgres_types
+from gateway.store.sqlite import _TYPES as sqlite_types
+from tests.support.harness import free_port
 from tests.support.postgres import fresh_database
+from tests.support.store_gateway import sandgate_cli
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -185,3 +191,100 @@ async def test_unknown_url_scheme_names_only_the_scheme(tmp_path):
     with pytest.raises(ValueError) as err:
         await open_store("mysql://root:s3cret@db/x", data_dir=str(tmp_path))
     assert "mysql" in str(err.value) and "s3cret" not in str(err.value)
+
+
+# --- audit volume (SPEC §6): rollup records, paths cut at 2 KiB, retention, the v3 upgrade ----
+
+async def test_a_rollup_record_reads_back_with_its_count_and_last_request(store):
+    first = decision(request_id="req-2", path="/p")
+    rollup = first.rollup("0" * 31 + "7", 41, ("req-2", first.at_us), ("req-42", first.at_us + 2_500_000))
+    await store.write_audit([rollup])
+    (stored,) = await store.list_audit(last_request_id="req-42")
+    assert stored == rollup
+    assert (stored.request_count, stored.request_id, stored.last_at - stored.at) == (41, "req-2", timedelta(seconds=2.5))
+
+
+async def test_a_long_path_is_cut_at_2_kib_of_utf8_and_marked(store, tmp_path):
+    multibyte = decision(path="/" + "é" * 5000)  # 2 bytes each: a cut never splits one
+    ascii_ = decision(path="/" + "a" * 10_239)
+    fits = decision(path="/" + "é" * 1023)  # 2047 bytes
+    assert len(multibyte.path.encode()) == 2047 and multibyte.path_cut
+    assert ascii_.path == "/" + "a" * 2047 and ascii_.path_cut
+    assert len(fits.path) == 1024 and not fits.path_cut
+    await store.write_audit([multibyte, ascii_, fits])
+    stored = {r.id: r for r in await store.list_audit()}
+    assert [stored[r.id] for r in (multibyte, ascii_, fits)] == [multibyte, ascii_, fits]
+    spool = Spool(str(tmp_path / "spool"))  # the mark survives the spool too
+    spool.append([multibyte])
+    assert spool.set_aside() and next(spool.read_aside(10)) == [multibyte]
+
+
+async def test_records_older_than_the_retention_are_deleted_in_batches(store, tmp_path):
+    now = datetime.now(timezone.utc)
+    old = [decision(at=now - timedelta(days=31, seconds=n)) for n in range(2345)]
+    recent = [decision(at=now - timedelta(days=29)), decision()]
+    await store.write_audit(old + recent)
+    assert await store.delete_audit_before(now - timedelta(days=30), 1000) == 1000
+    audit = AuditLog(store, str(tmp_path / "spool"), retention=timedelta(days=30), retention_interval=0.1)
+    audit.start()  # its periodic task deletes the rest, RETENTION_BATCH rows per statement
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while await store.count_audit() != 2:
+            assert asyncio.get_running_loop().time() < deadline, await store.count_audit()
+            await asyncio.sleep(0.05)
+    finally:
+        await audit.stop()
+    assert {r.id for r in await store.list_audit()} == {r.id for r in recent}
+    assert audit.retention_deleted_total == 1345
+
+
+async def v2_store(url: str | None, data_dir) -> None:
+    """A store as version 2 made it, holding one decision written then."""
+    types = sqlite_types if url is None else postgres_types
+    statements = [schema.SCHEMA_TABLE.format(**types)]
+    for version, sql in schema.pending(0, types):
+        if version <= 2:
+            statements += sql + [f"INSERT INTO sandgate_schema (version, applied_at) VALUES ({version}, '2025-01-01T00:00:00+00:00')"]
+    statements.append("INSERT INTO audit_events (id, at, kind, path, decision) VALUES"
+                      " ('0123456789abcdef0123456789abcdef', '2025-06-01T00:00:00+00:00', 'decision', '/old', 'allow')")
+    if url is None:
+        data_dir.mkdir(exist_ok=True)
+        with sqlite3.connect(data_dir / SQLITE_FILE) as conn:
+            for sql in statements:
+                conn.execute(sql)
+        return
+    conn = await asyncpg.connect(url)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def test_db_migrate_upgrades_a_version_2_store(store_url, tmp_path):
+    data_dir = tmp_path / "data"
+    await v2_store(store_url, data_dir)
+    for _ in range(2):  # and again: a no-op
+        code, out, err = await sandgate_cli("db", "--data-dir", str(data_dir), "migrate",
+                                            SANDGATE_DATABASE_URL=store_url)
+        assert code == 0, err
+    assert await schema_versions(store_url, data_dir) == list(schema.VERSIONS)
+    store = await open_store(store_url, data_dir=str(data_dir))
+    try:
+        (old,) = await store.list_audit()
+        assert (old.path, old.request_count, old.last_request_id, old.last_at, old.path_cut) == ("/old", 1, None, None, False)
+        assert await store.write_audit([decision(request_count=5, last_request_id="r5", last_at=datetime.now(timezone.utc))]) == 1
+    finally:
+        await store.close()
+
+
+async def test_postgres_tests_fail_instead_of_skipping_under_ci(monkeypatch):
+    nobody = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="required in CI"):
+        async with fresh_database(nobody):
+            pass
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        async with fresh_database(nobody):
+            pass

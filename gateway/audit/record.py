@@ -28,7 +28,12 @@ _MICROSECOND = timedelta(microseconds=1)
 AUDIT_FIELDS = (
     "id", "at_us", "kind", "request_id", "route", "policy", "revision", "principal",
     "method", "host", "path", "decision", "reasons", "latency_ms", "detail",
+    "request_count", "last_request_id", "last_at_us", "path_cut",
 )
+
+# SPEC §6: recorded paths are cut at 2 KiB (of UTF-8) and marked as cut (`path_cut`): a path is
+# client input, and a record is queued, spooled and kept for the whole retention.
+PATH_MAX_BYTES = 2048
 
 
 def new_id(unix_ms: int | None = None) -> str:
@@ -59,6 +64,9 @@ class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
     reasons     tuple of reason codes
     latency_ms  float or None
     detail      JSON-ready mapping (fingerprints, never secrets)
+    request_count    how many requests this record stands for: 1, or a rollup's exact count
+    last_request_id, last_at    a rollup's last request (request_id and at are its first); else None
+    path_cut    True when `path` was longer than PATH_MAX_BYTES and is cut to it
     """
 
     __slots__ = ()
@@ -81,12 +89,15 @@ class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
         reasons: tuple[str, ...] = (),
         latency_ms: float | None = None,
         detail: Mapping[str, Any] | None = None,
+        request_count: int = 1,
+        last_request_id: str | None = None,
+        last_at: datetime | None = None,
+        path_cut: bool = False,
     ) -> AuditRecord:
         if at is None:
             at_us = time_ns() // 1000
         else:
-            # Stored timestamps are UTC; a naive one is taken as UTC rather than local time.
-            at_us = ((at if at.tzinfo else at.replace(tzinfo=_UTC)) - EPOCH) // _MICROSECOND
+            at_us = _us(at)
         if id is None:
             id = new_id(at_us // 1000)
         elif _HEX_ID.fullmatch(id) is None:
@@ -95,9 +106,13 @@ class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
             id = uuid.UUID(id).hex
         if type(reasons) is not tuple:
             reasons = tuple(reasons)
+        if path is not None and len(path) > PATH_MAX_BYTES // 4:  # shorter ones fit whatever they hold
+            path, cut = cut_path(path)
+            path_cut = path_cut or cut
         return tuple.__new__(cls, (
             id, at_us, kind, request_id, route, policy, revision, principal,
             method, host, path, decision, reasons, latency_ms, {} if detail is None else detail,
+            request_count, last_request_id, None if last_at is None else _us(last_at), bool(path_cut),
         ))
 
     def again(self, request_id: str, host: str, latency_ms: float) -> AuditRecord:
@@ -107,12 +122,25 @@ class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
         s = self
         return tuple.__new__(AuditRecord, (
             new_id(at_us // 1000), at_us, s[2], request_id, s[4], s[5], s[6], s[7], s[8], host, s[10], s[11], s[12],
-            latency_ms, s[14],
+            latency_ms, s[14], 1, None, None, s[18],
+        ))
+
+    def rollup(self, id: str, count: int, first: tuple[str, int], last: tuple[str, int]) -> AuditRecord:
+        """The rollup record of `count` repeats of this decision: `first` and `last` are their
+        (request id, at_us); host and latency are per request, in the access log only."""
+        s = self
+        return tuple.__new__(AuditRecord, (
+            id, first[1], s[2], first[0], s[4], s[5], s[6], s[7], s[8], None, s[10], s[11], s[12],
+            None, s[14], count, last[0], last[1], s[18],
         ))
 
     @property
     def at(self) -> datetime:
         return EPOCH + timedelta(microseconds=self.at_us)
+
+    @property
+    def last_at(self) -> datetime | None:
+        return None if self.last_at_us is None else EPOCH + timedelta(microseconds=self.last_at_us)
 
     def __reduce__(self):
         # pickle and copy: __new__ takes keywords only
@@ -122,6 +150,7 @@ class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
         """Plain JSON-ready values (the spool's line, the access log's decision fields)."""
         out = dict(zip(_NAMES, self))
         out["at"] = self.at.isoformat()
+        out["last_at"] = None if self.last_at_us is None else self.last_at.isoformat()
         out["reasons"] = list(self.reasons)
         out["detail"] = dict(self.detail)
         return out
@@ -135,6 +164,8 @@ class AuditRecord(namedtuple("_AuditFields", AUDIT_FIELDS)):
     def from_json(cls, line: str) -> AuditRecord:
         data = json.loads(line)
         data["at"] = datetime.fromisoformat(data["at"])
+        if data.get("last_at") is not None:
+            data["last_at"] = datetime.fromisoformat(data["last_at"])
         # A spool written by another version may carry fields this one lacks: keep the record.
         return cls(**{k: v for k, v in data.items() if k in _FIELDS})
 
@@ -143,6 +174,20 @@ def _rebuild(values: tuple) -> AuditRecord:
     return tuple.__new__(AuditRecord, values)
 
 
-_NAMES = ("id", "at", *AUDIT_FIELDS[2:])  # the keyword arguments, in field order
+def _us(at: datetime) -> int:
+    # Stored timestamps are UTC; a naive one is taken as UTC rather than local time.
+    return ((at if at.tzinfo else at.replace(tzinfo=_UTC)) - EPOCH) // _MICROSECOND
+
+
+def cut_path(path: str) -> tuple[str, bool]:
+    """(path, False) when it fits in PATH_MAX_BYTES of UTF-8, else its longest prefix that does
+    (a character is never split), True."""
+    data = path.encode("utf-8", "surrogatepass")
+    if len(data) <= PATH_MAX_BYTES:
+        return path, False
+    return data[:PATH_MAX_BYTES].decode("utf-8", "ignore"), True
+
+
+_NAMES = ("id", "at", *AUDIT_FIELDS[2:17], "last_at", "path_cut")  # the keyword arguments, in field order
 _FIELDS = frozenset(_NAMES)
 _HEX_ID = re.compile(r"[0-9a-f]{32}")

@@ -4,6 +4,10 @@ A JSON-lines file. Appends are fsync'd per batch. To replay, the file is first r
 so that new appends start a fresh file; the aside file is deleted only after every record in
 it was written, and a crash before that replays it again (record ids make that harmless).
 All methods block on disk: AuditLog calls them in a worker thread.
+
+The spool is capped (`--audit-spool-max`, SPEC §6): the live file and the one being replayed
+together never exceed `max_bytes`; append() keeps the records that fit and says how many it
+could not keep, for AuditLog to count and log.
 """
 
 from __future__ import annotations
@@ -17,21 +21,37 @@ from gateway.audit.record import AuditRecord
 log = logging.getLogger("sandgate.audit")
 
 SPOOL_FILE = "audit-spool.jsonl"
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
 
 
 class Spool:
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, max_bytes: int = DEFAULT_MAX_BYTES):
         self.dir = data_dir
         self.path = os.path.join(data_dir, SPOOL_FILE)
         self.aside = self.path + ".replaying"
+        self.max_bytes = max_bytes
 
     def pending(self) -> bool:
         return os.path.exists(self.path) or os.path.exists(self.aside)
 
-    def append(self, records: Sequence[AuditRecord]) -> None:
+    def size(self) -> int:
+        return sum(os.path.getsize(p) for p in (self.path, self.aside) if os.path.exists(p))
+
+    def append(self, records: Sequence[AuditRecord]) -> int:
+        """Append the records that fit under max_bytes, in order; returns how many did not."""
         os.makedirs(self.dir, exist_ok=True)
         created = not os.path.exists(self.path)
-        data = "".join(r.to_json() + "\n" for r in records).encode()
+        room = self.max_bytes - self.size() - 1  # the newline a torn last line may need
+        lines = []
+        for r in records:
+            line = (r.to_json() + "\n").encode()
+            if len(line) > room:
+                break
+            room -= len(line)
+            lines.append(line)
+        if not lines:
+            return len(records)
+        data = b"".join(lines)
         with open(self.path, "a+b") as f:
             # A crash mid-append can leave a torn last line; start on a fresh line so that
             # the first record of this batch is not glued to it and lost with it.
@@ -44,6 +64,7 @@ class Spool:
             os.fsync(f.fileno())
         if created:
             self._fsync_dir()
+        return len(records) - len(lines)
 
     def set_aside(self) -> bool:
         """Make the aside file the one to replay; False when nothing is spooled. An aside file

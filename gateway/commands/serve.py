@@ -36,6 +36,7 @@ def run_serve(args, load_options: LoadOptions) -> int:
     _use_fast_loop()
     if args.workers > 1:
         return asyncio.run(_supervise(args))
+    from gateway.audit import AuditSettings
     from gateway.server.app import ServeOptions, StartupError, serve
     from gateway.server.handler import Settings
 
@@ -60,6 +61,8 @@ def run_serve(args, load_options: LoadOptions) -> int:
                           allow_loopback_sandboxes=args.allow_loopback_sandboxes,
                           connection_limit=args.connection_limit),
         kubeconfig=args.kubeconfig,
+        audit=AuditSettings(allowed=args.audit_allowed, retention=args.audit_retention,
+                            spool_max_bytes=args.audit_spool_max),
     )
 
     def on_ready(_running) -> None:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from gateway.auth.apikeys import hash_key, mint_key, read_pepper
 from gateway.secrets import KEY_VAULT, MissingSecret
 from gateway.server.app import vault_references
-from gateway.config.durations import parse_duration
+from gateway.config.durations import parse_lifetime
 from gateway.store import open_store
 
 
@@ -55,7 +55,7 @@ async def _keys(store, args) -> int:
         expires_at = None
         if args.expires:
             try:
-                expires_at = datetime.now(timezone.utc) + timedelta(seconds=_lifetime(args.expires))
+                expires_at = datetime.now(timezone.utc) + timedelta(seconds=parse_lifetime(args.expires))
             except ValueError as e:
                 print(f"sandgate: --expires: {e}", file=sys.stderr)
                 return 2
@@ -81,9 +81,3 @@ async def _keys(store, args) -> int:
     print(f"sandgate: no active key {args.id}", file=sys.stderr)
     return 1
 
-
-def _lifetime(text: str) -> float:
-    """"30d" as well as Gateway API durations ("12h", "90m")."""
-    if text.endswith("d") and text[:-1].isdigit():
-        return int(text[:-1]) * 86400.0
-    return parse_duration(text)

@@ -16,6 +16,13 @@ def parse_duration(text: str) -> float:
     return sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(text))
 
 
+def parse_lifetime(text: str) -> float:
+    """Seconds in "30d" as well as in a Gateway API duration ("12h", "90m")."""
+    if text.endswith("d") and text[:-1].isdigit() and len(text) <= 6:
+        return int(text[:-1]) * 86400.0
+    return parse_duration(text)
+
+
 def parse_timeout(text: str | None) -> float | None:
     """A timeout setting: None when unset, and also for "0s", which disables the timeout."""
     if text is None:

@@ -20,7 +20,7 @@ from typing import TextIO
 from aiohttp import web
 
 from gateway.config.loader import LoadOptions, load_routes
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditSettings
 from gateway.auth.fetch import JwksFetcher
 from gateway.config.model import Config, Listener, SandboxRouter
 from gateway.policy.loader import load_policies
@@ -63,6 +63,7 @@ class ServeOptions:
     database_password_file: str | None = None  # its password's secret file, re-read per connection
     data_dir: str = "/tmp/sandgate"  # embedded store and audit spool: mount a volume to keep them
     spool_dir: str | None = None  # default data_dir; each --workers process gets its own
+    audit: AuditSettings = field(default_factory=AuditSettings)  # --audit-allowed, -retention, -spool-max
     settings: Settings = field(default_factory=Settings)
     access_log: TextIO | None = None  # default stdout
     kubeconfig: str | None = None  # default: in-cluster, else $KUBECONFIG or ~/.kube/config
@@ -308,7 +309,8 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
     except Exception as e:  # noqa: BLE001 - one clear line for the operator
         raise StartupError(f"cannot open the store ({'PostgreSQL' if options.database_url else options.data_dir}): {e}") from e
     audit = AuditLog(store, options.spool_dir or options.data_dir,
-                     on_depth=metrics.audit_queue_depth.set, on_spooled=metrics.audit_spooled.inc)
+                     on_depth=metrics.audit_queue_depth.set, on_spooled=metrics.audit_spooled.inc,
+                     on_dropped=metrics.audit_dropped.inc, **options.audit.arguments())
     fetcher = JwksFetcher(overrides=options.load.overrides)  # --resolve: every address dialled
     try:
         runtime = PolicyRuntime(policies, config, fetcher, on_refresh=metrics.observe_jwks_refresh,

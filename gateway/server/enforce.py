@@ -16,6 +16,7 @@ from typing import Callable
 from aiohttp import web
 
 from gateway.audit import AuditRecord
+from gateway.audit.rollup import Slot
 from gateway.policy.decision import Decision, RequestFacts, evaluate, www_authenticate
 from gateway.policy.model import Cors, SecurityPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime, metadata_document, origin_allowed
@@ -34,14 +35,24 @@ class Allowed:
 @dataclass(slots=True)
 class Repeat:
     """An allowed decision kept with its verified token for one route, method and path, with
-    what recording it again needs: a repeated request costs a lookup and a tuple, not a new
-    evaluation, audit record and log fields."""
+    what recording it again needs: a repeated request costs a lookup and, in rollup mode, an
+    increment in its open rollup slot (else a tuple), not a new evaluation, audit record and
+    log fields."""
 
     policy: SecurityPolicy
     allowed: Allowed
     record: AuditRecord  # the first request's: again() makes the next ones
     log_json: str  # decision_json(record)
     counter: object  # its policy_decisions_total child
+    slot: Slot | None = None  # its rollup slot (AuditLog.decided), while that is open
+
+
+def _audited(audit, record: AuditRecord) -> tuple[Slot | None, object]:
+    """Record a decision; returns its rollup slot (None in `every` mode) and what the access log
+    names as its audit id (`.id`): the record itself when it is stored on its own, else the
+    rollup slot, whose id the rollup record will have."""
+    slot = audit.decided(record)
+    return slot, (record if slot is None or slot.count == 0 else slot)
 
 
 def metadata_response(policies: PolicyRuntime, path: str, origin: str) -> web.Response | None:
@@ -85,9 +96,13 @@ async def enforce(
             repeat = token.memo.get((id(policy), route_key, method, path)) if token is not None else None
             if repeat is not None and repeat.policy is policy:  # the id of a live policy is its own
                 repeat.counter.inc()
-                record = repeat.record.again(request_id, host, int((monotonic() - started) * 1_000_000 + 0.5) / 1000)
-                audit.record(record)
-                outcome.decision = record
+                slot = repeat.slot
+                if slot is not None and slot.open:
+                    slot.again(request_id)
+                    outcome.decision = slot
+                else:
+                    record = repeat.record.again(request_id, host, int((monotonic() - started) * 1_000_000 + 0.5) / 1000)
+                    repeat.slot, outcome.decision = _audited(audit, record)
                 outcome.decision_json = repeat.log_json
                 return repeat.allowed
     cors = policy.cors
@@ -128,8 +143,7 @@ async def enforce(
         # fingerprints only: a record never holds a token or an API key
         detail={} if token is None else {"credential": token.fingerprint},
     )
-    audit.record(record)
-    outcome.decision = record  # the access log line of this request carries the decision
+    slot, outcome.decision = _audited(audit, record)  # the access log line of this request carries the decision
     outcome.decision_json = log_json = decision_json(record)
     if not decision.allowed:
         challenge = None
@@ -147,7 +161,7 @@ async def enforce(
     allowed = Allowed(decision, decision.upstream_headers, enforcement.strip_headers, response_headers)
     if repeat_source is not None and client_origin is None and mcp is None and token is not None and decision.token_sent:
         # Keyed like decision.py's memo entries plus the route: the two kinds never collide.
-        token.remember((id(policy), route_key, method, path), Repeat(policy, allowed, record, log_json, counter))
+        token.remember((id(policy), route_key, method, path), Repeat(policy, allowed, record, log_json, counter, slot))
     return allowed
 
 

@@ -56,6 +56,11 @@ class Metrics:
         self.audit_spooled = Counter(
             "sandgate_audit_spooled", "Audit records written to the local spool while the store was down", registry=r
         )
+        self.audit_dropped = Counter(
+            "sandgate_audit_dropped",
+            "Audit records dropped: the store was down and the spool full (--audit-spool-max) or unwritable",
+            registry=r,
+        )
         # Every replica watches the same previews: the gauge is the same on all of them ("max").
         self.previews_active = Gauge(
             "sandgate_previews_active", "Previews with a live HTTPRoute", registry=r, multiprocess_mode="max"

@@ -32,6 +32,11 @@ class Store(abc.ABC):
         """Insert the records whose id is not stored yet; returns how many were inserted."""
 
     @abc.abstractmethod
+    async def delete_audit_before(self, cutoff: datetime, limit: int) -> int:
+        """Delete at most `limit` records older than `cutoff` (one short statement, so that
+        retention never holds a long lock); returns how many were deleted."""
+
+    @abc.abstractmethod
     async def count_audit(self, **filters) -> int:
         """Filters: see gateway.store.query.audit_where."""
 

@@ -15,7 +15,7 @@ from gateway.store.query import (
     API_KEY_COLUMNS, AUDIT_COLUMNS, api_key_from_row, audit_from_row, audit_rows, audit_where, dumps,
 )
 
-_TYPES = {"uuid": "uuid", "time": "timestamptz", "json": "jsonb", "float": "double precision"}
+_TYPES = {"uuid": "uuid", "time": "timestamptz", "json": "jsonb", "float": "double precision", "bool": "boolean"}
 # Held for the whole migration transaction, so replicas that start together migrate one at a
 # time; the number only has to be the same in every replica (it spells "sandgate").
 _MIGRATION_LOCK = 0x73616E6467617465
@@ -100,6 +100,11 @@ class PostgresStore(PostgresApprovals, Store):
                 await con.copy_to_table("sandgate_audit_stage", source=_one(data), columns=AUDIT_COLUMNS)
                 status = await con.execute(_MOVE_STAGED)
             return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
+
+    async def delete_audit_before(self, cutoff: datetime, limit: int) -> int:
+        status = await self._pool.execute(
+            "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE at < $1 LIMIT $2)", cutoff, limit)
+        return int(status.rsplit(" ", 1)[1])  # "DELETE <rows>"
 
     async def count_audit(self, **filters) -> int:
         where, args = audit_where(filters, _placeholder, _same)

@@ -12,10 +12,12 @@ from gateway.store.base import ApiKeyRecord
 
 # Column order of audit_events, as both stores insert and select it: an AuditRecord's fields
 # (id, at, kind, request_id, route, policy, revision, principal, method, host, path, decision,
-# reasons, latency_ms, detail), with `at` for the record's at_us.
-AUDIT_COLUMNS = ("id", "at", *AUDIT_FIELDS[2:])
+# reasons, latency_ms, detail, request_count, last_request_id, last_at, path_cut), with `at`
+# and `last_at` for the record's at_us and last_at_us.
+AUDIT_COLUMNS = ("id", "at", *AUDIT_FIELDS[2:17], "last_at", "path_cut")
 API_KEY_COLUMNS = "id, owner, scopes, created_at, expires_at, revoked_at"
-_EQUALITY_FILTERS = frozenset(AUDIT_COLUMNS) - {"id", "at", "reasons", "latency_ms", "detail"}
+_EQUALITY_FILTERS = frozenset(AUDIT_COLUMNS) - {"id", "at", "reasons", "latency_ms", "detail", "request_count",
+                                                "last_at", "path_cut"}
 
 DecodeAt = Callable[[Any], datetime | None]
 
@@ -99,13 +101,18 @@ def audit_rows(records: Iterable[AuditRecord]) -> list[tuple]:
         found = encoded.get(id(detail))
         if found is None:
             found = encoded[id(detail)] = (detail, dumps(detail))
-        rows.append((rec[0], encode_at_us(rec[1]), *texts, reasons_json, rec[13], found[1]))
+        last_request_id, last_at_us = rec[16], rec[17]
+        if last_request_id is not None and (not last_request_id.isascii() or "\x00" in last_request_id):
+            last_request_id = clean(last_request_id)
+        rows.append((rec[0], encode_at_us(rec[1]), *texts, reasons_json, rec[13], found[1], rec[15],
+                     last_request_id, None if last_at_us is None else encode_at_us(last_at_us), rec[18]))
     return rows
 
 
 def audit_from_row(row: Mapping[str, Any], decode_at: DecodeAt) -> AuditRecord:
     values = {c: row[c] for c in AUDIT_COLUMNS}
-    values.update(id=str(row["id"]), at=decode_at(row["at"]), reasons=json.loads(row["reasons"]), detail=json.loads(row["detail"]))
+    values.update(id=str(row["id"]), at=decode_at(row["at"]), reasons=json.loads(row["reasons"]), detail=json.loads(row["detail"]),
+                  last_at=decode_at(row["last_at"]), path_cut=bool(row["path_cut"]))
     return AuditRecord(**values)
 
 

@@ -45,6 +45,14 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             error text)""",
         "CREATE INDEX preview_approvals_status ON preview_approvals (status, created_at)",
     )),
+    (3, (
+        # Rollups (SPEC §6): one record for many identical decisions, their exact count and the
+        # last of them (request_id and at are the first); and paths cut at 2 KiB, marked.
+        "ALTER TABLE audit_events ADD COLUMN request_count integer NOT NULL DEFAULT 1",
+        "ALTER TABLE audit_events ADD COLUMN last_request_id text",
+        "ALTER TABLE audit_events ADD COLUMN last_at {time}",
+        "ALTER TABLE audit_events ADD COLUMN path_cut {bool} NOT NULL DEFAULT false",
+    )),
 )
 
 

@@ -24,7 +24,7 @@ from gateway.store.query import (
 
 T = TypeVar("T")
 
-_TYPES = {"uuid": "text", "time": "text", "json": "text", "float": "real"}
+_TYPES = {"uuid": "text", "time": "text", "json": "text", "float": "real", "bool": "integer"}
 _BUSY_TIMEOUT = 5.0  # another worker process may hold the write lock for a moment
 
 _WIDTH = len(AUDIT_COLUMNS)
@@ -122,6 +122,10 @@ class SqliteStore(SqliteApprovals, Store):
             return conn.total_changes - before
 
         return await self._run(self._transaction, insert)
+
+    async def delete_audit_before(self, cutoff: datetime, limit: int) -> int:
+        sql = "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE at < ? LIMIT ?)"
+        return await self._run(self._transaction, lambda conn: conn.execute(sql, (_encode_at(cutoff), limit)).rowcount)
 
     async def count_audit(self, **filters) -> int:
         where, args = audit_where(filters, _placeholder, _encode_at)

@@ -8,6 +8,7 @@ import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from gateway.audit import AuditSettings
 from gateway.config.loader import LoadOptions
 from gateway.server.app import ServeOptions, start_gateway
 from gateway.sandbox.terminal import TerminalSettings
@@ -31,6 +32,7 @@ async def running_gateway(
     kubeconfig: str | Path | None = None,
     terminal: TerminalSettings | None = None,
     preview_timing: dict | None = None,
+    audit: AuditSettings | None = None,
 ):
     """The gateway on `routes_yaml`, its store at `database_url` (PostgreSQL) or embedded in tmp_path/"data"."""
     routes = tmp_path / "routes.yaml"
@@ -57,6 +59,7 @@ async def running_gateway(
         kubeconfig=str(kubeconfig) if kubeconfig is not None else None,
         terminal=terminal or TerminalSettings(),
         preview_timing=preview_timing,
+        audit=audit or AuditSettings(),
     )
     running = await start_gateway(options)
     running.log_buffer = log

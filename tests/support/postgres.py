@@ -3,6 +3,9 @@
 The shared server (SANDGATE_TEST_POSTGRES_URL, default 127.0.0.1:5432 with trust auth) gives
 each test its own database. A throwaway cluster is one the test may stop and start again: it
 lives in a temporary directory, listens on a free loopback port and is always removed.
+
+Without PostgreSQL a test is skipped on a workstation, but fails when `CI` is set: a CI run
+that silently skipped its database tests would report a pass it never earned.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ from tests.support.harness import free_port
 ADMIN_URL = os.environ.get("SANDGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def unavailable(reason: str) -> None:
+    """Skip the test, or fail it when running in CI (`CI` set and not empty)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL is required in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
@@ -35,7 +45,7 @@ async def fresh_database(admin_url: str = ADMIN_URL):
     try:
         admin = await asyncpg.connect(admin_url, timeout=3)
     except (OSError, asyncpg.PostgresError, TimeoutError) as e:
-        pytest.skip(f"no PostgreSQL at {urlsplit(admin_url).netloc}: {e}")
+        unavailable(f"no PostgreSQL at {urlsplit(admin_url).netloc}: {e}")
     name = f"sandgate_test_{uuid.uuid4().hex[:12]}"
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -107,7 +117,7 @@ def throwaway_cluster(host_auth: str = "trust"):
     directory, which trusts."""
     bin_dir = _bin_dir()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+        unavailable("PostgreSQL server binaries (initdb, pg_ctl) not found")
     root = tempfile.mkdtemp(prefix="sandgate-pg-")
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
