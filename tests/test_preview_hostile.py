@@ -10,6 +10,7 @@ from time import monotonic
 
 import aiohttp
 
+from gateway.audit import AuditSettings
 from gateway.preview.table import LOOKUP_BURST, LOOKUP_RATE
 from gateway.preview.tokens import fingerprint, new_token
 from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
@@ -61,7 +62,8 @@ async def test_concurrent_requests_for_one_unknown_host_share_one_lookup(tmp_pat
 async def test_preview_tokens_reach_neither_the_access_log_nor_the_audit_store(tmp_path, world, issuer):
     _, port = await world.add("agents", "box-1", owner="alice@example.com")
     alice = token_for(issuer)
-    async with gateway(tmp_path, world, issuer) as gw:
+    # one audit record per request, so that each request's recorded path can be read back
+    async with gateway(tmp_path, world, issuer, audit=AuditSettings(allowed="every")) as gw:
         _, created = await api(gw, "POST", "/gateway/v1/previews", alice, {"namespace": "agents", "sandbox": "box-1", "port": port})
         token = created["token"]
         got = await api(gw, "GET", f"/gateway/v1/previews/{token}", alice)
