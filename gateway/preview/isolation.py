@@ -4,6 +4,9 @@ host, so it never receives the platform's credentials, and the cookies it sets s
 
 from __future__ import annotations
 
+from urllib.parse import unquote_plus
+
+
 def strip_credentials(headers, cookie_names: frozenset[str]) -> None:
     headers.popall("Authorization", None)
     headers.popall("Proxy-Authorization", None)
@@ -25,3 +28,12 @@ def host_only_cookies(headers) -> None:
     for value in values or ():
         parts = [p for p in value.split(";") if p.split("=", 1)[0].strip().lower() != "domain"]
         headers.add("Set-Cookie", ";".join(parts))
+
+
+def without_params(query: str, names: frozenset[str]) -> str:
+    """The raw query string without the parameters named in `names`, compared as the policy
+    reads them (parse_qsl: percent-decoded, '+' as space), the rest kept byte for byte."""
+    if not names or not query:
+        return query
+    kept = [part for part in query.split("&") if unquote_plus(part.split("=", 1)[0]) not in names]
+    return "&".join(kept)

@@ -56,7 +56,8 @@ class SandboxTarget:
     path: str
     timeout: float | None
     tag: tuple  # ("sandbox", namespace, name): closes its WebSockets when it is deleted
-    isolate: bool = False  # a preview: no platform credentials in, host-only cookies out
+    isolate: bool = False  # a preview: its own host, so only its own cookies in
+    csp: str = ""  # Content-Security-Policy added to its responses (the SandboxRouter's)
 
 
 class Refusal(Exception):
@@ -247,7 +248,7 @@ class SandboxAccess:
                 if len(self._targets) >= MAX_CACHED:
                     self._targets.clear()
                 self._targets[key] = cached
-        return SandboxTarget(cached[1], address.path or path, timeout, cached[2])
+        return SandboxTarget(cached[1], address.path or path, timeout, cached[2], csp=router.content_security_policy)
 
     def _endpoint(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None) -> Endpoint:
         port = address.port or router.default_port

@@ -29,7 +29,7 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
-from gateway.preview.isolation import host_only_cookies, strip_credentials
+from gateway.preview.isolation import host_only_cookies, strip_credentials, without_params
 from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host
 from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
@@ -197,8 +197,6 @@ class Gateway:
             forwarded_host=authority or headers.get("Host", host), trusted_hops=trusted_hops,
             to_sandbox=sandbox is not None,
         )
-        if sandbox is not None and sandbox.isolate:
-            strip_credentials(out_headers, self.policies.credential_cookies)
         traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
@@ -206,6 +204,15 @@ class Gateway:
             if isinstance(limited, web.StreamResponse):
                 return limited
             rate_headers = limited
+        if sandbox is not None:
+            # SPEC §4.1: no platform credential reaches a sandbox pod (after rate limiting, which
+            # may key on a credential header): every header, cookie and query parameter any
+            # SecurityPolicy reads one from, whatever `sanitize` says.
+            policies = self.policies
+            for name in policies.credential_headers:
+                out_headers.popall(name, None)
+            strip_credentials(out_headers, policies.credential_cookies)
+            query = without_params(query, policies.credential_params)
 
         def edit_response(response_headers: CIMultiDict) -> None:
             response_headers["X-Request-Id"] = request_id
@@ -217,8 +224,12 @@ class Gateway:
                     response_headers[name] = value
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)
-            if sandbox is not None and sandbox.isolate:
+            if sandbox is not None:
+                # A sandbox cannot set cookies for the platform's domain, and its HTML runs in an
+                # opaque origin: ours is added after any CSP it sent (browsers enforce them all).
                 host_only_cookies(response_headers)
+                if sandbox.csp:
+                    response_headers.add("Content-Security-Policy", sandbox.csp)
 
         request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
         if sandbox is not None and sandbox.timeout is not None:
