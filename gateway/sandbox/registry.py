@@ -1,9 +1,10 @@
 """What the gateway knows about sandboxes: a live copy of Sandboxes and SandboxClaims per
 namespace, kept by watches, so resolving a sandbox is a dictionary lookup (§4.1 `Cluster`).
 
-A sandbox's owner and sharing come from its SandboxClaim (the claim that created it: its
-ownerReference, else the claim of the same name) and, for sandboxes created directly, from the
-Sandbox itself.
+A sandbox's owner and sharing come from its SandboxClaim and, for sandboxes created directly,
+from the Sandbox itself. The claim is the one the Sandbox's ownerReference names by uid, never a
+claim that merely has the same name: a claim deleted and re-created by someone else (same name,
+new uid) must not become the owner of the old claim's sandbox, nor the other way round.
 """
 
 from __future__ import annotations
@@ -127,11 +128,17 @@ class SandboxRegistry:
         return info
 
     def _claim_of(self, namespace: str, sandbox: dict) -> dict | None:
+        """The SandboxClaim that owns the sandbox: the ownerReference's name AND uid must match
+        (a name alone outlives the object it named)."""
         claims = self._claims[namespace].objects
         for ref in sandbox["metadata"].get("ownerReferences") or ():
-            if ref.get("kind") == "SandboxClaim" and ref.get("name") in claims:
-                return claims[ref["name"]]
-        return claims.get(sandbox["metadata"]["name"])
+            if not isinstance(ref, dict) or ref.get("kind") != "SandboxClaim":
+                continue
+            claim = claims.get(ref.get("name"))
+            uid = ref.get("uid")
+            if claim is not None and uid and (claim.get("metadata") or {}).get("uid") == uid:
+                return claim
+        return None
 
     def _sandbox_changed(self, event: str, sandbox: dict) -> None:
         meta = sandbox["metadata"]
