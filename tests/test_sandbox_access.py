@@ -268,7 +268,7 @@ async def test_dns_resolution_dials_the_service_name_and_502s_when_it_does_not_r
     ip = world_ip(world, "box-1")
     overrides = {f"box-1.agents.svc.cluster.local:{port}": (ip, port)}
     async with running_gateway(tmp_path, router_yaml(token_file=str(token_file), resolution="DNS"),
-                               overrides=overrides) as gw:
+                               overrides=overrides, settings=LOOPBACK) as gw:
         found = await request(gw, "/", headers=sandbox("box-1", port))
         missing = await request(gw, "/", headers=sandbox("box-9", port))
     assert found[0] == 200 and found[2]["backend"] == "agents/box-1"

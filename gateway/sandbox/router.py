@@ -7,8 +7,8 @@ response that ends it (an error, or the terminal's WebSocket).
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
+from inspect import isawaitable
 from typing import Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -22,6 +22,7 @@ from gateway.sandbox.address import (
     API_PREFIX, HEADER_ID, HEADER_NAMESPACE, HEADER_PORT, HEADER_TIMEOUT,
     BadSandboxRequest, SandboxAddress, from_headers, from_path,
 )
+from gateway.sandbox.destinations import AddressRefused, Destinations
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.terminal import Terminals
 from gateway.sandbox.token import RouterToken
@@ -61,9 +62,18 @@ class SandboxTarget:
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+    """A request that ends here. `code` is the error body's; the audit record's reason is its
+    kebab-case form. Refusals that say something about the caller or the cluster (401, 404, an
+    address that must not be dialled, a pod that is not the sandbox's) are audited."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, *, audited: bool | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.audited = status in (401, 404) if audited is None else audited
+
+    @property
+    def reason(self) -> str:
+        return self.code.replace("_", "-")
 
 
 def router_errors(config: Config, secured: Callable[[str, int, str], bool]) -> list[str]:
@@ -108,8 +118,7 @@ class SandboxAccess:
         self.registry = registry
         self.terminals = terminals
         self.audit = audit
-        self.allow_loopback = allow_loopback
-        self.overrides = overrides or {}
+        self.destinations = Destinations(allow_loopback=allow_loopback, overrides=overrides)
         self._tokens: dict[str, RouterToken] = {}
         # Per-request work that only depends on a few header values or on the sandbox's watched
         # state is done once: parsed addresses by raw header values, targets by sandbox state.
@@ -139,20 +148,33 @@ class SandboxAccess:
         """Where to forward this request, or the response that ends it; for the terminal, an
         awaitable that serves it (the common path stays free of coroutines)."""
         caller = None
+
+        def refused(refusal: Refusal) -> web.Response:
+            if refusal.audited:
+                self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
+            return refusal_response(refusal, request, request_id)
+
         try:
             caller = self.authenticate(request, router, claims, secured)
             address = self.address(request, router, path)
             info = self.authorize(router, address, caller, policy)
             if address.terminal:
-                return self._terminal(request, address, caller, info, request_id)
-            return self.target(router, address, info, rewritten_path)
+                return self._terminal(request, address, caller, info, refused)
+            target = self.target(router, address, info, rewritten_path)
+            return self._settle(target, refused) if isawaitable(target) else target
         except Refusal as refusal:
-            if refusal.status in (401, 404):
-                self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
-            return refusal_response(refusal, request, request_id)
+            return refused(refusal)
+
+    @staticmethod
+    async def _settle(target: Awaitable[SandboxTarget], refused: Callable[[Refusal], web.Response]):
+        """A target whose address had to be resolved first."""
+        try:
+            return await target
+        except Refusal as refusal:
+            return refused(refusal)
 
     async def _terminal(self, request: web.BaseRequest, address: SandboxAddress, caller: Caller, info: SandboxInfo,
-                        request_id: str) -> web.StreamResponse:
+                        refused: Callable[[Refusal], web.Response]) -> web.StreamResponse:
         try:
             if not is_websocket_upgrade(request.headers):
                 raise Refusal(400, "bad_request", "The terminal is a WebSocket endpoint.")
@@ -165,7 +187,7 @@ class SandboxAccess:
             except KubeError as e:
                 raise Refusal(502, "exec_failed", f"The sandbox's shell could not be started ({e.status} {e.reason}).") from None
         except Refusal as refusal:
-            return refusal_response(refusal, request, request_id)
+            return refused(refusal)
 
     def _audit_denial(self, request, refusal: Refusal, caller: Caller | None, policy, router, request_id, route_key, path) -> None:
         self.audit.record(AuditRecord(
@@ -173,7 +195,7 @@ class SandboxAccess:
             policy=f"SandboxPolicy {policy.key}" if policy is not None else f"SandboxRouter {router.key}",
             revision=policy.revision if policy is not None else None,
             principal=caller.identity if caller is not None else None,
-            method=request.method, host=request.host, path=path, decision="deny", reasons=(refusal.code,),
+            method=request.method, host=request.host, path=path, decision="deny", reasons=(refusal.reason,),
         ))
 
     def authenticate(self, request: web.BaseRequest, router: SandboxRouter, claims: Mapping | None, secured: bool) -> Caller:
@@ -231,57 +253,88 @@ class SandboxAccess:
             raise Refusal(404, "sandbox_not_found", f"No sandbox {address.name} in namespace {address.namespace}.")
         return info
 
-    def target(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None, path: str) -> SandboxTarget:
-        """Where to send the request; `path` is used unless the address names one (port proxy)."""
-        timeout = router.timeout
-        if address.timeout is not None:
-            timeout = min(timeout, address.timeout) if timeout is not None else address.timeout
+    def target(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None,
+               path: str) -> SandboxTarget | Awaitable[SandboxTarget]:
+        """Where to send the request; `path` is used unless the address names one (port proxy).
+        An awaitable when a host name must be resolved (and its addresses checked) first."""
         # Both are one object per meaning: an address per distinct header values (cached by
         # address()), an info per observed state of the sandbox; a change is a new key.
         key = (address, info)
         cached = self._targets.get(key) if address.path is None else None  # port-proxy addresses are per request
-        if cached is None or cached[0] is not router:
-            endpoint = self._endpoint(router, address, info)
-            upstream = Upstream(f"Sandbox {address.namespace}/{address.name}:{address.port}", (endpoint,))
-            cached = (router, upstream, ("sandbox", address.namespace, address.name))
-            if address.path is None:
-                if len(self._targets) >= MAX_CACHED:
-                    self._targets.clear()
-                self._targets[key] = cached
-        return SandboxTarget(cached[1], address.path or path, timeout, cached[2], csp=router.content_security_policy)
+        if cached is not None and cached[0] is router:
+            return self._sandbox_target(router, address, path, cached[1])
+        host, port = self._destination(router, address, info)
+        if host is None:  # a name: resolved, and its addresses checked, every RESOLVED_SECONDS at most
+            try:
+                dialled = self.destinations.cached(port[0], port[1])
+            except AddressRefused as e:
+                raise _address_refusal(e) from None
+            if dialled is None:
+                return self._resolve_target(router, address, path, *port)
+            return self._sandbox_target(router, address, path, self._upstream(address, Endpoint(*dialled)))
+        upstream = self._upstream(address, Endpoint(host, port))
+        if address.path is None:
+            if len(self._targets) >= MAX_CACHED:
+                self._targets.clear()
+            self._targets[key] = (router, upstream)
+        return self._sandbox_target(router, address, path, upstream)
 
-    def _endpoint(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None) -> Endpoint:
+    async def _resolve_target(self, router: SandboxRouter, address: SandboxAddress, path: str, host: str, port: int) -> SandboxTarget:
+        try:
+            dialled = await self.destinations.resolve(host, port)
+        except AddressRefused as e:
+            raise _address_refusal(e) from None
+        return self._sandbox_target(router, address, path, self._upstream(address, Endpoint(*dialled)))
+
+    @staticmethod
+    def _upstream(address: SandboxAddress, endpoint: Endpoint) -> Upstream:
+        return Upstream(f"Sandbox {address.namespace}/{address.name}:{address.port}", (endpoint,))
+
+    @staticmethod
+    def _sandbox_target(router: SandboxRouter, address: SandboxAddress, path: str, upstream: Upstream) -> SandboxTarget:
+        timeout = router.timeout
+        if address.timeout is not None:
+            timeout = min(timeout, address.timeout) if timeout is not None else address.timeout
+        return SandboxTarget(upstream, address.path or path, timeout, ("sandbox", address.namespace, address.name),
+                             csp=router.content_security_policy)
+
+    def _destination(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None):
+        """(checked pod IP, port), or (None, (host name, port)) for a name to resolve."""
         port = address.port or router.default_port
         if router.resolution == "DNS":
-            return self._dns_endpoint(f"{address.name}.{address.namespace}.svc.{router.cluster_domain}", port)
+            return None, (f"{address.name}.{address.namespace}.svc.{router.cluster_domain}", port)
         assert info is not None
-        return self.pod_endpoint(info, port)
+        ip = self._pod_ip(info)
+        if ip is None:
+            return None, (info.service_fqdn, port)
+        return ip, port
 
     def pod_endpoint(self, info: SandboxInfo, port: int) -> Endpoint:
         """Where a Ready sandbox's port is dialled: a pod IP, else its Service's name."""
+        ip = self._pod_ip(info)
+        return Endpoint(ip, port) if ip is not None else Endpoint(info.service_fqdn, port)
+
+    def _pod_ip(self, info: SandboxInfo) -> str | None:
+        """A Ready sandbox's first pod IP the gateway may dial; None when only its Service's name
+        is left. Pod IPs come from cluster state, never from the client; still, an address that
+        means this machine or a metadata service is never dialled (destinations.py)."""
         if not info.ready:
             raise Refusal(503, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} is not ready: {info.not_ready_reason}")
         for ip in info.pod_ips:
-            if self._dialable(ip):
-                return Endpoint(ip, port)
+            if self.destinations.allowed(ip):
+                return ip
         if info.service_fqdn:
-            return self._dns_endpoint(info.service_fqdn, port)
+            return None
+        if info.pod_ips:
+            raise Refusal(503, "address_not_allowed", f"Sandbox {info.namespace}/{info.name} has no address the gateway may dial.",
+                          audited=True)
         raise Refusal(503, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} has no address yet.")
 
-    def _dns_endpoint(self, host: str, port: int) -> Endpoint:
-        override = self.overrides.get(f"{host}:{port}")
-        return Endpoint(*override) if override else Endpoint(host, port)
 
-    def _dialable(self, ip: str) -> bool:
-        """Pod IPs come from cluster state, never from the client; still, an address that can
-        only mean this machine or the cloud's metadata service is never dialled."""
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if address.is_loopback:
-            return self.allow_loopback
-        return not (address.is_link_local or address.is_multicast or address.is_unspecified or address.is_reserved)
+def _address_refusal(e: AddressRefused) -> Refusal:
+    # SPEC §4.1: a name that resolves to nothing is a 502; one that resolves where the gateway
+    # must not go is refused the same way, before anything is dialled, and audited.
+    return Refusal(502, e.code, e.message, audited=e.code == "address_not_allowed")
 
 
 def refusal_response(refusal: Refusal, request: web.BaseRequest, request_id: str) -> web.Response:
