@@ -28,6 +28,7 @@ from gateway.sandbox.terminal import Terminals
 from gateway.sandbox.token import RouterToken
 from gateway.secrets import MissingSecret
 from gateway.proxy.websocket import is_websocket_upgrade
+from gateway.server.enforce import decision_json
 from gateway.server.errors import error_response
 
 
@@ -144,14 +145,17 @@ class SandboxAccess:
 
     def route(self, request: web.BaseRequest, router: SandboxRouter, *, path: str, rewritten_path: str,
               claims: Mapping | None, secured: bool, policy: SandboxPolicy | None, request_id: str,
-              route_key: str) -> SandboxTarget | web.StreamResponse | Awaitable[web.StreamResponse]:
+              route_key: str, outcome) -> SandboxTarget | web.StreamResponse | Awaitable[web.StreamResponse]:
         """Where to forward this request, or the response that ends it; for the terminal, an
-        awaitable that serves it (the common path stays free of coroutines)."""
+        awaitable that serves it (the common path stays free of coroutines). A refusal that is
+        audited becomes `outcome`'s decision: the access log line says what the audit store says."""
         caller = None
 
         def refused(refusal: Refusal) -> web.Response:
             if refusal.audited:
-                self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
+                record = self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
+                outcome.decision = record
+                outcome.decision_json = decision_json(record)
             return refusal_response(refusal, request, request_id)
 
         try:
@@ -189,14 +193,17 @@ class SandboxAccess:
         except Refusal as refusal:
             return refused(refusal)
 
-    def _audit_denial(self, request, refusal: Refusal, caller: Caller | None, policy, router, request_id, route_key, path) -> None:
-        self.audit.record(AuditRecord(
+    def _audit_denial(self, request, refusal: Refusal, caller: Caller | None, policy, router, request_id, route_key,
+                      path) -> AuditRecord:
+        record = AuditRecord(
             kind="decision", request_id=request_id, route=route_key,
             policy=f"SandboxPolicy {policy.key}" if policy is not None else f"SandboxRouter {router.key}",
             revision=policy.revision if policy is not None else None,
             principal=caller.identity if caller is not None else None,
             method=request.method, host=request.host, path=path, decision="deny", reasons=(refusal.reason,),
-        ))
+        )
+        self.audit.record(record)
+        return record
 
     def authenticate(self, request: web.BaseRequest, router: SandboxRouter, claims: Mapping | None, secured: bool) -> Caller:
         if secured:

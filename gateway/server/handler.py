@@ -185,7 +185,8 @@ class Gateway:
             if isinstance(choice.special, PreviewZone):
                 sandbox = await self._preview(request, choice.special, found, gateway, host, path, allowed, request_id)
             else:
-                sandbox = self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id)
+                sandbox = self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id,
+                                        outcome)
                 if isawaitable(sandbox):  # the terminal
                     sandbox = await sandbox
             if isinstance(sandbox, web.StreamResponse):
@@ -340,7 +341,7 @@ class Gateway:
         return response
 
     def _sandbox(self, request, router, found: Candidate, gateway: str, path: str, upstream_path: str,
-                 allowed, policy, request_id: str):
+                 allowed, policy, request_id: str, outcome: "_Outcome"):
         """A SandboxRouter backend: the sandbox to forward to, or the response that ends it (an
         awaitable for the terminal)."""
         if self.sandboxes is None:
@@ -352,7 +353,7 @@ class Gateway:
             # who may reach which sandbox is read from the claims: without a SecurityPolicy there are none
             policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway)
             if policy is not None else None,
-            request_id=request_id, route_key=found.route.key,
+            request_id=request_id, route_key=found.route.key, outcome=outcome,
         )
         return routed
 
