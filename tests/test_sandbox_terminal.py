@@ -15,7 +15,8 @@ from gateway.server.handler import Settings
 from tests.support.harness import running_gateway, url
 from tests.support.kubeapi import running_kube_api
 from tests.support.policy_harness import wait_for
-from tests.support.sandboxes import SANDBOX_API, SandboxWorld, router_yaml
+from gateway.sandbox.registry import POD_NAME_ANNOTATION
+from tests.support.sandboxes import SANDBOX_API, SandboxWorld, pod_object, pod_selector, ready_status, router_yaml, sandbox_object
 
 TOKEN = "terminal-router-token"
 PATH = "/gateway/v1/sandboxes/agents/box-1/terminal"
@@ -159,3 +160,47 @@ async def stored(gw, kind: str) -> bool:
         return await gw.store.count_audit(kind=kind) > 0
 
     return await wait_for(present, timeout=5)
+
+
+async def test_the_pod_name_annotation_cannot_point_the_shell_at_another_sandboxs_pod(terminal_gateway):
+    """`agents.x-k8s.io/pod-name` says which pod to exec into; a pod is only used when it is
+    the Sandbox's (owned by its uid, or carrying its status.selector labels)."""
+    gw = terminal_gateway
+    api = gw.world.api
+    hijack = sandbox_object("agents", "hijack", annotations={POD_NAME_ANNOTATION: "box-1"})  # box-1's pod
+    api.create(hijack)
+    api.set_status(SANDBOX_API, "Sandbox", "agents", "hijack", ready_status("127.0.0.9", selector=pod_selector("hijack")))
+    # a warm-pool pod adopted by `warm`: another name, the sandbox's selector labels, no owner reference
+    api.create(sandbox_object("agents", "warm", annotations={POD_NAME_ANNOTATION: "pool-x7k2p"}))
+    api.set_status(SANDBOX_API, "Sandbox", "agents", "warm", ready_status("127.0.0.9", selector=pod_selector("warm")))
+    api.create(pod_object("agents", "pool-x7k2p", "127.0.0.9", labels=dict([pod_selector("warm").split("=", 1)])))
+    api.set_status("v1", "Pod", "agents", "pool-x7k2p", {"phase": "Running", "podIP": "127.0.0.9", "podIPs": [{"ip": "127.0.0.9"}]})
+    # a pod that names a sandbox of the same name, but an earlier incarnation (another uid)
+    api.create(sandbox_object("agents", "stale", annotations={POD_NAME_ANNOTATION: "stale-pod"}))
+    api.set_status(SANDBOX_API, "Sandbox", "agents", "stale", ready_status("127.0.0.9"))
+    old = {"metadata": {"name": "stale", "uid": "11111111-2222-4333-8444-555555555555"}}
+    api.create(pod_object("agents", "stale-pod", "127.0.0.9", sandbox=old, labels={"unrelated": "x"}))
+    api.create(sandbox_object("agents", "nopod", annotations={POD_NAME_ANNOTATION: "absent"}))
+    api.set_status(SANDBOX_API, "Sandbox", "agents", "nopod", ready_status("127.0.0.9", selector=pod_selector("nopod")))
+
+    async def seen():
+        return gw.gateway.sandboxes.registry.find("agents", "nopod") is not None
+    assert await wait_for(seen, timeout=5)
+    async with aiohttp.ClientSession() as session:
+        for name in ("hijack", "stale", "nopod"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                async with connect(session, gw, f"/gateway/v1/sandboxes/agents/{name}/terminal"):
+                    pass
+            assert refused.value.status == 502, name
+            async with session.get(url(gw, f"/gateway/v1/sandboxes/agents/{name}/terminal"),
+                                   headers={"Authorization": f"Bearer {TOKEN}", "Connection": "Upgrade", "Upgrade": "websocket",
+                                            "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as plain:
+                assert plain.status == 502 and (await plain.json())["error"] == "pod_not_in_sandbox"
+        async with connect(session, gw, "/gateway/v1/sandboxes/agents/warm/terminal") as ws:
+            assert "adopted-ok" in await run(ws, "echo adopted-ok", "warm")
+
+    async def refusals_audited():
+        return await gw.store.count_audit(kind="decision", decision="deny") >= 3
+    assert await wait_for(refusals_audited, timeout=5)
+    reasons = {r.reasons for r in await gw.store.list_audit(kind="decision", decision="deny")}
+    assert reasons == {("pod-not-in-sandbox",)}

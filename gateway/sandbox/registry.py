@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from gateway.kube import SANDBOX, SANDBOX_CLAIM, KubeClient, WatchedKind
+from gateway.kube import POD, SANDBOX, SANDBOX_CLAIM, KubeClient, WatchedKind
 
 log = logging.getLogger("sandgate.sandbox")
 
@@ -150,6 +150,24 @@ class SandboxRegistry:
     def _claim_changed(self, event: str, claim: dict) -> None:
         # A claim is found from its sandbox's side: forget the namespace's derived infos.
         self._info.get(claim["metadata"].get("namespace", ""), {}).clear()
+
+    async def pod_of(self, info: SandboxInfo) -> str | None:
+        """The name of the sandbox's pod when that pod really is the sandbox's, else None.
+
+        The name comes from an annotation (agent-sandbox's warm-pool adoption) that anyone who
+        may edit the Sandbox can point at another pod: before a shell is opened in it, the pod
+        must name the Sandbox's uid as an owner, or carry every label of the Sandbox's
+        `status.selector` (which agent-sandbox derives from the sandbox's name). KubeError when
+        the API cannot tell."""
+        pod = await self.kube.get(POD, info.namespace, info.pod_name)
+        if pod is None:
+            return None
+        meta = pod.get("metadata") or {}
+        owned = any(isinstance(ref, dict) and ref.get("kind") == "Sandbox" and info.uid and ref.get("uid") == info.uid
+                    for ref in meta.get("ownerReferences") or ())
+        labels = meta.get("labels") or {}
+        selected = bool(info.pod_selector) and all(labels.get(key) == value for key, value in info.pod_selector)
+        return info.pod_name if owned or selected else None
 
     async def stop(self) -> None:
         watches = [*self._sandboxes.values(), *self._claims.values()]

@@ -187,7 +187,11 @@ class SandboxAccess:
             if self.terminals is None:
                 raise Refusal(503, "kubernetes_unavailable", "The terminal needs a Kubernetes connection.")
             try:
-                return await self.terminals.open(request, (caller.identity, address.namespace, address.name), info.pod_name)
+                pod = await self.registry.pod_of(info)
+                if pod is None:
+                    raise Refusal(502, "pod_not_in_sandbox", f"The pod of sandbox {address.namespace}/{address.name} "
+                                  "is missing or does not belong to it.", audited=True)
+                return await self.terminals.open(request, (caller.identity, address.namespace, address.name), pod)
             except KubeError as e:
                 raise Refusal(502, "exec_failed", f"The sandbox's shell could not be started ({e.status} {e.reason}).") from None
         except Refusal as refusal:
