@@ -13,8 +13,9 @@ import pytest
 from gateway.sandbox.terminal import TerminalSettings
 from gateway.server.handler import Settings
 from tests.support.harness import running_gateway, url
+from tests.support.issuer import ISSUER, Issuer, claims
 from tests.support.kubeapi import running_kube_api
-from tests.support.policy_harness import wait_for
+from tests.support.policy_harness import provider, route_target, security_policy, wait_for
 from gateway.sandbox.registry import POD_NAME_ANNOTATION
 from tests.support.sandboxes import SANDBOX_API, SandboxWorld, pod_object, pod_selector, ready_status, router_yaml, sandbox_object
 
@@ -204,3 +205,85 @@ async def test_the_pod_name_annotation_cannot_point_the_shell_at_another_sandbox
     assert await wait_for(refusals_audited, timeout=5)
     reasons = {r.reasons for r in await gw.store.list_audit(kind="decision", decision="deny")}
     assert reasons == {("pod-not-in-sandbox",)}
+
+
+async def test_a_detached_shell_keeps_at_most_256_kib_of_output_for_its_replay(terminal_gateway):
+    gw = terminal_gateway
+    async with aiohttp.ClientSession() as session:
+        async with connect(session, gw) as ws:
+            await run(ws, "true", "ready")
+            # two-byte characters: the bound is on bytes, not characters
+            await ws.send_str(json.dumps({"type": "input", "data": "sleep 0.5; yes é | head -c 3000000; echo END-$((6*7))\n"}))
+        await asyncio.sleep(3)
+        async with connect(session, gw) as ws:
+            replayed = await read_until(ws, "END-42", timeout=20)
+    size = len(replayed.encode())
+    assert 200_000 < size <= 256 * 1024 + 4096, size
+    assert replayed.count("é") > 60_000
+
+
+def two_issuer_policies(corp, partner) -> str:
+    import yaml
+
+    security = security_policy("sandbox-jwt", {"jwt": {"providers": [
+        provider(corp, name="corp"), {**provider(partner, name="partner"), "issuer": PARTNER},
+    ]}}, targets=[route_target("sandboxes")], namespace="platform")
+    sandbox_policy = {"apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPolicy", "metadata": {"name": "who", "namespace": "platform"},
+                      "spec": {"targetRefs": [route_target("sandboxes")], "owner": {"annotation": "sandgate.dev/owner"}}}
+    return security + "---\n" + yaml.safe_dump(sandbox_policy, sort_keys=False)
+
+
+PARTNER = "https://partner.example.test"
+
+
+async def test_terminals_are_per_principal_issuer_and_subject_and_capped(tmp_path, aiohttp_server):
+    corp, partner = await Issuer().start(), await Issuer().start()
+    try:
+        async with running_kube_api(tmp_path) as api:
+            world = SandboxWorld(api, aiohttp_server)
+            await world.add("agents", "box-1", owner="alice", shared_with="bob", with_pod=True)
+            async with running_gateway(
+                tmp_path, router_yaml(), settings=Settings(allow_loopback_sandboxes=True), kubeconfig=api.kubeconfig,
+                policies_yaml=two_issuer_policies(corp, partner),
+                terminal=TerminalSettings(reconnect_window=30.0, max_per_caller=2, max_total=3),
+            ) as gw:
+                alice = corp.mint(claims(sub="alice"))
+                partner_alice = partner.mint(claims(sub="alice", iss=PARTNER))
+                bob = corp.mint(claims(sub="bob"))
+                async with aiohttp.ClientSession() as session:
+                    # alice (corp) starts a shell and walks away: kept for her reconnect
+                    async with connect(session, gw, token=alice) as ws:
+                        await run(ws, "WHO=corp-alice", "set")
+                    # the same `sub` from another issuer is someone else: a fresh shell
+                    async with connect(session, gw, token=partner_alice) as ws:
+                        out = await run(ws, "echo who=[$WHO]", "partner")
+                        assert "who=[]" in out
+                    async with connect(session, gw, token=alice) as ws:
+                        assert "who=[corp-alice]" in await run(ws, "echo who=[$WHO]", "resumed")
+                        async with connect(session, gw, token=alice) as second:  # her second shell
+                            await run(second, "true", "second")
+                            # a third is over her cap: 429 with a JSON body, nothing started
+                            async with session.get(url(gw, PATH), headers=_upgrade(alice)) as third:
+                                body = await third.json()
+                                assert third.status == 429 and body["error"] == "too_many_terminals", body
+                                assert int(third.headers["Retry-After"]) >= 1
+                            assert gw.gateway.sandboxes.terminals.count() == 3  # alice 2, partner-alice 1 (kept)
+                            # bob has no shell, but the gateway's total is reached
+                            async with session.get(url(gw, PATH), headers=_upgrade(bob)) as over_total:
+                                assert over_total.status == 429 and (await over_total.json())["error"] == "too_many_terminals"
+                            await second.send_str(json.dumps({"type": "input", "data": "exit\n"}))
+                            await read_until(second, '"exit"')
+
+                    async def freed():
+                        return gw.gateway.sandboxes.terminals.count((ISSUER, "alice")) == 1
+                    assert await wait_for(freed, timeout=5)
+                    async with connect(session, gw, token=bob) as ws:  # room again
+                        await run(ws, "true", "bob")
+    finally:
+        await corp.stop()
+        await partner.stop()
+
+
+def _upgrade(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}", "Connection": "Upgrade", "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}

@@ -7,6 +7,7 @@ response that ends it (an error, or the terminal's WebSocket).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from inspect import isawaitable
 from typing import Awaitable, Callable, Mapping
@@ -16,7 +17,7 @@ from aiohttp import web
 from gateway.audit import AuditLog, AuditRecord
 from gateway.config.model import Config, Endpoint, PreviewZone, SandboxRouter, Upstream
 from gateway.kube import KubeError
-from gateway.policy.model import SandboxPolicy
+from gateway.policy.model import SandboxPolicy, SecurityPolicy
 from gateway.sandbox.access import DEFAULT_POLICY, relation
 from gateway.sandbox.address import (
     API_PREFIX, HEADER_ID, HEADER_NAMESPACE, HEADER_PORT, HEADER_TIMEOUT,
@@ -24,7 +25,7 @@ from gateway.sandbox.address import (
 )
 from gateway.sandbox.destinations import AddressRefused, Destinations
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
-from gateway.sandbox.terminal import Terminals
+from gateway.sandbox.terminal import Terminals, TooManyTerminals
 from gateway.sandbox.token import RouterToken
 from gateway.secrets import MissingSecret
 from gateway.proxy.websocket import is_websocket_upgrade
@@ -45,11 +46,25 @@ class Caller:
     unauthenticated mode) that may reach every sandbox the router opens."""
 
     claims: Mapping | None
-    identity: str  # for terminal resumption and audit: "sub", "router-token", "anonymous"
+    identity: str  # for audit: "sub", "router-token", "anonymous"
+    # The principal as a key (terminals per caller, resuming a shell): (issuer, subject), so
+    # the same `sub` from two issuers is two callers.
+    key: tuple[str, str] = ("", "")
 
 
-ROUTER_TOKEN_CALLER = Caller(None, "router-token")
-ANONYMOUS_CALLER = Caller(None, "anonymous")
+ROUTER_TOKEN_CALLER = Caller(None, "router-token", ("sandgate", "router-token"))
+ANONYMOUS_CALLER = Caller(None, "anonymous", ("sandgate", "anonymous"))
+
+
+def issuer_of(provider: str, security: SecurityPolicy | None, claims: Mapping) -> str:
+    """Who vouches for a verified principal: its JWT provider's configured issuer; for a provider
+    that accepts any issuer, the policy and provider that verified it plus the token's `iss`;
+    "api-key" for the platform's own API keys."""
+    jwt = security.jwt if security is not None else None
+    for candidate in jwt.providers if jwt is not None else ():
+        if candidate.name == provider:
+            return candidate.issuer or f"{security.key}/{provider}|{str(claims.get('iss', ''))[:256]}"
+    return provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +159,7 @@ class SandboxAccess:
     # --- the request path -----------------------------------------------------------------
 
     def route(self, request: web.BaseRequest, router: SandboxRouter, *, path: str, rewritten_path: str,
-              claims: Mapping | None, secured: bool, policy: SandboxPolicy | None, request_id: str,
+              claims: Mapping | None, issuer: str, secured: bool, policy: SandboxPolicy | None, request_id: str,
               route_key: str, outcome) -> SandboxTarget | web.StreamResponse | Awaitable[web.StreamResponse]:
         """Where to forward this request, or the response that ends it; for the terminal, an
         awaitable that serves it (the common path stays free of coroutines). A refusal that is
@@ -159,7 +174,7 @@ class SandboxAccess:
             return refusal_response(refusal, request, request_id)
 
         try:
-            caller = self.authenticate(request, router, claims, secured)
+            caller = self.authenticate(request, router, claims, secured, issuer)
             address = self.address(request, router, path)
             info = self.authorize(router, address, caller, policy)
             if address.terminal:
@@ -191,7 +206,10 @@ class SandboxAccess:
                 if pod is None:
                     raise Refusal(502, "pod_not_in_sandbox", f"The pod of sandbox {address.namespace}/{address.name} "
                                   "is missing or does not belong to it.", audited=True)
-                return await self.terminals.open(request, (caller.identity, address.namespace, address.name), pod)
+                return await self.terminals.open(request, (caller.key, address.namespace, address.name), pod)
+            except TooManyTerminals as e:
+                raise Refusal(429, "too_many_terminals", e.message,
+                              {"Retry-After": str(max(1, math.ceil(self.terminals.settings.reconnect_window)))}, audited=True) from None
             except KubeError as e:
                 raise Refusal(502, "exec_failed", f"The sandbox's shell could not be started ({e.status} {e.reason}).") from None
         except Refusal as refusal:
@@ -209,11 +227,13 @@ class SandboxAccess:
         self.audit.record(record)
         return record
 
-    def authenticate(self, request: web.BaseRequest, router: SandboxRouter, claims: Mapping | None, secured: bool) -> Caller:
+    def authenticate(self, request: web.BaseRequest, router: SandboxRouter, claims: Mapping | None, secured: bool,
+                     issuer: str = "") -> Caller:
         if secured:
             if claims is None:
                 raise Refusal(401, "unauthorized", "Sign in to reach a sandbox.", {"WWW-Authenticate": 'Bearer realm="sandgate"'})
-            return Caller(claims, str(claims.get("sub", ""))[:256])
+            subject = str(claims.get("sub", ""))[:256]
+            return Caller(claims, subject, (issuer, subject))
         if router.router_token_file:
             if not self._tokens[router.router_token_file].matches(request.headers.get("Authorization")):
                 challenge = 'Bearer realm="sandgate"'

@@ -54,8 +54,8 @@ class ClusterFeatures:
             features.registry = SandboxRegistry(kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name)))
 
         def record_terminal(kind: str, key: tuple, **detail) -> None:
-            identity, namespace, name = key
-            audit.record(AuditRecord(kind=kind, principal=identity, path=f"{namespace}/{name}", detail=detail))
+            (issuer, subject), namespace, name = key
+            audit.record(AuditRecord(kind=kind, principal=subject, path=f"{namespace}/{name}", detail={"issuer": issuer, **detail}))
 
         terminals = Terminals(kube, terminal, record_terminal) if kube is not None else None
         features.sandboxes = gateway.sandboxes = SandboxAccess(

@@ -32,7 +32,7 @@ from gateway.routing.table import Candidate, RequestView, RouteTable
 from gateway.preview.isolation import host_only_cookies, strip_credentials, without_params
 from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host
-from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
+from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess, issuer_of
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import SERVER, error_response
 from gateway.policy.authz import parse_ip
@@ -350,6 +350,7 @@ class Gateway:
         routed = self.sandboxes.route(
             request, router, path=path, rewritten_path=upstream_path,
             claims=token.claims if token is not None else None, secured=policy is not None,
+            issuer=issuer_of(token.provider, policy, token.claims) if token is not None else "",
             # who may reach which sandbox is read from the claims: without a SecurityPolicy there are none
             policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway)
             if policy is not None else None,
