@@ -7,17 +7,22 @@ not send a packet anywhere: the outer test re-runs them there and they assert th
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from gateway.kube import SANDBOX_CLAIM, KubeClient
 from gateway.sandbox.destinations import address_allowed
 from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
-from tests.support.harness import running_gateway
+from tests.support.harness import running_gateway, url
 from tests.support.issuer import claims
 from tests.support.policy_harness import wait_for
 from tests.support.sandboxes import CLAIM_API, SANDBOX_API, claim_object, ready_status, router_yaml, sandbox_object
@@ -149,3 +154,63 @@ async def test_a_claim_recreated_under_the_same_name_does_not_inherit_the_old_sa
     assert orphaned_for_mallory[0] == 404 and orphaned_for_mallory[2]["error"] == "sandbox_not_found"
     assert pending_for_mallory[0] == 404
     assert alice_after[0] == 404
+
+
+# --- access withdrawn while streams are open ---------------------------------------------------
+
+
+async def test_removing_a_user_from_shared_with_ends_their_open_streams_within_a_second(tmp_path, world, issuer):
+    """bob, shared into alice's sandbox, holds a WebSocket (header-routed), an event stream (port
+    proxy) and a terminal; alice holds a WebSocket. Removing bob from shared-with ends bob's
+    three promptly and leaves alice's alone."""
+    _, port = await world.add("agents", "box", owner="alice", shared_with="bob, carol", with_pod=True)
+    async with running_gateway(tmp_path, router_yaml(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                               policies_yaml=jwt_policies(issuer)) as gw:
+        bob = {"Authorization": f"Bearer {issuer.mint(claims(sub='bob'))}"}
+        alice = {"Authorization": f"Bearer {issuer.mint(claims(sub='alice'))}"}
+        async with aiohttp.ClientSession() as session:
+            bob_ws = await session.ws_connect(url(gw, "/ws"), headers={**bob, **sandbox("box", port)})
+            alice_ws = await session.ws_connect(url(gw, "/ws"), headers={**alice, **sandbox("box", port)})
+            bob_terminal = await session.ws_connect(url(gw, "/gateway/v1/sandboxes/agents/box/terminal"), headers=bob)
+            events = await session.get(url(gw, f"/gateway/v1/sandboxes/agents/box/ports/{port}/sse?n=600&interval=0.1"), headers=bob)
+            assert events.status == 200
+            for ws in (bob_ws, alice_ws):
+                await ws.receive()  # the echo's hello
+            await bob_terminal.send_str(json.dumps({"type": "input", "data": "echo up-$((40+2))\n"}))
+            async with asyncio.timeout(10):
+                while "up-42" not in (msg := await bob_terminal.receive()).data:
+                    pass
+            assert (await events.content.readline()).startswith(b"id: ")
+
+            kube = await KubeClient.connect(str(world.api.kubeconfig))
+            try:
+                await kube.merge_patch(SANDBOX_CLAIM, "agents", "box", {"metadata": {"annotations": {"sandgate.dev/shared-with": "carol"}}})
+            finally:
+                await kube.close()
+            started = time.monotonic()
+            closing = await asyncio.wait_for(bob_ws.receive(), 5)
+            ws_took = time.monotonic() - started
+            terminal_frames = []
+            async with asyncio.timeout(5):
+                while (msg := await bob_terminal.receive()).type == aiohttp.WSMsgType.TEXT:
+                    terminal_frames.append(msg.data)
+            cut = None
+            try:
+                async with asyncio.timeout(5):
+                    while await events.content.readline():
+                        pass
+            except aiohttp.ClientPayloadError as e:
+                cut = e
+            stream_took = time.monotonic() - started
+            await alice_ws.send_str("still here")
+            alice_echo = await asyncio.wait_for(alice_ws.receive(), 5)
+            after = await request(gw, "/", headers=sandbox("box", port), token=issuer.mint(claims(sub="bob")))
+            events.close()
+            await alice_ws.close()
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and bob_ws.close_code == 1008
+    assert "withdrawn" in (closing.extra or "")
+    assert ws_took < 3 and stream_took < 3  # "within a second", with room for a loaded machine
+    assert cut is not None or events.content.at_eof()
+    assert any("withdrawn" in frame for frame in terminal_frames), terminal_frames
+    assert alice_echo.data == "still here"
+    assert after[0] == 404

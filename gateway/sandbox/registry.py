@@ -76,9 +76,12 @@ def _ready(status: dict) -> tuple[bool, str]:
 class SandboxRegistry:
     """Watches of Sandboxes and SandboxClaims in the namespaces SandboxRouters open."""
 
-    def __init__(self, kube: KubeClient, on_deleted: Callable[[str, str], None] | None = None):
+    def __init__(self, kube: KubeClient, on_deleted: Callable[[str, str], None] | None = None,
+                 on_changed: Callable[[str, str | None], None] | None = None):
         self.kube = kube
         self._on_deleted = on_deleted
+        # (namespace, name or None for all of it): who may reach a sandbox may have changed
+        self._on_changed = on_changed
         self._sandboxes: dict[str, WatchedKind] = {}
         self._claims: dict[str, WatchedKind] = {}
         # namespace -> name -> SandboxInfo: built once per change, not once per request
@@ -146,10 +149,15 @@ class SandboxRegistry:
         self._info.get(namespace, {}).pop(meta["name"], None)
         if event == "DELETED" and self._on_deleted is not None:
             self._on_deleted(namespace, meta["name"])
+        elif self._on_changed is not None:
+            self._on_changed(namespace, meta["name"])
 
     def _claim_changed(self, event: str, claim: dict) -> None:
         # A claim is found from its sandbox's side: forget the namespace's derived infos.
-        self._info.get(claim["metadata"].get("namespace", ""), {}).clear()
+        namespace = claim["metadata"].get("namespace", "")
+        self._info.get(namespace, {}).clear()
+        if self._on_changed is not None:
+            self._on_changed(namespace, None)
 
     async def pod_of(self, info: SandboxInfo) -> str | None:
         """The name of the sandbox's pod when that pod really is the sandbox's, else None.

@@ -8,7 +8,8 @@ response that ends it (an error, or the terminal's WebSocket).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, replace
 from inspect import isawaitable
 from typing import Awaitable, Callable, Mapping
 
@@ -75,6 +76,29 @@ class SandboxTarget:
     tag: tuple  # ("sandbox", namespace, name): closes its WebSockets when it is deleted
     isolate: bool = False  # a preview: its own host, so only its own cookies in
     csp: str = ""  # Content-Security-Policy added to its responses (the SandboxRouter's)
+    # (claims, SandboxPolicy) the caller was let in with: its streams are re-checked against
+    # them when the sandbox's sharing changes (None: a trusted client, nothing to re-check)
+    access: tuple | None = None
+
+
+class SandboxStream:
+    """One open exchange with a sandbox (an HTTP response, a WebSocket or a terminal) on behalf
+    of a verified caller, kept while it lasts so that it ends when the caller loses access.
+
+    It is also the exchange's WebSocket tag: equal to the sandbox's tag tuple (so a deleted
+    sandbox closes it with the others) and, among streams, only to itself."""
+
+    __slots__ = ("tag", "claims", "policy", "task", "terminal", "__weakref__")
+
+    def __init__(self, tag: tuple, claims: Mapping, policy: SandboxPolicy | None, task, terminal: tuple | None = None):
+        self.tag, self.claims, self.policy, self.task, self.terminal = tag, claims, policy, task, terminal
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, SandboxStream):
+            return other is self
+        return other == self.tag
+
+    __hash__ = object.__hash__
 
 
 class Refusal(Exception):
@@ -142,6 +166,7 @@ class SandboxAccess:
         # an entry that a router with the same name but other settings would then use.
         self._addresses: dict[tuple, tuple[SandboxRouter, SandboxAddress | BadSandboxRequest]] = {}
         self._targets: dict[tuple, tuple[SandboxRouter, Upstream, tuple]] = {}
+        self._streams: dict[tuple[str, str], set[SandboxStream]] = {}  # (namespace, name) -> open streams
 
     def configure(self, config: Config) -> None:
         """Routers of a (re)loaded config: their token files and the namespaces to watch."""
@@ -178,22 +203,60 @@ class SandboxAccess:
             address = self.address(request, router, path)
             info = self.authorize(router, address, caller, policy)
             if address.terminal:
-                return self._terminal(request, address, caller, info, refused)
+                return self._terminal(request, address, caller, info, policy, refused)
             target = self.target(router, address, info, rewritten_path)
-            return self._settle(target, refused) if isawaitable(target) else target
+            access = (caller.claims, policy) if caller.claims is not None else None
+            if isawaitable(target):
+                return self._settle(target, refused, access)
+            return replace(target, access=access) if access is not None else target
         except Refusal as refusal:
             return refused(refusal)
 
     @staticmethod
-    async def _settle(target: Awaitable[SandboxTarget], refused: Callable[[Refusal], web.Response]):
+    async def _settle(target: Awaitable[SandboxTarget], refused: Callable[[Refusal], web.Response], access: tuple | None):
         """A target whose address had to be resolved first."""
         try:
-            return await target
+            resolved = await target
         except Refusal as refusal:
             return refused(refusal)
+        return replace(resolved, access=access) if access is not None else resolved
+
+    # --- streams that end when access ends (SPEC §5: shared-with edited) -------------------
+
+    def open_stream(self, target: SandboxTarget) -> SandboxStream:
+        """The current task's exchange with the sandbox, remembered until close_stream() when
+        its caller's access can change. Every exchange with a sandbox gets one, as its WebSocket
+        tag: a tuple tag would equal (see SandboxStream.__eq__) every stream to its sandbox."""
+        claims, policy = target.access if target.access is not None else (None, None)
+        stream = SandboxStream(target.tag, claims, policy, asyncio.current_task())
+        if claims is not None:
+            self._streams.setdefault(target.tag[1:], set()).add(stream)
+        return stream
+
+    def close_stream(self, stream: SandboxStream) -> None:
+        streams = self._streams.get(stream.tag[1:])
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._streams[stream.tag[1:]]
+
+    def lost_access(self, namespace: str, name: str | None) -> list[SandboxStream]:
+        """Open streams to the sandbox (every sandbox of the namespace when `name` is None)
+        whose caller may no longer reach it, as the cluster now says."""
+        keys = [(namespace, name)] if name is not None else [k for k in self._streams if k[0] == namespace]
+        lost = []
+        for key in keys:
+            streams = self._streams.get(key)
+            if not streams:
+                continue
+            info = self.registry.find(*key) if self.registry is not None else None
+            for stream in streams:
+                if info is None or relation(info, stream.claims, stream.policy or DEFAULT_POLICY) is None:
+                    lost.append(stream)
+        return lost
 
     async def _terminal(self, request: web.BaseRequest, address: SandboxAddress, caller: Caller, info: SandboxInfo,
-                        refused: Callable[[Refusal], web.Response]) -> web.StreamResponse:
+                        policy: SandboxPolicy | None, refused: Callable[[Refusal], web.Response]) -> web.StreamResponse:
         try:
             if not is_websocket_upgrade(request.headers):
                 raise Refusal(400, "bad_request", "The terminal is a WebSocket endpoint.")
@@ -206,7 +269,16 @@ class SandboxAccess:
                 if pod is None:
                     raise Refusal(502, "pod_not_in_sandbox", f"The pod of sandbox {address.namespace}/{address.name} "
                                   "is missing or does not belong to it.", audited=True)
-                return await self.terminals.open(request, (caller.key, address.namespace, address.name), pod)
+                key = (caller.key, address.namespace, address.name)
+                if caller.claims is None:
+                    return await self.terminals.open(request, key, pod)
+                stream = SandboxStream(("sandbox", address.namespace, address.name), caller.claims, policy,
+                                       asyncio.current_task(), terminal=key)
+                self._streams.setdefault((address.namespace, address.name), set()).add(stream)
+                try:
+                    return await self.terminals.open(request, key, pod)
+                finally:
+                    self.close_stream(stream)
             except TooManyTerminals as e:
                 raise Refusal(429, "too_many_terminals", e.message,
                               {"Retry-After": str(max(1, math.ceil(self.terminals.settings.reconnect_window)))}, audited=True) from None

@@ -282,6 +282,11 @@ class Terminals:
         self._hold(session.key[0], -1)
         self._record("terminal.closed", session.key, reason=reason, exit_code=exit_code)
 
+    async def close_session(self, key: tuple, reason: str) -> None:
+        """End the shells of one (caller, namespace, sandbox): the caller lost access."""
+        sessions = [s for s in self._sessions.values() if s.key == key]
+        await asyncio.gather(*(s.terminate(reason) for s in sessions), return_exceptions=True)
+
     async def close_sandbox(self, namespace: str, name: str, reason: str) -> None:
         sessions = [s for s in self._sessions.values() if s.key[1:] == (namespace, name)]
         await asyncio.gather(*(s.terminate(reason) for s in sessions), return_exceptions=True)

@@ -51,7 +51,10 @@ class ClusterFeatures:
         features = cls(kube)
         loop = asyncio.get_running_loop()
         if kube is not None:
-            features.registry = SandboxRegistry(kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name)))
+            features.registry = SandboxRegistry(
+                kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name)),
+                on_changed=lambda ns, name: loop.create_task(gateway.sandbox_access_changed(ns, name)),
+            )
 
         def record_terminal(kind: str, key: tuple, **detail) -> None:
             (issuer, subject), namespace, name = key

@@ -253,9 +253,11 @@ class Gateway:
         )
         outcome.upstream = str(plan.endpoint)
         exchange = Exchange()
+        # a sandbox exchange is tracked while it lasts: it ends when its caller loses access
+        stream = self.sandboxes.open_stream(sandbox) if sandbox is not None else None
         try:
             if is_websocket:
-                return await self._websocket(request, plan, outcome, sandbox.tag if sandbox is not None else None)
+                return await self._websocket(request, plan, outcome, stream)
             if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             response = await forward(request, plan, self.pool, exchange)
@@ -264,6 +266,8 @@ class Gateway:
                 raise ProxyError(502, "sandbox_unresolved", "The sandbox's address could not be resolved.") from e
             raise
         finally:
+            if stream is not None:
+                self.sandboxes.close_stream(stream)
             if exchange.retries:
                 outcome.retries = exchange.retries
                 outcome.upstream = str(exchange.endpoint)  # the one that answered last
@@ -378,6 +382,19 @@ class Gateway:
         await self.sockets.close_tagged(("sandbox", namespace, name), WSCloseCode.GOING_AWAY, reason)
         if self.sandboxes is not None and self.sandboxes.terminals is not None:
             await self.sandboxes.terminals.close_sandbox(namespace, name, reason)
+
+    async def sandbox_access_changed(self, namespace: str, name: str | None) -> None:
+        """The cluster changed who may reach a sandbox (every sandbox of the namespace when
+        `name` is None): end the streams of callers that lost access (SPEC §5) — WebSockets
+        with 1008, terminals with their shell, HTTP responses cut where they are."""
+        if self.sandboxes is None:
+            return
+        for stream in self.sandboxes.lost_access(namespace, name):
+            reason = f"access to sandbox {stream.tag[1]}/{stream.tag[2]} was withdrawn"
+            if stream.terminal is not None:
+                await self.sandboxes.terminals.close_session(stream.terminal, reason)
+            elif not await self.sockets.close_tagged(stream, WSCloseCode.POLICY_VIOLATION, reason):
+                stream.task.cancel()  # an HTTP response (or a WebSocket still in its handshake)
 
     async def _websocket(self, request: web.BaseRequest, plan: ForwardPlan, outcome: "_Outcome", tag=None):
         plan.deadline = None  # a WebSocket lives by its own idle timeout and maximum lifetime
