@@ -71,7 +71,8 @@ class PolicyRuntime:
             for name in source
         )
         # Headers and query parameters any policy reads a credential from (SPEC §4.1: none of
-        # them reaches a sandbox pod, whatever `sanitize` says). Lower-case header names.
+        # them reaches a sandbox pod, whatever `sanitize` says). Lower-case header names;
+        # Authorization and Proxy-Authorization always (a filter may have set them).
         self.credential_headers = frozenset(
             name.lower()
             for policy in policies.security

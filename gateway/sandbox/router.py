@@ -225,8 +225,9 @@ class SandboxAccess:
 
     def open_stream(self, target: SandboxTarget) -> SandboxStream:
         """The current task's exchange with the sandbox, remembered until close_stream() when
-        its caller's access can change. Every exchange with a sandbox gets one, as its WebSocket
-        tag: a tuple tag would equal (see SandboxStream.__eq__) every stream to its sandbox."""
+        its caller's access can change. Every WebSocket to a sandbox gets one as its tag, its
+        caller verified or not: a tuple tag would equal (SandboxStream.__eq__) every stream to
+        its sandbox, so closing one stream's socket would close them all."""
         claims, policy = target.access if target.access is not None else (None, None)
         stream = SandboxStream(target.tag, claims, policy, asyncio.current_task())
         if claims is not None:

@@ -212,8 +212,10 @@ class Gateway:
             policies = self.policies
             for name in policies.credential_headers:
                 out_headers.popall(name, None)
-            strip_credentials(out_headers, policies.credential_cookies)
-            query = without_params(query, policies.credential_params)
+            if "Cookie" in out_headers:
+                strip_credentials(out_headers, policies.credential_cookies)
+            if policies.credential_params and query:
+                query = without_params(query, policies.credential_params)
 
         def edit_response(response_headers: CIMultiDict) -> None:
             response_headers["X-Request-Id"] = request_id
@@ -228,7 +230,8 @@ class Gateway:
             if sandbox is not None:
                 # A sandbox cannot set cookies for the platform's domain, and its HTML runs in an
                 # opaque origin: ours is added after any CSP it sent (browsers enforce them all).
-                host_only_cookies(response_headers)
+                if "Set-Cookie" in response_headers:
+                    host_only_cookies(response_headers)
                 if sandbox.csp:
                     response_headers.add("Content-Security-Policy", sandbox.csp)
 
@@ -253,8 +256,11 @@ class Gateway:
         )
         outcome.upstream = str(plan.endpoint)
         exchange = Exchange()
-        # a sandbox exchange is tracked while it lasts: it ends when its caller loses access
-        stream = self.sandboxes.open_stream(sandbox) if sandbox is not None else None
+        # A sandbox exchange of a verified caller is tracked while it lasts: it ends when the
+        # caller loses access. Every sandbox WebSocket gets one as its tag (open_stream says why).
+        stream = None
+        if sandbox is not None and (is_websocket or sandbox.access is not None):
+            stream = self.sandboxes.open_stream(sandbox)
         try:
             if is_websocket:
                 return await self._websocket(request, plan, outcome, stream)
