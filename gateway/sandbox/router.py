@@ -7,8 +7,8 @@ response that ends it (an error, or the terminal's WebSocket).
 
 from __future__ import annotations
 
-import math
 import asyncio
+import math
 from dataclasses import dataclass, replace
 from inspect import isawaitable
 from typing import Awaitable, Callable, Mapping
@@ -414,9 +414,17 @@ class SandboxAccess:
         return ip, port
 
     def pod_endpoint(self, info: SandboxInfo, port: int) -> Endpoint:
-        """Where a Ready sandbox's port is dialled: a pod IP, else its Service's name."""
+        """Where a Ready sandbox's port is dialled (previews): a checked pod IP, else its
+        Service's name (a `--resolve` override of it is checked; a name is resolved when dialled)."""
         ip = self._pod_ip(info)
-        return Endpoint(ip, port) if ip is not None else Endpoint(info.service_fqdn, port)
+        if ip is not None:
+            return Endpoint(ip, port)
+        override = self.destinations.overrides.get(f"{info.service_fqdn}:{port}")
+        if override is None:
+            return Endpoint(info.service_fqdn, port)
+        if not self.destinations.allowed(override[0]):
+            raise Refusal(502, "address_not_allowed", "The sandbox's address is not one the gateway may dial.", audited=True)
+        return Endpoint(*override)
 
     def _pod_ip(self, info: SandboxInfo) -> str | None:
         """A Ready sandbox's first pod IP the gateway may dial; None when only its Service's name
