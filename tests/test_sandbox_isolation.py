@@ -114,6 +114,9 @@ def _hostile_page_app() -> web.Application:
         response.headers.add("Set-Cookie", "a=b; Domain=.example.com; Path=/")
         response.headers.add("Set-Cookie", "c=d; path=/;   DOMAIN = example.com ;HttpOnly")
         response.headers.add("Content-Security-Policy", "script-src * 'unsafe-inline'")
+        response.headers.add("Clear-Site-Data", '"cookies", "storage"')
+        if request.query.get("plant"):  # a platform session cookie of the attacker's choosing
+            response.headers.add("Set-Cookie", f"{request.query['plant']}=attackers-session; Path=/")
         return response
 
     app = web.Application()
@@ -151,6 +154,7 @@ async def test_sandbox_responses_get_host_only_cookies_and_an_opaque_origin(tmp_
         assert len(cookies) == 2
         assert all("domain" not in c.lower() for c in cookies), cookies
         assert cookies[0].startswith("a=b") and cookies[1].startswith("c=d")
+        assert "Clear-Site-Data" not in headers
         policies_sent = headers.getall("Content-Security-Policy", [])
         # the sandbox's own CSP stays (browsers enforce every one), ours comes last and cannot be weakened
         assert policies_sent[0] == "script-src * 'unsafe-inline'"
@@ -170,3 +174,20 @@ async def test_a_router_csp_that_would_give_back_the_platform_origin_is_refused(
     routes.write_text(_router_with(csp))
     assert main(check) == 1
     assert "contentSecurityPolicy" in capsys.readouterr().out
+
+
+async def test_a_sandbox_cannot_plant_a_platform_session_cookie(tmp_path, world, issuer, pepper):
+    """Served on the platform's host, a sandbox could set a cookie under a name a policy reads
+    credentials from (login CSRF): such Set-Cookies are dropped, others pass."""
+    _, port = await world.add("agents", "page", owner="alice", app=_hostile_page_app())
+    token = issuer.mint(claims(sub="alice"))
+    async with running_gateway(tmp_path, router_yaml() + OTHER_ROUTE, settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                               policies_yaml=policies(issuer, sanitize=False)) as gw:
+        async with aiohttp.ClientSession() as session:
+            answers = []
+            for plant in ("plat_sess", "key_jar", "harmless"):
+                async with session.get(url(gw, f"/gateway/v1/sandboxes/agents/page/ports/{port}/?plant={plant}"),
+                                       headers={"X-Platform-Token": token}) as response:
+                    assert response.status == 200
+                    answers.append([c.split("=", 1)[0] for c in response.headers.getall("Set-Cookie")])
+    assert answers == [["a", "c"], ["a", "c"], ["a", "c", "harmless"]]

@@ -37,3 +37,13 @@ def without_params(query: str, names: frozenset[str]) -> str:
         return query
     kept = [part for part in query.split("&") if unquote_plus(part.split("=", 1)[0]) not in names]
     return "&".join(kept)
+
+
+def without_set_cookies(headers, names: frozenset[str]) -> None:
+    """Drop every Set-Cookie that would set a cookie named in `names` (the platform's
+    credential cookies): a sandbox served on the platform's host could otherwise plant its own
+    session there (login CSRF, session fixation)."""
+    values = headers.popall("Set-Cookie", None)
+    for value in values or ():
+        if value.split(";", 1)[0].split("=", 1)[0].strip() not in names:
+            headers.add("Set-Cookie", value)

@@ -29,7 +29,7 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
-from gateway.preview.isolation import host_only_cookies, strip_credentials, without_params
+from gateway.preview.isolation import host_only_cookies, strip_credentials, without_params, without_set_cookies
 from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host
 from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess, issuer_of
@@ -232,6 +232,11 @@ class Gateway:
                 # opaque origin: ours is added after any CSP it sent (browsers enforce them all).
                 if "Set-Cookie" in response_headers:
                     host_only_cookies(response_headers)
+                    if not sandbox.isolate and self.policies.credential_cookies:
+                        # served on a platform host: no cookie of the platform's own names
+                        without_set_cookies(response_headers, self.policies.credential_cookies)
+                if not sandbox.isolate:
+                    response_headers.popall("Clear-Site-Data", None)  # nor wipe the platform's
                 if sandbox.csp:
                     response_headers.add("Content-Security-Policy", sandbox.csp)
 
