@@ -66,6 +66,7 @@ _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"
 RESOLVE_TIMEOUT = 5.0
 RESOLVED_SECONDS = 5.0  # how long a resolution is reused: bounds lookups per sandbox name
 MAX_RESOLVED = 10_000
+MAX_LOOKUPS = 32  # resolver threads busy at once; more requests for new names wait their turn
 
 
 class AddressRefused(Exception):
@@ -112,6 +113,8 @@ class Destinations:
         self.overrides = overrides or {}
         # (host, port) -> (expires at, (ip, port) to dial | (error code, message)): plain values
         self._resolved: dict[tuple[str, int], tuple[float, tuple]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}  # one lookup per name at a time
+        self._lookups: asyncio.Semaphore | None = None
 
     def allowed(self, ip: str) -> bool:
         return address_allowed(ip, allow_loopback=self.allow_loopback)
@@ -127,11 +130,25 @@ class Destinations:
     async def resolve(self, host: str, port: int) -> tuple[str, int]:
         """The (ip, port) to dial for host:port; AddressRefused when the name does not resolve
         or any address it resolves to is refused."""
+        key = (host, port)
+        pending = self._pending.get(key)
+        if pending is not None:
+            return _outcome(await asyncio.shield(pending))
         loop = asyncio.get_running_loop()
-        outcome = await self._lookup(host, port)
-        if len(self._resolved) >= MAX_RESOLVED:
-            self._resolved.clear()
-        self._resolved[(host, port)] = (loop.time() + RESOLVED_SECONDS, outcome)
+        pending = self._pending[key] = loop.create_future()
+        try:
+            if self._lookups is None:
+                self._lookups = asyncio.Semaphore(MAX_LOOKUPS)
+            async with self._lookups:
+                outcome = await self._lookup(host, port)
+            if len(self._resolved) >= MAX_RESOLVED:
+                self._resolved.clear()
+            self._resolved[key] = (loop.time() + RESOLVED_SECONDS, outcome)
+            pending.set_result(outcome)
+        finally:
+            del self._pending[key]
+            if not pending.done():  # this request was cancelled: the others look it up again
+                pending.set_result(("sandbox_unresolved", "The sandbox's address could not be resolved."))
         return _outcome(outcome)
 
     async def _lookup(self, host: str, port: int) -> tuple:
