@@ -241,6 +241,10 @@ class SandboxAccess:
             if not streams:
                 del self._streams[stream.tag[1:]]
 
+    def has_streams(self, namespace: str) -> bool:
+        """Any tracked stream into this namespace (most watch events concern none)."""
+        return any(key[0] == namespace for key in self._streams)
+
     def lost_access(self, namespace: str, name: str | None) -> list[SandboxStream]:
         """Open streams to the sandbox (every sandbox of the namespace when `name` is None)
         whose caller may no longer reach it, as the cluster now says."""

@@ -53,7 +53,8 @@ class ClusterFeatures:
         if kube is not None:
             features.registry = SandboxRegistry(
                 kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name)),
-                on_changed=lambda ns, name: loop.create_task(gateway.sandbox_access_changed(ns, name)),
+                on_changed=lambda ns, name: features.sandboxes.has_streams(ns)
+                and loop.create_task(gateway.sandbox_access_changed(ns, name)),
             )
 
         def record_terminal(kind: str, key: tuple, **detail) -> None:
