@@ -36,6 +36,7 @@ HOSTILE = [
     "169.254.169.254", "169.254.170.2", "169.254.3.4", "100.100.100.200", "168.63.129.16", "192.0.0.192",
     "fd00:ec2::254", "fe80::1", "::ffff:169.254.169.254", "::ffff:a9fe:a9fe", "64:ff9b::169.254.169.254",
     "2002:a9fe:a9fe::1", "0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "fe80::1%lo", "::169.254.169.254",
+    "100.72.1.1", "::ffff:100.100.100.200",
 ]
 
 
@@ -45,7 +46,8 @@ def test_metadata_and_special_purpose_addresses_are_never_dialable(address):
 
 
 @pytest.mark.parametrize("address, loopback, allowed", [
-    ("10.244.1.7", False, True), ("fd12:3456::7", False, True), ("100.64.12.3", False, True),  # pod networks
+    ("10.244.1.7", False, True), ("fd12:3456::7", False, True), ("100.63.255.1", False, True),  # pod networks
+    ("100.64.12.3", False, False), ("100.127.255.254", False, False), ("100.128.0.1", False, True),
     ("172.16.0.9", False, True), ("2600:1f18::1", False, True),
     ("127.0.0.5", False, False), ("127.0.0.5", True, True), ("::1", False, False), ("::ffff:127.0.0.1", False, False),
     ("not-an-ip", True, False), ("", True, False),

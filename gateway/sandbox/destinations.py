@@ -33,13 +33,14 @@ METADATA_ENDPOINTS = {
     "192.0.0.192": "Oracle Cloud instance metadata (legacy)",
 }
 
-# Special-purpose ranges (RFC 6890 and the IANA registries) no sandbox pod lives in, plus
-# provider ranges around the endpoints above. Carrier-grade NAT space (100.64.0.0/10) stays
-# open but for Alibaba's service block: some clusters (EKS custom networking) put pods there.
+# Special-purpose ranges (RFC 6890 and the IANA registries) no sandbox pod should live in, plus
+# provider ranges around the endpoints above. Shared address space (100.64.0.0/10, RFC 6598)
+# is where Alibaba Cloud puts its metadata and other platform services: refused as a whole,
+# so a cluster whose pod network uses it cannot be served (its pods would answer 503).
 DENIED_NETWORKS = {
     "0.0.0.0/8": "this network",
     "169.254.0.0/16": "IPv4 link-local (metadata services)",
-    "100.100.0.0/16": "Alibaba Cloud services (metadata 100.100.100.200)",
+    "100.64.0.0/10": "shared address space (Alibaba Cloud metadata 100.100.100.200)",
     "192.0.0.0/24": "IETF protocol assignments",
     "192.0.2.0/24": "documentation (TEST-NET-1)",
     "198.18.0.0/15": "benchmarking",
