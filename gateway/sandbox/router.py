@@ -371,16 +371,16 @@ class SandboxAccess:
         cached = self._targets.get(key) if address.path is None else None  # port-proxy addresses are per request
         if cached is not None and cached[0] is router:
             return self._sandbox_target(router, address, path, cached[1])
-        host, port = self._destination(router, address, info)
-        if host is None:  # a name: resolved, and its addresses checked, every RESOLVED_SECONDS at most
+        ip, name, port = self._destination(router, address, info)
+        if ip is None:  # a name: resolved, and its addresses checked, every RESOLVED_SECONDS at most
             try:
-                dialled = self.destinations.cached(port[0], port[1])
+                dialled = self.destinations.cached(name, port)
             except AddressRefused as e:
                 raise _address_refusal(e) from None
             if dialled is None:
-                return self._resolve_target(router, address, path, *port)
+                return self._resolve_target(router, address, path, name, port)
             return self._sandbox_target(router, address, path, self._upstream(address, Endpoint(*dialled)))
-        upstream = self._upstream(address, Endpoint(host, port))
+        upstream = self._upstream(address, Endpoint(ip, port))
         if address.path is None:
             if len(self._targets) >= MAX_CACHED:
                 self._targets.clear()
@@ -406,16 +406,15 @@ class SandboxAccess:
         return SandboxTarget(upstream, address.path or path, timeout, ("sandbox", address.namespace, address.name),
                              csp=router.content_security_policy)
 
-    def _destination(self, router: SandboxRouter, address: SandboxAddress, info: SandboxInfo | None):
-        """(checked pod IP, port), or (None, (host name, port)) for a name to resolve."""
+    def _destination(self, router: SandboxRouter, address: SandboxAddress,
+                     info: SandboxInfo | None) -> tuple[str | None, str | None, int]:
+        """(checked pod IP, None, port), or (None, host name to resolve, port)."""
         port = address.port or router.default_port
         if router.resolution == "DNS":
-            return None, (f"{address.name}.{address.namespace}.svc.{router.cluster_domain}", port)
+            return None, f"{address.name}.{address.namespace}.svc.{router.cluster_domain}", port
         assert info is not None
         ip = self._pod_ip(info)
-        if ip is None:
-            return None, (info.service_fqdn, port)
-        return ip, port
+        return (ip, None, port) if ip is not None else (None, info.service_fqdn, port)
 
     def pod_endpoint(self, info: SandboxInfo, port: int) -> Endpoint:
         """Where a Ready sandbox's port is dialled (previews): a checked pod IP, else its
