@@ -148,7 +148,7 @@ class Destinations:
             pending.set_result(outcome)
         finally:
             del self._pending[key]
-            if not pending.done():  # this request was cancelled: the others look it up again
+            if not pending.done():  # this request was cancelled mid-lookup: its waiters get a 502, not a hang
                 pending.set_result(("sandbox_unresolved", "The sandbox's address could not be resolved."))
         return _outcome(outcome)
 
