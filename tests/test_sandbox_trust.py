@@ -26,7 +26,7 @@ from tests.support.harness import running_gateway, url
 from tests.support.issuer import claims
 from tests.support.policy_harness import wait_for
 from tests.support.sandboxes import CLAIM_API, SANDBOX_API, claim_object, ready_status, router_yaml, sandbox_object
-from tests.test_sandbox_access import LOOPBACK, TOKEN, jwt_policies, request, sandbox, token_file  # noqa: F401
+from tests.test_sandbox_access import LOOPBACK, jwt_policies, request, sandbox, token_file  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parent.parent
 IN_NETNS = "SANDGATE_TEST_NETNS"
