@@ -12,7 +12,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
-from tests.support.harness import running_gateway, url
+from tests.support.harness import access_records, running_gateway, url
 from tests.support.issuer import claims
 from tests.support.policy_harness import provider, readiness, route_target, security_policy, wait_for, wait_ready
 from tests.support.sandboxes import SANDBOX_API, ready_status, router_yaml
@@ -268,7 +268,7 @@ async def test_dns_resolution_dials_the_service_name_and_502s_when_it_does_not_r
     ip = world_ip(world, "box-1")
     overrides = {f"box-1.agents.svc.cluster.local:{port}": (ip, port)}
     async with running_gateway(tmp_path, router_yaml(token_file=str(token_file), resolution="DNS"),
-                               overrides=overrides) as gw:
+                               overrides=overrides, settings=LOOPBACK) as gw:
         found = await request(gw, "/", headers=sandbox("box-1", port))
         missing = await request(gw, "/", headers=sandbox("box-9", port))
     assert found[0] == 200 and found[2]["backend"] == "agents/box-1"
@@ -387,3 +387,30 @@ async def test_readiness_waits_for_the_sandbox_watches(tmp_path, world, token_fi
         assert await wait_for(unready, timeout=10)
         await world.api.start()
         assert await wait_ready(gw, timeout=15)
+
+
+async def test_a_sandbox_refusal_is_the_decision_of_the_access_log_line_and_the_audit_record(tmp_path, world, issuer):
+    """One decision, one truth: the SecurityPolicy lets the caller in, the SandboxPolicy refuses
+    (not their sandbox): the access log line says deny with the reason the audit store holds."""
+    _, port = await world.add("agents", "carol-box", owner="carol@example.com")
+    async with running_gateway(tmp_path, router_yaml(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                               policies_yaml=jwt_policies(issuer)) as gw:
+        status, headers, body = await request(gw, "/", headers=sandbox("carol-box", port),
+                                              token=issuer.mint(claims(sub="dave@example.com")))
+        own = await request(gw, "/", headers=sandbox("carol-box", port), token=issuer.mint(claims(sub="carol@example.com")))
+        request_id = headers["X-Request-Id"]
+
+        async def stored():
+            return await gw.store.count_audit(request_id=request_id, decision="deny") > 0
+        assert await wait_for(stored, timeout=5)
+        records = await gw.store.list_audit(request_id=request_id)
+        lines = access_records(gw)
+    assert status == 404 and body["error"] == "sandbox_not_found" and own[0] == 200
+    line = next(r for r in lines if r["request_id"] == request_id)
+    assert line["status"] == 404
+    assert line["decision"] == "deny" and line["reasons"] == ["sandbox-not-found"], line
+    assert line["principal"] == "dave@example.com"
+    deny = next(r for r in records if r.decision == "deny")
+    assert line["audit_id"] == deny.id and list(deny.reasons) == line["reasons"]
+    allowed_line = next(r for r in lines if r["status"] == 200)
+    assert allowed_line["decision"] == "allow"

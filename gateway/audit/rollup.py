@@ -72,8 +72,10 @@ class Rollups:
     def decided(self, record: AuditRecord) -> Slot:
         """Count one decision: the first of its key is emitted as it is and opens a slot; a
         repeat only counts in the slot (slot.count > 0 after it)."""
+        # The principal too: a refusal made without a credential fingerprint (a sandbox router's)
+        # still rolls up per caller, never across callers.
         key = (record.detail.get("credential"), record.route, record.method, record.decision, record.reasons,
-               record.policy, record.revision)
+               record.policy, record.revision, record.principal)
         slot = self._slots.get(key)
         if slot is not None:
             slot.again(record.request_id)

@@ -561,6 +561,7 @@ def sandbox_router(doc: Document) -> SandboxRouter:
         timeout=parse_timeout(spec.get("timeout")),
         allow_unauthenticated=bool(spec.get("allowUnauthenticated", False)),
         router_token_file=spec.get("routerTokenFile"),
+        content_security_policy=spec.get("contentSecurityPolicy", "sandbox"),
         source=Source(doc.path, doc.line),
     )
 

@@ -153,6 +153,9 @@ class SandboxRouter:
     timeout: float | None = None  # seconds
     allow_unauthenticated: bool = False
     router_token_file: str | None = None
+    # Content-Security-Policy added to every sandbox response (SPEC §4.1): sandbox HTML runs in an
+    # opaque origin, never the platform's; "" opts out (the CRD refuses allow-same-origin).
+    content_security_policy: str = "sandbox"
     source: Source | None = None
     key: str = field(init=False, compare=False)  # "namespace/name", read per request
 

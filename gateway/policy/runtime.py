@@ -70,6 +70,22 @@ class PolicyRuntime:
                            policy.api_key.cookies if policy.api_key else ())
             for name in source
         )
+        # Headers and query parameters any policy reads a credential from (SPEC §4.1: none of
+        # them reaches a sandbox pod, whatever `sanitize` says). Lower-case header names;
+        # Authorization and Proxy-Authorization always (a filter may have set them).
+        self.credential_headers = frozenset(
+            name.lower()
+            for policy in policies.security
+            for name in (*(h for p in (policy.jwt.providers if policy.jwt else ()) for h, _ in p.source.headers),
+                         *(policy.api_key.headers if policy.api_key else ()))
+        ) | {"authorization", "proxy-authorization"}
+        self.credential_params = frozenset(
+            name
+            for policy in policies.security
+            for source in (*(p.source.params for p in (policy.jwt.providers if policy.jwt else ())),
+                           policy.api_key.params if policy.api_key else ())
+            for name in source
+        )
         for route in config.routes:
             resource = self._mcp_resource(route)
             if resource is not None:

@@ -12,6 +12,8 @@ SecurityPolicy reads a credential from, and the session cookies of Envoy Gateway
 
 from __future__ import annotations
 
+from urllib.parse import unquote_plus
+
 # Envoy Gateway's OIDC cookies: NAME-<hash of the policy>
 OIDC_COOKIE_PREFIXES = tuple(f"{name}-" for name in (
     "BearerToken", "IdToken", "RefreshToken", "OauthHMAC", "OauthExpires", "OauthNonce", "CodeVerifier",
@@ -51,3 +53,22 @@ def host_only_cookies(headers) -> None:
     for value in values or ():
         parts = [p for p in value.split(";") if p.split("=", 1)[0].strip().lower() != "domain"]
         headers.add("Set-Cookie", ";".join(parts))
+
+
+def without_params(query: str, names: frozenset[str]) -> str:
+    """The raw query string without the parameters named in `names`, compared as the policy
+    reads them (parse_qsl: percent-decoded, '+' as space), the rest kept byte for byte."""
+    if not names or not query:
+        return query
+    kept = [part for part in query.split("&") if unquote_plus(part.split("=", 1)[0]) not in names]
+    return "&".join(kept)
+
+
+def without_set_cookies(headers, names: frozenset[str]) -> None:
+    """Drop every Set-Cookie that would set a cookie named in `names` (the platform's
+    credential cookies): a sandbox served on the platform's host could otherwise plant its own
+    session there (login CSRF, session fixation)."""
+    values = headers.popall("Set-Cookie", None)
+    for value in values or ():
+        if value.split(";", 1)[0].split("=", 1)[0].strip() not in names:
+            headers.add("Set-Cookie", value)

@@ -1,9 +1,10 @@
 """What the gateway knows about sandboxes: a live copy of Sandboxes and SandboxClaims per
 namespace, kept by watches, so resolving a sandbox is a dictionary lookup (§4.1 `Cluster`).
 
-A sandbox's owner and sharing come from its SandboxClaim (the claim that created it: its
-ownerReference, else the claim of the same name) and, for sandboxes created directly, from the
-Sandbox itself.
+A sandbox's owner and sharing come from its SandboxClaim and, for sandboxes created directly,
+from the Sandbox itself. The claim is the one the Sandbox's ownerReference names by uid, never a
+claim that merely has the same name: a claim deleted and re-created by someone else (same name,
+new uid) must not become the owner of the old claim's sandbox, nor the other way round.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from gateway.kube import SANDBOX, SANDBOX_CLAIM, KubeClient, WatchedKind
+from gateway.kube import POD, SANDBOX, SANDBOX_CLAIM, KubeClient, WatchedKind
 
 log = logging.getLogger("sandgate.sandbox")
 
@@ -75,9 +76,12 @@ def _ready(status: dict) -> tuple[bool, str]:
 class SandboxRegistry:
     """Watches of Sandboxes and SandboxClaims in the namespaces SandboxRouters open."""
 
-    def __init__(self, kube: KubeClient, on_deleted: Callable[[str, str], None] | None = None):
+    def __init__(self, kube: KubeClient, on_deleted: Callable[[str, str], None] | None = None,
+                 on_changed: Callable[[str, str | None], None] | None = None):
         self.kube = kube
         self._on_deleted = on_deleted
+        # (namespace, name or None for all of it): who may reach a sandbox may have changed
+        self._on_changed = on_changed
         self._sandboxes: dict[str, WatchedKind] = {}
         self._claims: dict[str, WatchedKind] = {}
         # namespace -> name -> SandboxInfo: built once per change, not once per request
@@ -127,11 +131,17 @@ class SandboxRegistry:
         return info
 
     def _claim_of(self, namespace: str, sandbox: dict) -> dict | None:
+        """The SandboxClaim that owns the sandbox: the ownerReference's name AND uid must match
+        (a name alone outlives the object it named)."""
         claims = self._claims[namespace].objects
         for ref in sandbox["metadata"].get("ownerReferences") or ():
-            if ref.get("kind") == "SandboxClaim" and ref.get("name") in claims:
-                return claims[ref["name"]]
-        return claims.get(sandbox["metadata"]["name"])
+            if not isinstance(ref, dict) or ref.get("kind") != "SandboxClaim":
+                continue
+            claim = claims.get(ref.get("name"))
+            uid = ref.get("uid")
+            if claim is not None and uid and (claim.get("metadata") or {}).get("uid") == uid:
+                return claim
+        return None
 
     def _sandbox_changed(self, event: str, sandbox: dict) -> None:
         meta = sandbox["metadata"]
@@ -139,10 +149,33 @@ class SandboxRegistry:
         self._info.get(namespace, {}).pop(meta["name"], None)
         if event == "DELETED" and self._on_deleted is not None:
             self._on_deleted(namespace, meta["name"])
+        elif self._on_changed is not None:
+            self._on_changed(namespace, meta["name"])
 
     def _claim_changed(self, event: str, claim: dict) -> None:
         # A claim is found from its sandbox's side: forget the namespace's derived infos.
-        self._info.get(claim["metadata"].get("namespace", ""), {}).clear()
+        namespace = claim["metadata"].get("namespace", "")
+        self._info.get(namespace, {}).clear()
+        if self._on_changed is not None:
+            self._on_changed(namespace, None)
+
+    async def pod_of(self, info: SandboxInfo) -> str | None:
+        """The name of the sandbox's pod when that pod really is the sandbox's, else None.
+
+        The name comes from an annotation (agent-sandbox's warm-pool adoption) that anyone who
+        may edit the Sandbox can point at another pod: before a shell is opened in it, the pod
+        must name the Sandbox's uid as an owner, or carry every label of the Sandbox's
+        `status.selector` (which agent-sandbox derives from the sandbox's name). KubeError when
+        the API cannot tell."""
+        pod = await self.kube.get(POD, info.namespace, info.pod_name)
+        if pod is None:
+            return None
+        meta = pod.get("metadata") or {}
+        owned = any(isinstance(ref, dict) and ref.get("kind") == "Sandbox" and info.uid and ref.get("uid") == info.uid
+                    for ref in meta.get("ownerReferences") or ())
+        labels = meta.get("labels") or {}
+        selected = bool(info.pod_selector) and all(labels.get(key) == value for key, value in info.pod_selector)
+        return info.pod_name if owned or selected else None
 
     async def stop(self) -> None:
         watches = [*self._sandboxes.values(), *self._claims.values()]

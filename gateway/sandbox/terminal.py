@@ -5,6 +5,11 @@ A shell outlives its client's connection for a reconnect window: a client that c
 (the same caller, the same sandbox) resumes the same shell, and what the shell printed in
 between is replayed. The shell ends when it exits, when it is idle too long, when the window
 passes without a reconnect, or when its sandbox is deleted.
+
+A caller is a principal key, (issuer, subject): the same `sub` from another issuer is someone
+else. Shells (attached or kept for a reconnect) are capped per caller and in total, and each
+keeps at most BACKLOG_BYTES of output for its replay: a client opening shells and walking away
+cannot grow the gateway.
 """
 
 from __future__ import annotations
@@ -26,13 +31,23 @@ log = logging.getLogger("sandgate.terminal")
 STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
 SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash; else exec sh; fi"]
 MAX_CLIENT_FRAME = 1 << 20
-BACKLOG_BYTES = 256 * 1024  # output kept for a resuming client
+BACKLOG_BYTES = 256 * 1024  # output kept for a resuming client, UTF-8 bytes
 
 
 @dataclass(frozen=True)
 class TerminalSettings:
     reconnect_window: float = 30.0
     idle_timeout: float = 1800.0
+    max_per_caller: int = 8  # shells of one caller, attached or kept for a reconnect
+    max_total: int = 256  # shells of all callers
+
+
+class TooManyTerminals(Exception):
+    """A new shell would exceed a cap (the caller answers 429)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 class TerminalSession:
@@ -129,10 +144,16 @@ class TerminalSession:
                 return
             except ConnectionError:
                 self.detach()
+        data = text.encode("utf-8", "replace")
+        if len(data) > BACKLOG_BYTES:  # one chunk larger than the whole backlog: its tail
+            data = data[-BACKLOG_BYTES:]
+            text = data.decode("utf-8", "ignore")  # a cut character at the start is dropped
+            self._backlog.clear()
+            self._backlog_size = 0
         self._backlog.append(text)
-        self._backlog_size += len(text)
-        while self._backlog_size > BACKLOG_BYTES and len(self._backlog) > 1:
-            self._backlog_size -= len(self._backlog.pop(0))
+        self._backlog_size += len(data)
+        while self._backlog_size > BACKLOG_BYTES:
+            self._backlog_size -= len(self._backlog.pop(0).encode("utf-8", "replace"))
 
     async def _end(self, reason: str) -> None:
         if self.ended.is_set():
@@ -189,21 +210,30 @@ def _exit_code(payload: bytes) -> int:
 
 
 class Terminals:
-    """Open shells by (caller, namespace, sandbox), and their reaper."""
+    """Open shells by (caller, namespace, sandbox), and their reaper. A caller is the principal
+    key (issuer, subject) that terminal access was authorized for."""
 
     def __init__(self, kube: KubeClient | None, settings: TerminalSettings, record: Callable[..., None]):
         self.kube = kube
         self.settings = settings
         self._record = record  # (event, key, **detail): audit
         self._sessions: dict[tuple, TerminalSession] = {}
+        # shells per caller, counted from before the exec is dialled (so concurrent opens cannot
+        # pass the cap together) until the shell ends
+        self._per_caller: dict[tuple, int] = {}
+        self._count = 0
         self._reaper: asyncio.Task | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def count(self, caller: tuple | None = None) -> int:
+        """Shells (attached, kept for a reconnect, or being started) of `caller`, or of all."""
+        return self._count if caller is None else self._per_caller.get(caller, 0)
+
     async def open(self, request: web.BaseRequest, key: tuple, pod: str) -> web.StreamResponse:
         """Resume the caller's detached shell in this sandbox, or start a new one; then serve
-        the client until it leaves."""
+        the client until it leaves. TooManyTerminals when a new shell would exceed a cap."""
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
         session = self._sessions.get(key)
@@ -217,9 +247,19 @@ class Terminals:
         return client
 
     async def _start(self, key: tuple, pod: str) -> TerminalSession:
-        _, namespace, _ = key
-        manager = self.kube.exec_session(namespace, pod, SHELL, tty=True)
-        exec_socket = await manager.__aenter__()
+        caller, namespace, _ = key
+        if self._per_caller.get(caller, 0) >= self.settings.max_per_caller:
+            raise TooManyTerminals(f"You have {self.settings.max_per_caller} terminals open or waiting for a reconnect; "
+                                   "close one first.")
+        if self._count >= self.settings.max_total:
+            raise TooManyTerminals("The gateway has as many terminals open as it allows; retry later.")
+        self._hold(caller, 1)
+        try:
+            manager = self.kube.exec_session(namespace, pod, SHELL, tty=True)
+            exec_socket = await manager.__aenter__()
+        except BaseException:
+            self._hold(caller, -1)
+            raise
         session = TerminalSession(key, exec_socket, manager, self._ended)
         previous = self._sessions.get(key)
         if previous is not None:  # an attached shell stays; the newest is the one resumed
@@ -227,11 +267,25 @@ class Terminals:
         self._sessions[key] = session
         return session
 
+    def _hold(self, caller: tuple, delta: int) -> None:
+        self._count += delta
+        held = self._per_caller.get(caller, 0) + delta
+        if held > 0:
+            self._per_caller[caller] = held
+        else:
+            self._per_caller.pop(caller, None)
+
     def _ended(self, session: TerminalSession, reason: str, exit_code: int | None) -> None:
         for k, s in list(self._sessions.items()):
             if s is session:
                 del self._sessions[k]
+        self._hold(session.key[0], -1)
         self._record("terminal.closed", session.key, reason=reason, exit_code=exit_code)
+
+    async def close_session(self, key: tuple, reason: str) -> None:
+        """End the shells of one (caller, namespace, sandbox): the caller lost access."""
+        sessions = [s for s in self._sessions.values() if s.key == key]
+        await asyncio.gather(*(s.terminate(reason) for s in sessions), return_exceptions=True)
 
     async def close_sandbox(self, namespace: str, name: str, reason: str) -> None:
         sessions = [s for s in self._sessions.values() if s.key[1:] == (namespace, name)]
@@ -253,4 +307,4 @@ class Terminals:
         await asyncio.gather(*(s.terminate("gateway shutting down") for s in list(self._sessions.values())), return_exceptions=True)
 
 
-__all__ = ["KubeError", "TerminalSettings", "Terminals"]
+__all__ = ["KubeError", "TerminalSettings", "Terminals", "TooManyTerminals"]

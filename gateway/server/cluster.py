@@ -51,11 +51,15 @@ class ClusterFeatures:
         features = cls(kube)
         loop = asyncio.get_running_loop()
         if kube is not None:
-            features.registry = SandboxRegistry(kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name)))
+            features.registry = SandboxRegistry(
+                kube, on_deleted=lambda ns, name: loop.create_task(gateway.sandbox_deleted(ns, name)),
+                on_changed=lambda ns, name: features.sandboxes.has_streams(ns)
+                and loop.create_task(gateway.sandbox_access_changed(ns, name)),
+            )
 
         def record_terminal(kind: str, key: tuple, **detail) -> None:
-            identity, namespace, name = key
-            audit.record(AuditRecord(kind=kind, principal=identity, path=f"{namespace}/{name}", detail=detail))
+            (issuer, subject), namespace, name = key
+            audit.record(AuditRecord(kind=kind, principal=subject, path=f"{namespace}/{name}", detail={"issuer": issuer, **detail}))
 
         terminals = Terminals(kube, terminal, record_terminal) if kube is not None else None
         features.sandboxes = gateway.sandboxes = SandboxAccess(

@@ -47,7 +47,7 @@ class Repeat:
     slot: Slot | None = None  # its rollup slot (AuditLog.decided), while that is open
 
 
-def _audited(audit, record: AuditRecord) -> tuple[Slot | None, object]:
+def record_decision(audit, record: AuditRecord) -> tuple[Slot | None, object]:
     """Record a decision; returns its rollup slot (None in `every` mode) and what the access log
     names as its audit id (`.id`): the record itself when it is stored on its own, else the
     rollup slot, whose id the rollup record will have."""
@@ -102,7 +102,7 @@ async def enforce(
                     outcome.decision = slot
                 else:
                     record = repeat.record.again(request_id, host, int((monotonic() - started) * 1_000_000 + 0.5) / 1000)
-                    repeat.slot, outcome.decision = _audited(audit, record)
+                    repeat.slot, outcome.decision = record_decision(audit, record)
                 outcome.decision_json = repeat.log_json
                 return repeat.allowed
     cors = policy.cors
@@ -143,7 +143,7 @@ async def enforce(
         # fingerprints only: a record never holds a token or an API key
         detail={} if token is None else {"credential": token.fingerprint},
     )
-    slot, outcome.decision = _audited(audit, record)  # the access log line of this request carries the decision
+    slot, outcome.decision = record_decision(audit, record)  # the access log line of this request carries the decision
     outcome.decision_json = log_json = decision_json(record)
     if not decision.allowed:
         challenge = None

@@ -29,10 +29,12 @@ from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
 from gateway.routing.table import Candidate, RequestView, RouteTable
-from gateway.preview.isolation import isolate_response, strip_credentials
+from gateway.preview.isolation import (
+    host_only_cookies, isolate_response, strip_credentials, without_params, without_set_cookies,
+)
 from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host, redact_path
-from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess
+from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess, issuer_of
 from gateway.server.accesslog import AccessLog
 from gateway.server.errors import SERVER, error_response
 from gateway.policy.authz import parse_ip
@@ -224,7 +226,8 @@ class Gateway:
             if isinstance(choice.special, PreviewZone):
                 sandbox = await self._preview(request, choice.special, found, gateway, host, path, allowed, request_id)
             else:
-                sandbox = self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id)
+                sandbox = self._sandbox(request, choice.special, found, gateway, path, upstream_path, allowed, policy, request_id,
+                                        outcome)
                 if isawaitable(sandbox):  # the terminal
                     sandbox = await sandbox
             if isinstance(sandbox, web.StreamResponse):
@@ -236,8 +239,6 @@ class Gateway:
             forwarded_host=authority or headers.get("Host", host), trusted_hops=trusted_hops,
             to_sandbox=sandbox is not None,
         )
-        if sandbox is not None and sandbox.isolate:
-            strip_credentials(out_headers, self.policies.credential_cookies)
         traffic = self.policies.traffic_for(found.route.key, rule.index, gateway)
         rate_headers: tuple[tuple[str, str], ...] = ()
         if traffic is not None and traffic.rate_limits:
@@ -247,6 +248,17 @@ class Gateway:
             if isinstance(limited, web.StreamResponse):
                 return limited
             rate_headers = limited
+        if sandbox is not None:
+            # SPEC §4.1: no platform credential reaches a sandbox pod (after rate limiting, which
+            # may key on a credential header): every header, cookie and query parameter any
+            # SecurityPolicy reads one from, whatever `sanitize` says.
+            policies = self.policies
+            for name in policies.credential_headers:
+                out_headers.popall(name, None)
+            if "Cookie" in out_headers:
+                strip_credentials(out_headers, policies.credential_cookies)
+            if policies.credential_params and query:
+                query = without_params(query, policies.credential_params)
 
         def edit_response(response_headers: CIMultiDict) -> None:
             response_headers["X-Request-Id"] = request_id
@@ -258,8 +270,20 @@ class Gateway:
                     response_headers[name] = value
             apply_modifier(response_headers, rule.filters.response_headers)
             apply_modifier(response_headers, choice.filters.response_headers)
-            if sandbox is not None and sandbox.isolate:
-                isolate_response(response_headers)
+            if sandbox is not None:
+                # A sandbox cannot set cookies for the platform's domain, and its HTML runs in an
+                # opaque origin: ours is added after any CSP it sent (browsers enforce them all).
+                if sandbox.isolate:  # a preview: also no Referer of its URL (the token)
+                    isolate_response(response_headers)
+                elif "Set-Cookie" in response_headers:
+                    host_only_cookies(response_headers)
+                    if self.policies.credential_cookies:
+                        # served on a platform host: no cookie of the platform's own names
+                        without_set_cookies(response_headers, self.policies.credential_cookies)
+                if not sandbox.isolate:
+                    response_headers.popall("Clear-Site-Data", None)  # nor wipe the platform's
+                if sandbox.csp:
+                    response_headers.add("Content-Security-Policy", sandbox.csp)
 
         request_timeout = rule.timeouts.request or (traffic.request_timeout if traffic is not None else None)
         if sandbox is not None and sandbox.timeout is not None:
@@ -282,9 +306,14 @@ class Gateway:
         )
         outcome.upstream = str(plan.endpoint)
         exchange = Exchange()
+        # A sandbox exchange of a verified caller is tracked while it lasts: it ends when the
+        # caller loses access. Every sandbox WebSocket gets one as its tag (open_stream says why).
+        stream = None
+        if sandbox is not None and (is_websocket or sandbox.access is not None):
+            stream = self.sandboxes.open_stream(sandbox)
         try:
             if is_websocket:
-                return await self._websocket(request, plan, outcome, sandbox.tag if sandbox is not None else None)
+                return await self._websocket(request, plan, outcome, stream)
             if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             response = await forward(request, plan, self.pool, exchange)
@@ -293,6 +322,8 @@ class Gateway:
                 raise ProxyError(502, "sandbox_unresolved", "The sandbox's address could not be resolved.") from e
             raise
         finally:
+            if stream is not None:
+                self.sandboxes.close_stream(stream)
             if exchange.retries:
                 outcome.retries = exchange.retries
                 outcome.upstream = str(exchange.endpoint)  # the one that answered last
@@ -371,7 +402,7 @@ class Gateway:
         return response
 
     def _sandbox(self, request, router, found: Candidate, gateway: str, path: str, upstream_path: str,
-                 allowed, policy, request_id: str):
+                 allowed, policy, request_id: str, outcome: "_Outcome"):
         """A SandboxRouter backend: the sandbox to forward to, or the response that ends it (an
         awaitable for the terminal)."""
         if self.sandboxes is None:
@@ -380,10 +411,11 @@ class Gateway:
         routed = self.sandboxes.route(
             request, router, path=path, rewritten_path=upstream_path,
             claims=token.claims if token is not None else None, secured=policy is not None,
+            issuer=issuer_of(token.provider, policy, token.claims) if token is not None else "",
             # who may reach which sandbox is read from the claims: without a SecurityPolicy there are none
             policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway)
             if policy is not None else None,
-            request_id=request_id, route_key=found.route.key,
+            request_id=request_id, route_key=found.route.key, outcome=outcome,
         )
         return routed
 
@@ -407,6 +439,19 @@ class Gateway:
         await self.sockets.close_tagged(("sandbox", namespace, name), WSCloseCode.GOING_AWAY, reason)
         if self.sandboxes is not None and self.sandboxes.terminals is not None:
             await self.sandboxes.terminals.close_sandbox(namespace, name, reason)
+
+    async def sandbox_access_changed(self, namespace: str, name: str | None) -> None:
+        """The cluster changed who may reach a sandbox (every sandbox of the namespace when
+        `name` is None): end the streams of callers that lost access (SPEC §5) — WebSockets
+        with 1008, terminals with their shell, HTTP responses cut where they are."""
+        if self.sandboxes is None:
+            return
+        for stream in self.sandboxes.lost_access(namespace, name):
+            reason = f"access to sandbox {stream.tag[1]}/{stream.tag[2]} was withdrawn"
+            if stream.terminal is not None:
+                await self.sandboxes.terminals.close_session(stream.terminal, reason)
+            elif not await self.sockets.close_tagged(stream, WSCloseCode.POLICY_VIOLATION, reason):
+                stream.task.cancel()  # an HTTP response (or a WebSocket still in its handshake)
 
     async def _websocket(self, request: web.BaseRequest, plan: ForwardPlan, outcome: "_Outcome", tag=None):
         plan.deadline = None  # a WebSocket lives by its own idle timeout and maximum lifetime

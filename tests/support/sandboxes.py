@@ -75,11 +75,19 @@ def ready_status(ip: str | None, *, ready: bool = True, service_fqdn: str | None
     return status
 
 
-def pod_object(namespace: str, name: str, ip: str) -> dict:
-    return {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
-        "spec": {"containers": [{"name": "agent", "image": "python:3.11"}]},
-    }
+def pod_object(namespace: str, name: str, ip: str, *, sandbox: dict | None = None, labels: dict | None = None) -> dict:
+    """A pod; with `sandbox`, as agent-sandbox makes it: owned by the Sandbox (by uid) and
+    labelled with the Sandbox's name hash (its status.selector)."""
+    metadata: dict = {"name": name, "namespace": namespace}
+    if sandbox is not None:
+        sandbox_name = sandbox["metadata"]["name"]
+        metadata["ownerReferences"] = [{"apiVersion": SANDBOX_API, "kind": "Sandbox", "name": sandbox_name,
+                                        "uid": sandbox["metadata"]["uid"], "controller": True}]
+        labels = {**dict([pod_selector(sandbox_name).split("=", 1)]), **(labels or {})}
+    if labels:
+        metadata["labels"] = labels
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+            "spec": {"containers": [{"name": "agent", "image": "python:3.11"}]}}
 
 
 class SandboxWorld:
@@ -112,12 +120,12 @@ class SandboxWorld:
         claim = None
         if via_claim:
             claim = self.api.create(claim_object(namespace, name, annotations=annotations))
-            self.api.create(sandbox_object(namespace, name, owner_claim=claim))
+            created = self.api.create(sandbox_object(namespace, name, owner_claim=claim))
         else:
-            self.api.create(sandbox_object(namespace, name, annotations=annotations))
+            created = self.api.create(sandbox_object(namespace, name, annotations=annotations))
         self.api.set_status(SANDBOX_API, "Sandbox", namespace, name, ready_status(ip, ready=ready, selector=pod_selector(name)))
         if with_pod:
-            self.api.create(pod_object(namespace, name, ip))
+            self.api.create(pod_object(namespace, name, ip, sandbox=created))
             self.api.set_status("v1", "Pod", namespace, name, {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]})
         return ip, server.port
 
