@@ -72,8 +72,10 @@ async def test_the_agent_sandbox_client_runs_commands_and_moves_files_through_sa
     if resolution == "Cluster":
         gateway = running_gateway(tmp_path, routes, settings=Settings(allow_loopback_sandboxes=True),
                                   kubeconfig=world.api.kubeconfig)
-    else:  # the cluster's DNS name of the sandbox, as the resolver would answer it
-        gateway = running_gateway(tmp_path, routes, kubeconfig=tmp_path / "no-such-kubeconfig",
+    else:  # the cluster's DNS name of the sandbox, as the resolver would answer it (loopback here:
+        # resolved addresses pass the same filter as pod IPs)
+        gateway = running_gateway(tmp_path, routes, settings=Settings(allow_loopback_sandboxes=True),
+                                  kubeconfig=tmp_path / "no-such-kubeconfig",
                                   overrides={f"{SANDBOX}.agents.svc.cluster.local:{pod.port}": (POD_IP, pod.port)})
     async with gateway as gw:
         ready = await wait_ready(gw)
