@@ -7,6 +7,7 @@ from __future__ import annotations
 import aiohttp
 
 from tests.support.fixtures import issuer, upstream_port  # noqa: F401 - fixtures
+from gateway.server.handler import Settings
 from tests.support.harness import running_gateway, url
 from tests.support.policy_harness import provider, readiness, route_target, security_policy, wait_for, wait_ready
 from tests.support.sandboxes import router_yaml
@@ -17,7 +18,9 @@ def dns_router(port: int) -> str:
 
 
 def dns_gateway(tmp_path, port: int, **kwargs):
-    """Only a DNS SandboxRouter, and no Kubernetes API anywhere (the kubeconfig does not exist)."""
+    """Only a DNS SandboxRouter, and no Kubernetes API anywhere (the kubeconfig does not exist);
+    the name resolves to loopback, which the address filter lets through only in local runs."""
+    kwargs.setdefault("settings", Settings(allow_loopback_sandboxes=True))
     return running_gateway(tmp_path, dns_router(port), kubeconfig=tmp_path / "no-such-kubeconfig",
                            overrides={f"box-1.agents.svc.cluster.local:{port}": ("127.0.0.1", port)}, **kwargs)
 

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from gateway.sandbox.address import BadSandboxRequest
+from gateway.server.handler import Settings
 from tests.support.harness import running_gateway, url
 from tests.support.recording import Recorded, start_recording_echo
 from tests.support.sandboxes import router_yaml
@@ -32,7 +33,8 @@ def dns_gateway(tmp_path, box, *, timeout: str | None = None):
     overrides = {f"box-1.agents.svc.cluster.local:{box.port}": ("127.0.0.1", box.port)}
     return running_gateway(tmp_path, router_yaml(resolution="DNS", allow_unauthenticated=True, timeout=timeout,
                                                  default_port=box.port),
-                           overrides=overrides, kubeconfig=tmp_path / "no-such-kubeconfig")
+                           overrides=overrides, kubeconfig=tmp_path / "no-such-kubeconfig",
+                           settings=Settings(allow_loopback_sandboxes=True))  # the resolved address is loopback
 
 
 # --- X-Sandbox-Timeout: what the agent-sandbox clients send --------------------------------------
