@@ -18,7 +18,7 @@ from gateway.preview.objects import Preview, created_view
 from gateway.preview.service import Previews
 from gateway.preview.tokens import is_token
 from gateway.sandbox.address import BadSandboxRequest, check_label, check_port
-from gateway.sandbox.router import Refusal
+from gateway.refusal import Refusal
 from gateway.sandbox.access import DEFAULT_POLICY
 from gateway.server.errors import SERVER, json_response
 

@@ -26,11 +26,10 @@ from gateway.config.durations import parse_duration
 from gateway.config.model import PreviewZone
 from gateway.policy.model import SandboxPolicy
 from gateway.preview.objects import created_view
-from gateway.preview.refusals import Denied
 from gateway.preview.tokens import host_for
 from gateway.sandbox.access import DEFAULT_POLICY, relation
 from gateway.sandbox.registry import SandboxInfo
-from gateway.sandbox.router import Refusal
+from gateway.refusal import Refusal, denied
 from gateway.preview.objects import rfc3339
 from gateway.server.errors import json_response
 from gateway.store.approval import APPROVED, DENIED, EXPIRED, FAILED, OVER_SANDBOX_CAP, PENDING, ApprovalRecord
@@ -181,9 +180,9 @@ class Approvals:
         if own and decision == "deny":
             pass  # withdrawing one's own request needs no one's say
         elif info is None or relation(info, claims, policy) not in ("owner", "admin"):
-            raise Denied("not-owner-or-admin", "Only the sandbox's owner or an admin decides.")
+            raise denied("not-owner-or-admin", "Only the sandbox's owner or an admin decides.")
         elif own and not policy.preview_self_approval:
-            raise Denied("self-approval-not-allowed", "A request is approved by someone other than its requester.")
+            raise denied("self-approval-not-allowed", "A request is approved by someone other than its requester.")
         decider = claims["sub"]
         status = APPROVED if decision == "approve" else DENIED
         if not await self.store.decide_approval(record.id, status, decider):

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from gateway.policy.model import SandboxPolicy
 from gateway.preview.table import PreviewTable
-from gateway.sandbox.router import Refusal
+from gateway.refusal import Refusal
 
 
 class PreviewCaps:

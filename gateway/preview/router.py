@@ -11,8 +11,9 @@ from gateway.policy.model import SandboxPolicy
 from gateway.preview.api import PreviewApi, is_api_path
 from gateway.preview.service import Previews
 from gateway.preview.tokens import token_from_host
-from gateway.preview.refusals import response_for
-from gateway.sandbox.router import Refusal, SandboxTarget
+from gateway.server.errors import refusal_response
+from gateway.refusal import Refusal
+from gateway.sandbox.router import SandboxTarget
 
 
 class PreviewRouter:
@@ -33,4 +34,4 @@ class PreviewRouter:
                 return await self.api.handle(request, zone, path, claims, policy(), origin())
             raise Refusal(404, "preview_not_found", "No preview at this host.")
         except Refusal as refusal:
-            return response_for(refusal, request, request_id)
+            return refusal_response(refusal, request_id, request.headers.get("Accept", ""))

@@ -33,7 +33,8 @@ from gateway.preview.table import PreviewTable
 from gateway.preview.tokens import new_token, object_name
 from gateway.sandbox.access import DEFAULT_POLICY, relation
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
-from gateway.sandbox.router import Refusal, SandboxAccess, SandboxTarget
+from gateway.refusal import Refusal
+from gateway.sandbox.router import SandboxAccess, SandboxTarget
 
 log = logging.getLogger("sandgate.preview")
 

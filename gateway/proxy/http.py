@@ -1,7 +1,7 @@
 """Streaming HTTP forwarding: one request in, one upstream exchange, bytes relayed both ways.
 
 This module knows nothing about routes or policies. It receives a ForwardPlan (where to go and
-with which headers) and either returns a prepared response or raises ProxyError before the
+with which headers) and either returns a prepared response or raises a Refusal before the
 first byte of the response was sent. After that point a failure can only cut the connection,
 so the client sees a truncated response rather than a forged complete one.
 """
@@ -22,21 +22,12 @@ from multidict import CIMultiDict
 from gateway.config.model import Endpoint
 from gateway.proxy.headers import end_to_end
 from gateway.proxy.h1client import ConnectFailed, UnexpectedUpgrade, UpstreamResponse
+from gateway.refusal import Refusal
 from gateway.proxy.retry import RetryPlan, attempts_allowed, pause_before, retry_on_failure, retry_on_response
 from gateway.proxy.upstream import UpstreamPool
 
 # Whole small bodies go out in one write; larger ones (and unknown lengths) stream.
 SMALL_BODY = 64 * 1024
-
-
-class ProxyError(Exception):
-    """The exchange failed before a response was sent: the client gets `status`."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -258,23 +249,23 @@ def _as_proxy_error(exc: BaseException) -> BaseException:
     if isinstance(exc, ConnectFailed):
         exc = exc.cause
     if isinstance(exc, UnexpectedUpgrade):
-        return ProxyError(502, "bad_gateway", "The upstream switched protocols on a request that did not ask to.")
+        return Refusal(502, "bad_gateway", "The upstream switched protocols on a request that did not ask to.")
     if isinstance(exc, BodyTooLarge):
-        return ProxyError(413, "body_too_large", "The request body is too large.")
+        return Refusal(413, "body_too_large", "The request body is too large.")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or isinstance(exc, aiohttp.ServerTimeoutError):
-        return ProxyError(504, "upstream_timeout", "The upstream did not answer in time.")
+        return Refusal(504, "upstream_timeout", "The upstream did not answer in time.")
     if isinstance(exc, (aiohttp.ClientConnectorDNSError, socket.gaierror)):
-        return ProxyError(503, "no_endpoint", "The upstream's address could not be resolved.")
+        return Refusal(503, "no_endpoint", "The upstream's address could not be resolved.")
     if isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
-        return ProxyError(502, "upstream_unreachable", "The upstream refused the connection.")
+        return Refusal(502, "upstream_unreachable", "The upstream refused the connection.")
     if isinstance(exc, ssl.SSLError):
-        return ProxyError(502, "upstream_tls", "The TLS handshake with the upstream failed.")
+        return Refusal(502, "upstream_tls", "The TLS handshake with the upstream failed.")
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
-        return ProxyError(502, "upstream_reset", "The upstream closed the connection.")
+        return Refusal(502, "upstream_reset", "The upstream closed the connection.")
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return ProxyError(502, "upstream_invalid", "The upstream sent an invalid response body.")
+        return Refusal(502, "upstream_invalid", "The upstream sent an invalid response body.")
     if isinstance(exc, aiohttp.ClientResponseError):
-        return ProxyError(502, "upstream_invalid", "The upstream sent an invalid response.")
+        return Refusal(502, "upstream_invalid", "The upstream sent an invalid response.")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return ProxyError(502, "upstream_error", "The upstream request failed.")
+        return Refusal(502, "upstream_error", "The upstream request failed.")
     return exc

@@ -15,7 +15,8 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.proxy.headers import end_to_end
-from gateway.proxy.http import ForwardPlan, ProxyError, _as_proxy_error, _tls_arguments
+from gateway.proxy.http import ForwardPlan, _as_proxy_error, _tls_arguments
+from gateway.refusal import Refusal
 from gateway.proxy.upstream import UpstreamPool, upstream_url
 
 # Close codes that must never be sent in a Close frame (RFC 6455 §7.4.1).
@@ -91,8 +92,8 @@ async def relay(
         )
     except aiohttp.WSServerHandshakeError as exc:
         if 400 <= exc.status < 600:
-            raise ProxyError(exc.status, "upstream_refused_upgrade", "The upstream refused the WebSocket upgrade.") from exc
-        raise ProxyError(502, "upstream_invalid", "The upstream answered the WebSocket upgrade without switching protocols.") from exc
+            raise Refusal(exc.status, "upstream_refused_upgrade", "The upstream refused the WebSocket upgrade.") from exc
+        raise Refusal(502, "upstream_invalid", "The upstream answered the WebSocket upgrade without switching protocols.") from exc
     except BaseException as exc:  # noqa: BLE001
         raise _as_proxy_error(exc) from exc
     client = web.WebSocketResponse(

@@ -25,10 +25,11 @@ from gateway.sandbox.destinations import AddressRefused, Destinations
 from gateway.sandbox.registry import SandboxInfo, SandboxRegistry
 from gateway.sandbox.terminal import Terminals, TooManyTerminals
 from gateway.sandbox.token import RouterToken
+from gateway.refusal import Refusal
 from gateway.secrets import MissingSecret
 from gateway.proxy.websocket import is_websocket_upgrade
 from gateway.server.enforce import decision_json, record_decision
-from gateway.server.errors import error_response
+from gateway.server.errors import refusal_response
 
 
 # A sandbox never sees the routing headers nor the gateway's own credentials: dropped while the
@@ -96,21 +97,6 @@ class SandboxStream:
         return other == self.tag
 
     __hash__ = object.__hash__
-
-
-class Refusal(Exception):
-    """A request that ends here. `code` is the error body's; the audit record's reason is its
-    kebab-case form. Refusals that say something about the caller or the cluster (401, 404, an
-    address that must not be dialled, a pod that is not the sandbox's) are audited."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, *, audited: bool | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-        self.audited = status in (401, 404) if audited is None else audited
-
-    @property
-    def reason(self) -> str:
-        return self.code.replace("_", "-")
 
 
 def router_errors(config: Config, secured: Callable[[str, int, str], bool]) -> list[str]:
@@ -193,7 +179,7 @@ class SandboxAccess:
                 record = self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
                 _, outcome.decision = record_decision(self.audit, record)  # rolled up like other decisions
                 outcome.decision_json = decision_json(record)
-            return refusal_response(refusal, request, request_id)
+            return refusal_response(refusal, request_id, request.headers.get("Accept", ""))
 
         try:
             caller = self.authenticate(request, router, claims, secured, issuer)
@@ -435,10 +421,3 @@ def _address_refusal(e: AddressRefused) -> Refusal:
     # SPEC §4.1: a name that resolves to nothing is a 502; one that resolves where the gateway
     # must not go is refused the same way, before anything is dialled, and audited.
     return Refusal(502, e.code, e.message, audited=e.code == "address_not_allowed")
-
-
-def refusal_response(refusal: Refusal, request: web.BaseRequest, request_id: str) -> web.Response:
-    return error_response(
-        refusal.status, refusal.code, refusal.message, request_id,
-        accept=request.headers.get("Accept", ""), headers=refusal.headers,
-    )

@@ -21,7 +21,8 @@ from gateway.policy.decision import Decision, RequestFacts, evaluate, www_authen
 from gateway.policy.model import Cors, SecurityPolicy
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime, metadata_document, origin_allowed
 from gateway.preview.tokens import redact_path
-from gateway.server.errors import SERVER, error_response
+from gateway.refusal import Refusal, denied
+from gateway.server.errors import SERVER, refusal_response
 
 
 @dataclass(slots=True)
@@ -114,11 +115,8 @@ async def enforce(
                 return _preflight(cors, client_origin, headers)
         if (mcp is not None or is_websocket) and not origin_allowed(cors, client_origin, origin):
             metrics.observe_decision(policies.enforcement(policy).key, False, "origin-not-allowed")
-            return error_response(
-                403, "policy_violation", "This Origin may not call this route.", request_id,
-                accept=headers.get("Accept", ""),
-                violations=[{"code": "origin-not-allowed", "message": "This Origin may not call this route."}],
-            )
+            return refusal_response(denied("origin-not-allowed", "This Origin may not call this route."),
+                                    request_id, headers.get("Accept", ""))
     facts = RequestFacts(method, path, query, headers, client_ip, None if mcp is None else origin + mcp.path)
     started = monotonic()
     decision = await evaluate(policy, facts, policies.verifier, policies.api_keys)
@@ -151,12 +149,10 @@ async def enforce(
             metadata = origin + METADATA_PATH + mcp.path if mcp is not None else None
             challenge = www_authenticate(decision, "sandgate", metadata)
         code = "unauthorized" if decision.status == 401 else ("bad_request" if decision.status == 400 else "policy_violation")
-        return error_response(
-            decision.status, code, decision.reasons[0].message, request_id,
-            accept=headers.get("Accept", ""),
-            violations=[v.as_dict() for v in decision.reasons],
-            headers={"WWW-Authenticate": challenge} if challenge else None,
-        )
+        refusal = Refusal(decision.status, code, decision.reasons[0].message, reason=decision.reasons[0].code,
+                          violations=[v.as_dict() for v in decision.reasons],
+                          headers={"WWW-Authenticate": challenge} if challenge else None)
+        return refusal_response(refusal, request_id, headers.get("Accept", ""))
     response_headers = _cors_headers(cors, client_origin) if cors and client_origin and origin_allowed(cors, client_origin, origin) else ()
     allowed = Allowed(decision, decision.upstream_headers, enforcement.strip_headers, response_headers)
     if repeat_source is not None and client_origin is None and mcp is None and token is not None and decision.token_sent:

@@ -13,6 +13,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from gateway.refusal import Refusal
+
 # What the gateway's own answers name as Server (aiohttp would add its name and version).
 SERVER = "sandgate"
 _TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -86,3 +88,9 @@ def json_response(status: int, payload: dict) -> web.Response:
     """A JSON answer of the gateway's own API (previews, approvals): never cached."""
     return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json",
                         headers={"Server": SERVER, "Cache-Control": "no-store"})
+
+
+def refusal_response(refusal: Refusal, request_id: str, accept: str = "") -> web.Response:
+    """The answer to a Refusal: §3.3's body, with `violations` for a policy denial."""
+    return error_response(refusal.status, refusal.code, refusal.message, request_id, accept=accept,
+                          violations=refusal.violations, headers=refusal.headers)

@@ -21,7 +21,7 @@ from gateway.audit import AuditLog
 from gateway.config.model import Filters, PreviewZone
 from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
-from gateway.proxy.http import Exchange, ForwardPlan, ProxyError, forward
+from gateway.proxy.http import Exchange, ForwardPlan, forward
 from gateway.proxy.retry import RetryBudget, RetryPlan
 from gateway.proxy.upstream import UpstreamPool
 from gateway.policy.model import ConnectionLimits, ListenerLimits, RetryPolicy
@@ -36,7 +36,8 @@ from gateway.preview.router import PreviewRouter
 from gateway.preview.tokens import redact_host, redact_path
 from gateway.sandbox.router import NOT_FOR_SANDBOXES, NOT_FOR_SANDBOXES_PREFIX, SandboxAccess, issuer_of
 from gateway.server.accesslog import AccessLog
-from gateway.server.errors import SERVER, error_response
+from gateway.refusal import Refusal
+from gateway.server.errors import SERVER, error_response, refusal_response
 from gateway.policy.authz import parse_ip
 from gateway.policy.ratelimit import LocalRateLimiter
 from gateway.server.enforce import client_address, enforce, metadata_response, rate_limit_headers
@@ -162,9 +163,9 @@ class Gateway:
         outcome = _Outcome()
         try:
             response = await self._route_and_forward(request, port, request_id, outcome)
-        except ProxyError as e:
-            response = self._error(request, e.status, e.code, e.message, request_id)
-            outcome.status = e.status
+        except Refusal as refusal:
+            response = refusal_response(refusal, request_id, request.headers.get("Accept", ""))
+            outcome.status = refusal.status
         except asyncio.CancelledError:
             # The client went away (499, nginx's convention), or closed an upgraded WebSocket.
             outcome.status = outcome.status or 499
@@ -317,9 +318,9 @@ class Gateway:
             if headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             response = await forward(request, plan, self.pool, exchange)
-        except ProxyError as e:
+        except Refusal as e:
             if sandbox is not None and e.code == "no_endpoint":  # SPEC §4.1: DNS finds no sandbox
-                raise ProxyError(502, "sandbox_unresolved", "The sandbox's address could not be resolved.") from e
+                raise Refusal(502, "sandbox_unresolved", "The sandbox's address could not be resolved.") from e
             raise
         finally:
             if stream is not None:
