@@ -25,7 +25,10 @@ from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
 from tests.support.harness import running_gateway, url
 from tests.support.issuer import claims
 from tests.support.policy_harness import wait_for
-from tests.support.sandboxes import CLAIM_API, SANDBOX_API, claim_object, ready_status, router_yaml, sandbox_object
+from tests.support.previews import api as preview_api, preview_gateway, token_for, via_host
+from tests.support.sandboxes import (
+    CLAIM_API, SANDBOX_API, claim_object, pod_selector, ready_status, router_yaml, sandbox_object,
+)
 from tests.test_sandbox_access import LOOPBACK, jwt_policies, request, sandbox, token_file  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +115,37 @@ async def test_netns_cluster_state_naming_metadata_addresses_is_refused_before_d
         by_name = [await request(gw, "/", headers=sandbox(f"svc-{i}", 80)) for i in range(6)]
     assert [(s, b["error"]) for s, _, b in by_ip] == [(503, "address_not_allowed")] * 6
     assert [(s, b["error"]) for s, _, b in by_name] == [(502, "address_not_allowed")] * 6
+
+
+@_netns_only
+async def test_netns_a_preview_whose_sandbox_has_only_a_service_name_is_dialled_only_where_allowed(tmp_path, world, issuer):
+    """Previews resolve a Sandbox's serviceFQDN like DNS resolution does, and cluster state is
+    hostile: a serviceFQDN that is (or resolves to) a metadata address is refused before
+    dialling; one leading to an allowed address is served."""
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    app_ip = world.apps[("agents", "box-1")].host
+    alice = token_for(issuer)
+    overrides = {f"good.example.internal:{port}": (app_ip, port)}
+    overrides |= {f"evil-{i}.example.internal:{port}": (address, port) for i, address in enumerate(HOSTILE)}
+    names = ["good.example.internal", *(f"evil-{i}.example.internal" for i in range(len(HOSTILE))), *HOSTILE]
+    async with preview_gateway(tmp_path, world, issuer, overrides=overrides) as gw:
+        status, created = await preview_api(gw, "POST", "/gateway/v1/previews", alice,
+                                            {"namespace": "agents", "sandbox": "box-1", "port": port})
+        assert status == 201, created
+        host = created["url"].split("://", 1)[1].split("/", 1)[0]
+        answers = {}
+        for name in names:
+            status_now = ready_status(None, service_fqdn=name, selector=pod_selector("box-1"))
+            world.api.set_status(SANDBOX_API, "Sandbox", "agents", "box-1", status_now)
+
+            async def seen(fqdn=name):
+                info = gw.gateway.sandboxes.registry.find("agents", "box-1")
+                return info is not None and info.service_fqdn == fqdn and not info.pod_ips
+            assert await wait_for(seen, timeout=5)
+            answers[name] = await via_host(gw, host, "/")
+    assert answers.pop("good.example.internal")[0] == 200
+    refused = {name: (answer[0], answer[2]["error"]) for name, answer in answers.items()}
+    assert refused == {name: (502, "address_not_allowed") for name in answers}, refused
 
 
 # --- ownership follows uids ------------------------------------------------------------------

@@ -97,17 +97,21 @@ class Previews:
                 raise Refusal(404, "preview_not_found", "No preview at this host.")
         self.touch(preview, zone, now)
         self._remember_running(preview.token, zone, (claims, policy) if zone.access_mode == "owner" else None)
-        return SandboxTarget(self._upstream(preview, info), path, None, ("sandbox", preview.namespace, preview.sandbox), isolate=True)
+        return SandboxTarget(await self._upstream(preview, info), path, None, ("sandbox", preview.namespace, preview.sandbox),
+                             isolate=True)
 
-    def _upstream(self, preview: Preview, info: SandboxInfo) -> Upstream:
-        """The preview's upstream, made once per preview and observed sandbox state."""
+    async def _upstream(self, preview: Preview, info: SandboxInfo) -> Upstream:
+        """The preview's upstream, made once per preview and observed sandbox state (a Service
+        name's resolved address is not kept here: the resolution has its own expiry)."""
         key = (preview.token, preview.port, info)
         upstream = self._upstreams.get(key)
         if upstream is None:
-            upstream = Upstream(f"Preview {preview.fingerprint}", (self.sandboxes.pod_endpoint(info, preview.port),))
-            if len(self._upstreams) >= 20_000:
-                self._upstreams.clear()
-            self._upstreams[key] = upstream
+            endpoint, keep = await self.sandboxes.pod_endpoint(info, preview.port)
+            upstream = Upstream(f"Preview {preview.fingerprint}", (endpoint,))
+            if keep:
+                if len(self._upstreams) >= 20_000:
+                    self._upstreams.clear()
+                self._upstreams[key] = upstream
         return upstream
 
     def touch(self, preview: Preview, zone: PreviewZone, now: float) -> None:

@@ -387,18 +387,20 @@ class SandboxAccess:
         ip = self._pod_ip(info)
         return (ip, None, port) if ip is not None else (None, info.service_fqdn, port)
 
-    def pod_endpoint(self, info: SandboxInfo, port: int) -> Endpoint:
-        """Where a Ready sandbox's port is dialled (previews): a checked pod IP, else its
-        Service's name (a `--resolve` override of it is checked; a name is resolved when dialled)."""
+    async def pod_endpoint(self, info: SandboxInfo, port: int) -> tuple[Endpoint, bool]:
+        """Where a Ready sandbox's port is dialled (previews), and whether that may be kept: a
+        checked pod IP (kept), else its Service's name resolved, every address checked, and the
+        checked one dialled (resolved again after RESOLVED_SECONDS), as for DNS resolution."""
         ip = self._pod_ip(info)
         if ip is not None:
-            return Endpoint(ip, port)
-        override = self.destinations.overrides.get(f"{info.service_fqdn}:{port}")
-        if override is None:
-            return Endpoint(info.service_fqdn, port)
-        if not self.destinations.allowed(override[0]):
-            raise Refusal(502, "address_not_allowed", "The sandbox's address is not one the gateway may dial.", audited=True)
-        return Endpoint(*override)
+            return Endpoint(ip, port), True
+        try:
+            dialled = self.destinations.cached(info.service_fqdn, port)
+            if dialled is None:
+                dialled = await self.destinations.resolve(info.service_fqdn, port)
+        except AddressRefused as e:
+            raise _address_refusal(e) from None
+        return Endpoint(*dialled), False
 
     def _pod_ip(self, info: SandboxInfo) -> str | None:
         """A Ready sandbox's first pod IP the gateway may dial; None when only its Service's name

@@ -101,9 +101,9 @@ def token_for(issuer, sub: str = "alice@example.com", groups=()) -> str:
 
 
 def preview_gateway(tmp_path, world, issuer, *, routes: str | None = None, timing: dict | None = None,
-                    database_url: str | None = None, audit=None, **policy):
+                    database_url: str | None = None, audit=None, overrides=None, **policy):
     """A gateway serving `preview_routes()` (or `routes`) with `preview_policies(issuer, **policy)`
     against the world's Kubernetes API double."""
     return running_gateway(tmp_path, routes or preview_routes(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
                            policies_yaml=preview_policies(issuer, **policy), preview_timing=timing,
-                           database_url=database_url, audit=audit)
+                           database_url=database_url, audit=audit, overrides=overrides)
