@@ -76,6 +76,21 @@ async def flood(writer: asyncio.StreamWriter, head: bytes, chunk: bytes, total: 
         pass
 
 
+async def flood_from_many(host: str, port: int, head: bytes, chunk: bytes, total: int, *, clients: int = 20,
+                          pause: float = 0.0) -> list:
+    """`clients` connections each flooding (flood()); each one's (answer, closed)."""
+
+    async def attack():
+        reader, writer = await asyncio.open_connection(host, port)
+        writing = asyncio.ensure_future(flood(writer, head, chunk, total, pause=pause))
+        try:
+            return await answer_then_close(reader, writing)
+        finally:
+            writer.close()
+
+    return await asyncio.gather(*(attack() for _ in range(clients)))
+
+
 def assert_refused(response, status: int, code: str) -> None:
     assert response.status == status, (response.status, response.body[:200])
     body = response.json()
@@ -103,15 +118,7 @@ async def test_huge_header_sections_sent_slowly_by_many_clients_are_431_with_mem
         head = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
         before = reset_peak_rss()
 
-        async def attack():
-            reader, writer = await asyncio.open_connection(host, port)
-            writing = asyncio.ensure_future(flood(writer, head, line, 4 * MiB, pause=0.002))
-            try:
-                return await answer_then_close(reader, writing)
-            finally:
-                writer.close()
-
-        results = await asyncio.gather(*(attack() for _ in range(20)))
+        results = await flood_from_many(host, port, head, line, 4 * MiB, pause=0.002)
         grown = peak_rss_since_reset() - before
         for response, closed in results:
             assert_refused(response, 431, "headers_too_large")
@@ -321,15 +328,7 @@ async def test_a_malformed_request_followed_by_a_flood_is_answered_and_closed_wi
         garbage = b"\xffgarbage\r\n" * 6554  # 64 KiB chunks, no line end the parser would like
         before = reset_peak_rss()
 
-        async def attack():
-            reader, writer = await asyncio.open_connection(host, port)
-            writing = asyncio.ensure_future(flood(writer, malformed, garbage, 8 * MiB))
-            try:
-                return await answer_then_close(reader, writing)
-            finally:
-                writer.close()
-
-        results = await asyncio.gather(*(attack() for _ in range(20)))
+        results = await flood_from_many(host, port, malformed, garbage, 8 * MiB)
         grown = peak_rss_since_reset() - before
         for response, closed in results:
             assert_refused(response, status, code)
