@@ -20,6 +20,7 @@ from gateway.proxy.upstream import UpstreamPool, upstream_url
 # Close codes that must never be sent in a Close frame (RFC 6455 §7.4.1).
 _RESERVED = {1005, 1006, 1015}
 UPSTREAM_GONE = 1014  # "Bad Gateway" in the IANA close code registry
+CLOSE_GRACE = 5.0  # seconds both peers get to answer a close before their connections are cut
 
 _HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions"}
@@ -76,6 +77,8 @@ async def relay(
     sockets: OpenSockets,
     tag: object = None,
 ) -> web.WebSocketResponse:
+    # aiohttp refuses a message of max_msg_size bytes or more; ours is the largest one allowed.
+    max_msg_size = limits.max_message_bytes + 1
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()]
     headers = end_to_end(plan.headers, _HANDSHAKE_HEADERS)
     session = pool.session_for(plan.endpoint)
@@ -88,7 +91,7 @@ async def relay(
             autoping=False,
             autoclose=False,
             compress=0,
-            max_msg_size=limits.max_message_bytes,
+            max_msg_size=max_msg_size,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
             **_tls_arguments(plan),
         )
@@ -103,14 +106,14 @@ async def relay(
         autoping=False,
         autoclose=False,
         compress=False,
-        max_msg_size=limits.max_message_bytes,
+        max_msg_size=max_msg_size,
     )
     try:
         await client.prepare(request)
     except BaseException:
         await upstream.close()
         raise
-    link = _Relay(client, upstream)
+    link = _Relay(client, upstream, (request.transport, _transport_of(upstream)))
     sockets.add(link, tag)
     try:
         await link.run(limits)
@@ -130,11 +133,14 @@ class _Relay:
     frame, a lost peer, the timer, a shutdown): the first code is the one both sides get, and
     the close completes even when aiohttp cancels the handler because the client has gone."""
 
-    __slots__ = ("client", "upstream", "_last_activity", "_idle_timeout", "_hard_stop", "_timer", "_closer")
+    __slots__ = ("client", "upstream", "_transports", "_last_activity", "_idle_timeout", "_hard_stop", "_timer",
+                 "_closer")
 
-    def __init__(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse):
+    def __init__(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,
+                 transports: tuple[asyncio.Transport | None, asyncio.Transport | None]):
         self.client = client
         self.upstream = upstream
+        self._transports = transports  # to cut both connections when a close cannot complete
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._closer: asyncio.Task | None = None
@@ -179,7 +185,7 @@ class _Relay:
                 else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
                     if self._closer is not None:
                         return  # a close is under way (ours: timeout, shutdown, the other side's)
-                    code = WSCloseCode.MESSAGE_TOO_BIG if _too_big(source) else UPSTREAM_GONE
+                    code = WSCloseCode.MESSAGE_TOO_BIG if _too_big(source, msg) else UPSTREAM_GONE
                     await self.close(code, "peer connection lost")
                     return
         except (ConnectionError, aiohttp.ClientError, RuntimeError):
@@ -209,12 +215,30 @@ class _Relay:
         await asyncio.shield(self.start_close(code, reason))
 
     async def _close_both(self, code: int, message: bytes) -> None:
-        await asyncio.gather(
-            *(ws.close(code=code, message=message) for ws in (self.client, self.upstream) if not ws.closed),
-            return_exceptions=True,
-        )
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await asyncio.gather(
+                    *(ws.close(code=code, message=message) for ws in (self.client, self.upstream) if not ws.closed),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            # A peer that reads nothing keeps the close frame (and what was queued before it)
+            # unsent for ever, and a graceful transport close would wait for it: cut both.
+            for transport in self._transports:
+                if transport is not None:
+                    transport.abort()
 
 
-def _too_big(ws) -> bool:
-    exc = ws.exception()
-    return isinstance(exc, aiohttp.WebSocketError) and exc.code == WSCloseCode.MESSAGE_TOO_BIG
+def _transport_of(upstream: aiohttp.ClientWebSocketResponse) -> asyncio.Transport | None:
+    """The upstream connection's transport: aiohttp has no public way to it from a WebSocket."""
+    connection = upstream._response.connection  # noqa: SLF001
+    return connection.transport if connection is not None else None
+
+
+def _too_big(ws, msg: aiohttp.WSMessage) -> bool:
+    """The source refused a message over the size limit. The server side keeps the error as its
+    exception; the client side (the upstream's) hands it over as the ERROR message's data."""
+    for exc in (msg.data, ws.exception()):
+        if isinstance(exc, aiohttp.WebSocketError) and exc.code == WSCloseCode.MESSAGE_TOO_BIG:
+            return True
+    return False
