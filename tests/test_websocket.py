@@ -9,6 +9,7 @@ open-socket gauge.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import tracemalloc
 
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.proxy.websocket import CLOSE_GRACE, WebSocketLimits
+from gateway.proxy.websocket import CLOSE_GRACE, WebSocketLimits, _Relay
 from gateway.server.handler import Settings
 from tests.support.echo import CLOSE_CODES
 from tests.support.harness import admin_url, echo_routes, running_gateway, url
@@ -391,3 +392,35 @@ async def test_a_peer_that_never_reads_holds_back_the_other_side(hostile_upstrea
             assert sent < FLOOD_MAX, "the flood never stalled"
             assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held while {sent / 2**20:.0f} MiB were sent"
             await asyncio.wait_for(gw.drain(), CLOSE_GRACE + STEP)
+
+
+async def test_closed_relays_are_freed_without_the_garbage_collector(upstream, tmp_path):
+    """The gateway moves long-lived objects out of the collector's view (gc_tuning), so a relay
+    that left a reference cycle behind would stay in memory for good: closed relays, however
+    they closed, must go by reference counting alone."""
+    port, close_codes = upstream
+    settings = Settings(websocket=WebSocketLimits(idle_timeout=1.0))
+    async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(url(gw, "/ws"), autoclose=False) for _ in range(9)]
+        for ws in sockets:
+            await hello(ws)
+        gc.disable()
+        try:
+            gc.freeze()  # what the gateway does with whatever lives longer than a second
+            client_closes, upstream_closes, idle = sockets[:3], sockets[3:6], sockets[6:]
+            for ws in client_closes:
+                await ws.close(code=4000)
+            for ws in upstream_closes:
+                await ws.send_str("close:4001:bye")
+            for ws in upstream_closes + idle:  # the idle ones are closed by the gateway's timer
+                assert (await receive(ws)).type is WSMsgType.CLOSE
+                await ws.close()
+            await wait_until(lambda: len(gw.gateway.sockets) == 0, what="the relays to end")
+            await wait_until(lambda: len(close_codes) == len(sockets), what="the upstream sockets to close")
+            await asyncio.sleep(0.1)  # the handlers' last steps
+            gc.unfreeze()
+            left = [o for o in gc.get_objects() if isinstance(o, _Relay)]
+        finally:
+            gc.unfreeze()
+            gc.enable()
+        assert left == [], f"{len(left)} closed relays are kept alive by reference cycles"
