@@ -14,26 +14,39 @@ import signal
 import sys
 import time
 
-_started = 0.0
-_seen = {"collections": [0, 0, 0], "max_pause_ms": [0.0, 0.0, 0.0], "paused_ms": 0.0}
+_started = (0.0, 0.0)
+
+
+def _fresh() -> dict:
+    """By generation: collections, the longest pause in wall time (what the relays wait) and in
+    the thread's CPU time (what the collector did: on a busy machine the wall time also counts
+    the time the process was not scheduled); how many pauses were longer than 10 ms; the total paused."""
+    return {"collections": [0, 0, 0], "max_pause_ms": [0.0, 0.0, 0.0], "max_pause_cpu_ms": [0.0, 0.0, 0.0],
+            "pauses_over_10ms": [0, 0, 0], "paused_ms": 0.0}
+
+
+_seen = _fresh()
 
 
 def _record(phase: str, info: dict) -> None:
     global _started
     if phase == "start":
-        _started = time.perf_counter()
+        _started = (time.perf_counter(), time.thread_time())
         return
-    pause_ms = (time.perf_counter() - _started) * 1000
+    pause_ms = (time.perf_counter() - _started[0]) * 1000
+    cpu_ms = (time.thread_time() - _started[1]) * 1000
     generation = info["generation"]
     _seen["collections"][generation] += 1
     _seen["paused_ms"] += pause_ms
     _seen["max_pause_ms"][generation] = max(_seen["max_pause_ms"][generation], pause_ms)
+    _seen["max_pause_cpu_ms"][generation] = max(_seen["max_pause_cpu_ms"][generation], cpu_ms)
+    _seen["pauses_over_10ms"][generation] += pause_ms > 10
 
 
 def _dump(signum, frame) -> None:
     global _seen
-    seen, _seen = _seen, {"collections": [0, 0, 0], "max_pause_ms": [0.0, 0.0, 0.0], "paused_ms": 0.0}
-    seen |= {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}
+    seen, _seen = _seen, _fresh()
+    seen |= {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}
     path = os.environ["GC_PROBE_FILE"]
     with open(path + ".tmp", "w") as f:
         json.dump(seen, f)
