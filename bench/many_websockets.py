@@ -4,14 +4,14 @@ sockets are open, what the garbage collector costs, memory per socket and shutdo
     python bench/many_websockets.py [--connections 10000] [--duration 10]
     python bench/run.py --many-websockets ...      # the same, after the other cases
 
-It starts the echo origin (upstream.py) on the load CPU, `sandgate serve` (one process, under
+It starts the echo origin (upstream.py, its collector off) on the load CPU, `sandgate serve` (one process, under
 gc_probe.py, which records every collection's pause) on the proxy CPU, and ws_many_client.py on
 the load CPU, which opens the sockets (64 handshakes at a time), sends round trips for
 `--duration` seconds on random sockets (8 in flight), then waits for the gateway to close them.
 This process then sends SIGTERM to the gateway and measures its shutdown: wall time, CPU time
 (from wait4) and how many sockets got 1001.
 
-Two series, each on a fresh gateway: `sandgate` as shipped, and `sandgate, GC tuning off`
+Two series, each on a fresh gateway and origin: `sandgate` as shipped, and `sandgate, GC tuning off`
 (SANDGATE_GC_TUNING=off: the collector's thresholds and freezing as before the tuning; the
 relay itself is the same code). A gateway holds two sockets per relayed WebSocket, so the
 count is capped below half the hard RLIMIT_NOFILE (printed when it is).
@@ -32,10 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from cases import aiohttp_origin, routes_yaml, start_sandgate, ws_url
-from harness import BENCH_DIR, Bench, CaseError, Cpus, Processes, pinned, read_proc, run_main
+from cases import routes_yaml, start_sandgate, ws_url
+from harness import BENCH_DIR, Bench, CaseError, Cpus, Processes, accepts, free_port, pinned, read_proc, run_main
 
 RESULTS_FILE = BENCH_DIR / "results" / "many_websockets.json"
 TARGET_P99_MS = 10.0
@@ -55,7 +54,12 @@ def capped(connections: int) -> int:
 
 def one_series(bench: Bench, name: str, env: dict[str, str], connections: int, duration: float) -> dict:
     slug = "many-ws-" + ("tuned" if not env else "untuned")
-    echo_port = urlsplit(aiohttp_origin(bench)).port
+    # A fresh origin per series, so that the second does not meet one that already held 10,000
+    # sockets; without its own collections, which would stall echoes as the gateway's did.
+    echo_port = free_port()
+    bench.procs.start_python(f"{slug}-origin", [str(BENCH_DIR / "upstream.py"), f"--port={echo_port}", "--gc-off"],
+                             bench.cpus.load)
+    bench.procs.wait_ready(f"{slug}-origin", lambda: accepts(echo_port))
     probe_file = str(bench.workdir / f"{slug}.gc.json")
     gateway = start_sandgate(bench, slug, routes_yaml(echo_port, echo_port, 0),
                              launcher=(str(BENCH_DIR / "gc_probe.py"),), env=env | {"GC_PROBE_FILE": probe_file})
@@ -80,7 +84,7 @@ def one_series(bench: Bench, name: str, env: dict[str, str], connections: int, d
         if client.poll() is None:
             os.killpg(client.pid, signal.SIGKILL)
             client.wait()
-        bench.procs.stop(slug)
+        bench.procs.stop(slug, f"{slug}-origin")
     open_kib = relayed["rss_open_kib"] - relayed["rss_before_kib"]
     return relayed | closed | {
         "series": name,
