@@ -2,7 +2,7 @@
 
 CPython 3.11 runs a full collection whenever the objects that reached the oldest generation
 since the last one number a quarter of those already there, and a full collection walks every
-tracked object. With 10,000 relayed WebSockets (about 150 tracked objects each) that stopped
+tracked object. With 10,000 relayed WebSockets (about 130 tracked objects each) that stopped
 every relay for about a second, several times while they were opened and now and then after.
 An object that lives as long as its connection is not garbage while the connection is open,
 and when it closes it is freed by reference counting (a closed relay leaves no cycles:
@@ -13,10 +13,12 @@ So ten times a second what survives a young collection is moved out of the colle
 many connections are open. The young collection is on the clock too: each message a socket
 receives leaves ~8 new objects waiting for the next one while the previous ones are freed, so
 the collector's allocation count stays flat while the young generation grows by thousands a
-second, and its own young collections (50-100 ms each with 10,000 sockets) came seldom and big. What is frozen and later becomes cyclic garbage is reclaimed only by
-a sweep (unfreeze, full collection, freeze): after startup, after each reload of the routes (the
-old table), and when the frozen set has doubled since the last sweep, at most once every ten
-minutes. That is one pause in proportion to the live objects, rarely, instead of many.
+second, and its own young collections (50-100 ms each with 10,000 sockets) came seldom and big.
+
+What is frozen and later becomes cyclic garbage is reclaimed only by a sweep (unfreeze, full
+collection, freeze): after startup, after each reload of the routes (the old table), and when
+the frozen set has doubled since the last sweep, at most once every ten minutes. That is one
+pause in proportion to the live objects, rarely, instead of many.
 
 `SANDGATE_GC_TUNING=off` keeps the collector as it was before (a sweep at startup and reload,
 the collector's own schedule in between): the reference series of bench/many_websockets.py.
