@@ -132,10 +132,12 @@ class Sandgate:
 
 
 def start_sandgate(bench: Bench, name: str, routes: str, policies_yaml: str | None = None, *,
-                   args: tuple[str, ...] = (), ready_timeout: float = SANDGATE_READY_TIMEOUT) -> Sandgate:
+                   args: tuple[str, ...] = (), ready_timeout: float = SANDGATE_READY_TIMEOUT,
+                   launcher: tuple[str, ...] = ("-m", "gateway"), env: dict[str, str] | None = None) -> Sandgate:
     """`sandgate serve` on the proxy CPU with `routes` as its routes file and `policies_yaml` in
     its --policies directory (empty without it), ready once /readyz answers 200 (with a
-    Kubernetes connection: once sandboxes and previews are listed)."""
+    Kubernetes connection: once sandboxes and previews are listed). `launcher` runs the gateway
+    module (gc_probe.py wraps it), `env` is added to the checkout's environment."""
     run_dir = bench.workdir / name
     policies = run_dir / "policies"
     policies.mkdir(parents=True, exist_ok=True)
@@ -147,9 +149,9 @@ def start_sandgate(bench: Bench, name: str, routes: str, policies_yaml: str | No
     # The access log (stdout) goes to a file: writing it is part of the measured cost. The
     # embedded store (the audit log of policy decisions) lives in the run's scratch directory.
     bench.procs.start_python(
-        name, ["-m", "gateway", "serve", f"--routes={routes_file}", f"--policies={policies}",
+        name, [*launcher, "serve", f"--routes={routes_file}", f"--policies={policies}",
                f"--listen=127.0.0.1:{port}", f"--admin=127.0.0.1:{admin}", f"--data-dir={run_dir / 'data'}", *args],
-        bench.cpus.proxy, stdout=run_dir / "access.log", cwd=run_dir, env=checkout_env())
+        bench.cpus.proxy, stdout=run_dir / "access.log", cwd=run_dir, env=checkout_env() | (env or {}))
     bench.procs.wait_ready(name, lambda: answers_200(f"http://127.0.0.1:{admin}/readyz"), ready_timeout)
     return Sandgate(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
 

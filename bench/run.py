@@ -2,6 +2,7 @@
 interleaved rounds, prints a table and writes bench/results/latest.json.
 
     python bench/run.py [--quick] [--duration 10] [--rounds 3] [--cases NAME ...] [--preview-latency]
+                        [--many-websockets]
 
 Exits 1 when a case could not be measured or any request failed; a missed target only
 prints FAIL."""
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import cpustat
 import loops
+import many_websockets
 import previews
 from cases import CASES, RATIOS, SHOWN, Case, Ratio
 from harness import (WARMUP_SECONDS, Bench, CaseError, Cpus, Measurement, Processes, Skip, Target, find_tool, measure,
@@ -64,6 +66,8 @@ def epilog() -> str:
     lines += [f"  {ratio.name} >= {ratio.target}" for ratio in RATIOS if ratio.target is not None]
     lines += ["", f"--preview-latency: median preview create-to-first-byte < {previews.TARGET_MS:.0f} ms, "
                   "one replica and two (bench/previews.py)"]
+    lines += [f"--many-websockets: p99 round trip <= {many_websockets.TARGET_P99_MS:.0f} ms with 10,000 WebSockets "
+              "open through one gateway process (bench/many_websockets.py)"]
     return "\n".join(lines)
 
 
@@ -82,6 +86,8 @@ def parse_args() -> argparse.Namespace:
                         help="after the cases, measure preview create-to-first-byte (bench/previews.py)")
     parser.add_argument("--previews", type=int, default=100, metavar="N",
                         help="previews per series for --preview-latency (default 100)")
+    parser.add_argument("--many-websockets", action="store_true",
+                        help="after the cases, 10,000 WebSockets through one gateway (bench/many_websockets.py)")
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (3 if args.quick else 10)
@@ -185,7 +191,7 @@ def ratio_value(ratio: Ratio, summaries: dict[str, dict | None]) -> float | None
 
 def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_busy: dict[int, float],
            event_loops: dict[str, str], access_log_lines: dict[str, int], started: datetime,
-           head_to_head: dict[str, list[float]], preview_latency: dict | None) -> dict:
+           head_to_head: dict[str, list[float]], preview_latency: dict | None, many: dict | None = None) -> dict:
     summaries = {result.case.name: result.summary() for result in results}
     ratios = {}
     for ratio in RATIOS:
@@ -222,6 +228,7 @@ def report(results: list[Result], args: argparse.Namespace, cpus: Cpus, idle_bus
         "ratios": ratios,
         "shown": {f"{name} {metric}": (summaries.get(name) or {}).get(metric) for name, metric in SHOWN},
         "preview_latency": preview_latency,
+        "many_websockets": many,
     }
 
 
@@ -271,6 +278,8 @@ def print_table(data: dict) -> None:
 
     if data["preview_latency"]:
         previews.print_latency(data["preview_latency"])
+    if data["many_websockets"]:
+        many_websockets.print_many(data["many_websockets"])
 
 
 def main() -> int:
@@ -302,9 +311,18 @@ def main() -> int:
             except CaseError as e:
                 print(f"  preview latency not measured: {e}", file=sys.stderr, flush=True)
                 latency_failed = True
+        many, many_failed = None, False
+        if args.many_websockets:
+            connections = many_websockets.capped(10_000)
+            print(f"many WebSockets: {connections} through one gateway process ...", flush=True)
+            try:
+                many = many_websockets.measure_many(bench, connections, duration=10.0)
+            except CaseError as e:
+                print(f"  many WebSockets not measured: {e}", file=sys.stderr, flush=True)
+                many_failed = True
 
     data = report(results, args, cpus, idle_busy, event_loops, access_log_lines, started, head_to_head,
-                  preview_latency)
+                  preview_latency, many)
     print_table(data)
     for name, lines in access_log_lines.items():
         print(f"{name} wrote {lines} access log lines")
@@ -313,6 +331,7 @@ def main() -> int:
     print(f"\nwrote {RESULTS_FILE}")
 
     bad = [result.case.name for result in results if result.bad] + (["--preview-latency"] if latency_failed else [])
+    bad += ["--many-websockets"] if many_failed or (many and many_websockets.bad(many)) else []
     if bad:
         print(f"errors in: {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0

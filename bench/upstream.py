@@ -2,6 +2,7 @@
 answers 200 with a fixed text body (the HTTP origin only when nginx is not installed)."""
 
 import argparse
+import gc
 
 from aiohttp import WSMsgType, web
 
@@ -23,7 +24,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--body-bytes", type=int, default=200)
+    parser.add_argument("--gc-off", action="store_true",
+                        help="no garbage collection (many_websockets.py: with 10,000 sockets open the origin's own "
+                             "collections would stall every echo and be counted against the gateway)")
     args = parser.parse_args()
+    if args.gc_off:
+        gc.disable()
 
     body = b"x" * args.body_bytes
 

@@ -1,24 +1,28 @@
 """WebSockets through a running gateway to a real echo upstream (SPEC §3.2, §6 gauge).
 
 Frames both ways, subprotocols end to end, close codes in both directions, ping/pong relayed,
-idle timeout, maximum lifetime, 1001 on shutdown, a refused upgrade, the message size limit and
-the open-socket gauge.
+idle timeout, maximum lifetime, 1001 on shutdown, a refused upgrade, the message size limit (both
+directions, whole or in fragments), back-pressure against a peer that never reads and the
+open-socket gauge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import tracemalloc
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.proxy.websocket import WebSocketLimits
+from gateway.proxy.websocket import CLOSE_GRACE, WebSocketLimits, _Relay
 from gateway.server.handler import Settings
 from tests.support.echo import CLOSE_CODES
 from tests.support.harness import admin_url, echo_routes, running_gateway, url
+from tests.support.rawhttp import raw_connection, request
 
 ROUTE = "infra/echo"
 STEP = 5.0  # bound on any single wait; a healthy run needs milliseconds
@@ -244,3 +248,179 @@ async def test_websocket_gauge_goes_up_and_back_down(upstream, tmp_path):
         while await gauge() != 0:
             assert asyncio.get_running_loop().time() < deadline, "gauge did not drop to 0"
             await asyncio.sleep(0.02)
+
+
+# --- hostile peers: oversized messages, floods into a peer that never reads ------------------
+
+CHUNK = 256 * 1024  # one flood message
+STALLED = 1.0  # a send that waits this long has met back-pressure
+LIMIT = 48 * 1024
+
+
+def _hostile_upstream_app() -> web.Application:
+    """/big?bytes=N sends one message of N bytes; /sink never reads; /flood sends CHUNK-sized
+    messages until a send stalls (or FLOOD_MAX is sent) and records how many bytes it got out."""
+    app = web.Application()
+    app[CLOSE_CODES] = []
+    app[FLOODED] = []
+    app[RELEASE] = asyncio.Event()
+
+    async def big(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(b"b" * int(request.query["bytes"]))
+        async for _ in ws:
+            pass
+        app[CLOSE_CODES].append(ws.close_code)
+        return ws
+
+    async def sink(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await app[RELEASE].wait()  # never reads
+        return ws
+
+    async def flood(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        app[FLOODED].append(await _flood(ws))
+        await app[RELEASE].wait()
+        return ws
+
+    app.router.add_get("/big", big)
+    app.router.add_get("/sink", sink)
+    app.router.add_get("/flood", flood)
+    return app
+
+
+FLOODED = web.AppKey("flooded", list)
+RELEASE = web.AppKey("release", asyncio.Event)  # set when the test ends: the handlers that wait return
+FLOOD_MAX = 256 * 1024 * 1024
+
+
+async def _flood(ws) -> int:
+    """Bytes sent before one send stalled for STALLED seconds (or FLOOD_MAX if none did)."""
+    payload, sent = b"f" * CHUNK, 0
+    while sent < FLOOD_MAX:
+        try:
+            await asyncio.wait_for(ws.send_bytes(payload), STALLED)
+        except TimeoutError:
+            return sent
+        sent += CHUNK
+    return sent
+
+
+@pytest.fixture
+async def hostile_upstream(aiohttp_server):
+    server = await aiohttp_server(_hostile_upstream_app(), host="127.0.0.1")
+    yield server.port, server.app
+    server.app[RELEASE].set()
+
+
+@pytest.mark.parametrize("over", [1, 40_000])
+async def test_message_from_the_upstream_over_the_limit_closes_with_1009(hostile_upstream, tmp_path, over):
+    port, app = hostile_upstream
+    settings = Settings(websocket=WebSocketLimits(max_message_bytes=LIMIT))
+    async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(gw, f"/big?bytes={LIMIT}"), max_msg_size=0) as ws:
+            assert len((await receive(ws)).data) == LIMIT  # at the limit: relayed
+        async with session.ws_connect(url(gw, f"/big?bytes={LIMIT + over}"), max_msg_size=0, autoclose=False) as ws:
+            msg = await receive(ws)
+            assert msg.type is WSMsgType.CLOSE, msg
+            assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        await wait_until(lambda: len(app[CLOSE_CODES]) == 2, what="the upstream sockets to be closed")
+        assert app[CLOSE_CODES][1] == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        await wait_until(lambda: len(gw.gateway.sockets) == 0, what="the relays to end")
+
+
+def _frame(opcode: int, payload: bytes, fin: bool) -> bytes:
+    """A masked client frame (RFC 6455 §5.2), the mask all zero: the payload goes as is."""
+    first = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536 \
+        else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return bytes([first]) + length + b"\0\0\0\0" + payload
+
+
+async def test_fragments_adding_up_to_more_than_the_limit_close_with_1009(upstream, tmp_path):
+    """Each fragment is small; the message they make is not: it is refused before it is whole."""
+    port, close_codes = upstream
+    settings = Settings(websocket=WebSocketLimits(max_message_bytes=LIMIT))
+    async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw, raw_connection(gw) as (reader, writer):
+        writer.write(request("GET /ws HTTP/1.1", "Host: echo.local", "Upgrade: websocket", "Connection: Upgrade",
+                             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        fragment = b"a" * 1000
+        writer.write(_frame(0x1, fragment, fin=False))
+        for _ in range(LIMIT // len(fragment) + 2):
+            writer.write(_frame(0x0, fragment, fin=False))
+        await writer.drain()
+        frames = b""
+        while b"\x88" not in frames and (more := await reader.read(65536)):  # the upstream's hello, then a close
+            frames += more
+        close_at = frames.find(b"\x88")
+        assert close_at >= 0, frames[:200]
+        assert int.from_bytes(frames[close_at + 2:close_at + 4], "big") == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        await wait_until(lambda: close_codes, what="the upstream to be closed")
+        assert close_codes == [aiohttp.WSCloseCode.MESSAGE_TOO_BIG]
+
+
+@pytest.mark.parametrize("flooder", ["client", "upstream"])
+async def test_a_peer_that_never_reads_holds_back_the_other_side(hostile_upstream, tmp_path, flooder):
+    """The gateway stops reading from the flooding side while the other side does not read:
+    the flood stalls, and the gateway (and everything in this process) holds a bounded amount
+    of it, not the gigabytes an unbounded queue would let through. Shutting down does not wait
+    for ever on the stuck sockets either."""
+    port, app = hostile_upstream
+    settings = Settings(websocket=WebSocketLimits(max_message_bytes=1024 * 1024))
+    async with aiohttp.ClientSession() as session:
+        async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw:
+            tracemalloc.start()
+            try:
+                ws = await session.ws_connect(url(gw, "/sink" if flooder == "client" else "/flood"))
+                if flooder == "client":
+                    sent = await _flood(ws)
+                else:  # ws is never read from (but kept: a dropped one would discard what arrives)
+                    await wait_until(lambda: app[FLOODED], timeout=60, what="the upstream's flood to stall")
+                    sent = app[FLOODED][0]
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            # Loopback socket buffers take some of the flood (up to tcp_rmem/tcp_wmem per
+            # socket); the process itself holds a few messages at most.
+            assert sent < FLOOD_MAX, "the flood never stalled"
+            assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held while {sent / 2**20:.0f} MiB were sent"
+            await asyncio.wait_for(gw.drain(), CLOSE_GRACE + STEP)
+
+
+async def test_closed_relays_are_freed_without_the_garbage_collector(upstream, tmp_path):
+    """The gateway moves long-lived objects out of the collector's view (gc_tuning), so a relay
+    that left a reference cycle behind would stay in memory for good: closed relays, however
+    they closed, must go by reference counting alone."""
+    port, close_codes = upstream
+    settings = Settings(websocket=WebSocketLimits(idle_timeout=1.0))
+    async with running_gateway(tmp_path, echo_routes(port), settings=settings) as gw, aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(url(gw, "/ws"), autoclose=False) for _ in range(9)]
+        for ws in sockets:
+            await hello(ws)
+        gc.disable()
+        try:
+            gc.freeze()  # what the gateway does with whatever lives longer than a second
+            client_closes, upstream_closes, idle = sockets[:3], sockets[3:6], sockets[6:]
+            for ws in client_closes:
+                await ws.close(code=4000)
+            for ws in upstream_closes:
+                await ws.send_str("close:4001:bye")
+            for ws in upstream_closes + idle:  # the idle ones are closed by the gateway's timer
+                assert (await receive(ws)).type is WSMsgType.CLOSE
+                await ws.close()
+            await wait_until(lambda: len(gw.gateway.sockets) == 0, what="the relays to end")
+            await wait_until(lambda: len(close_codes) == len(sockets), what="the upstream sockets to close")
+            await asyncio.sleep(0.1)  # the handlers' last steps
+            gc.unfreeze()
+            left = [o for o in gc.get_objects() if isinstance(o, _Relay)]
+        finally:
+            gc.unfreeze()
+            gc.enable()
+        assert left == [], f"{len(left)} closed relays are kept alive by reference cycles"

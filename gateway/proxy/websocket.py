@@ -8,7 +8,6 @@ and pongs are relayed as frames rather than answered here, so both ends see each
 from __future__ import annotations
 
 import asyncio
-import weakref
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,6 +21,7 @@ from gateway.proxy.upstream import UpstreamPool, upstream_url
 # Close codes that must never be sent in a Close frame (RFC 6455 §7.4.1).
 _RESERVED = {1005, 1006, 1015}
 UPSTREAM_GONE = 1014  # "Bad Gateway" in the IANA close code registry
+CLOSE_GRACE = 5.0  # seconds both peers get to answer a close before their connections are cut
 
 _HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions"}
@@ -36,10 +36,13 @@ class WebSocketLimits:
 
 
 class OpenSockets:
-    """Every relayed socket, so a shutdown can send GOING_AWAY (1001) to all of them."""
+    """Every relayed socket, so a shutdown can send GOING_AWAY (1001) to all of them.
+
+    A plain dict, not a weak one: a relay removes itself when it ends (`relay` below), and
+    10,000 open sockets need no weak references and their callbacks for that."""
 
     def __init__(self) -> None:
-        self._sockets: weakref.WeakKeyDictionary[_Relay, object] = weakref.WeakKeyDictionary()
+        self._sockets: dict[_Relay, object] = {}
 
     def __len__(self) -> int:
         return len(self._sockets)
@@ -48,16 +51,17 @@ class OpenSockets:
         """`tag` names what the socket reaches (a sandbox), so that it can be closed with it."""
         self._sockets[relay] = tag
 
+    def discard(self, relay: "_Relay") -> None:
+        self._sockets.pop(relay, None)
+
     async def close_tagged(self, tag: object, code: int, reason: str) -> int:
-        relays = [relay for relay, t in list(self._sockets.items()) if t == tag]
-        await asyncio.gather(*(relay.close(code, reason) for relay in relays), return_exceptions=True)
-        return len(relays)
+        closes = [relay.start_close(code, reason) for relay, t in list(self._sockets.items()) if t == tag]
+        await asyncio.gather(*closes, return_exceptions=True)
+        return len(closes)
 
     async def close_all(self, reason: str = "gateway shutting down") -> None:
-        await asyncio.gather(
-            *(relay.close(WSCloseCode.GOING_AWAY, reason) for relay in list(self._sockets)),
-            return_exceptions=True,
-        )
+        await asyncio.gather(*(relay.start_close(WSCloseCode.GOING_AWAY, reason) for relay in list(self._sockets)),
+                             return_exceptions=True)
 
 
 def is_websocket_upgrade(headers) -> bool:
@@ -74,6 +78,8 @@ async def relay(
     sockets: OpenSockets,
     tag: object = None,
 ) -> web.WebSocketResponse:
+    # aiohttp refuses a message of max_msg_size bytes or more; ours is the largest one allowed.
+    max_msg_size = limits.max_message_bytes + 1
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()]
     headers = end_to_end(plan.headers, _HANDSHAKE_HEADERS)
     session = pool.session_for(plan.endpoint)
@@ -86,7 +92,7 @@ async def relay(
             autoping=False,
             autoclose=False,
             compress=0,
-            max_msg_size=limits.max_message_bytes,
+            max_msg_size=max_msg_size,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
             **_tls_arguments(plan),
         )
@@ -101,100 +107,139 @@ async def relay(
         autoping=False,
         autoclose=False,
         compress=False,
-        max_msg_size=limits.max_message_bytes,
+        max_msg_size=max_msg_size,
     )
     try:
         await client.prepare(request)
     except BaseException:
         await upstream.close()
         raise
-    link = _Relay(client, upstream)
+    link = _Relay(client, upstream, (request.transport, _transport_of(upstream)))
     sockets.add(link, tag)
-    await link.run(limits)
+    try:
+        await link.run(limits)
+    finally:
+        sockets.discard(link)
     return client
 
 
 class _Relay:
-    def __init__(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse):
+    """One relayed socket. Its objects live as long as the connection, so there are few of
+    them: the handler's own task pumps client -> upstream and one task upstream -> client; one
+    timer handle watches the idle timeout and the lifetime (re-armed only when it fires, not
+    per message). Nothing refers back to the relay but that task and that timer, so a closed
+    relay is freed by reference counting, without the garbage collector.
+
+    Every close goes through one task (`_closer`), started by whichever comes first (a close
+    frame, a lost peer, the timer, a shutdown): the first code is the one both sides get, and
+    the close completes even when aiohttp cancels the handler because the client has gone."""
+
+    __slots__ = ("client", "upstream", "_transports", "_last_activity", "_idle_timeout", "_hard_stop", "_timer",
+                 "_closer")
+
+    def __init__(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,
+                 transports: tuple[asyncio.Transport | None, asyncio.Transport | None]):
         self.client = client
         self.upstream = upstream
-        self._closed = False
+        self._transports = transports  # to cut both connections when a close cannot complete
         self._last_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Task | None = None
 
     async def run(self, limits: WebSocketLimits) -> None:
         loop = asyncio.get_running_loop()
         self._last_activity = loop.time()
-        pumps = [
-            asyncio.ensure_future(self._pump(self.client, self.upstream)),
-            asyncio.ensure_future(self._pump(self.upstream, self.client)),
-        ]
-        watchdog = asyncio.ensure_future(self._watch(limits, loop.time() + limits.max_lifetime))
+        self._idle_timeout = limits.idle_timeout
+        self._hard_stop = self._last_activity + limits.max_lifetime
+        self._timer = loop.call_at(min(self._last_activity + self._idle_timeout, self._hard_stop), self._on_timer)
+        back = asyncio.ensure_future(self._pump(self.upstream, self.client))
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await self._pump(self.client, self.upstream)
+            # The upstream side ends once the close the client side started has reached it.
+            await asyncio.gather(back, return_exceptions=True)
         finally:
-            watchdog.cancel()
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, watchdog, return_exceptions=True)
+            if self._timer is not None:
+                self._timer.cancel()
+            back.cancel()
             await self.close(WSCloseCode.GOING_AWAY, "gateway closed the relay")
 
     async def _pump(self, source, sink) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            msg = await source.receive()
-            self._last_activity = loop.time()
-            kind = msg.type
-            if kind is WSMsgType.TEXT:
-                await sink.send_str(msg.data)
-            elif kind is WSMsgType.BINARY:
-                await sink.send_bytes(msg.data)
-            elif kind is WSMsgType.PING:
-                await sink.ping(msg.data)
-            elif kind is WSMsgType.PONG:
-                await sink.pong(msg.data)
-            elif kind is WSMsgType.CLOSE:
-                await self._close_pair(source, sink, msg.data, msg.extra or "")
-                return
-            else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
-                if self._closed:
-                    return  # we closed it ourselves (timeout, shutdown): the close is under way
-                code = WSCloseCode.MESSAGE_TOO_BIG if _too_big(source) else UPSTREAM_GONE
-                await self._close_pair(source, sink, code, "peer connection lost")
-                return
+        try:
+            while True:
+                msg = await source.receive()
+                self._last_activity = loop.time()
+                kind = msg.type
+                if kind is WSMsgType.TEXT:
+                    await sink.send_str(msg.data)
+                elif kind is WSMsgType.BINARY:
+                    await sink.send_bytes(msg.data)
+                elif kind is WSMsgType.PING:
+                    await sink.ping(msg.data)
+                elif kind is WSMsgType.PONG:
+                    await sink.pong(msg.data)
+                elif kind is WSMsgType.CLOSE:
+                    # Echoed to its sender, and the same code and reason to the other side.
+                    code = msg.data if msg.data and msg.data not in _RESERVED else WSCloseCode.OK
+                    await self.close(code, msg.extra or "")
+                    return
+                else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
+                    if self._closer is not None:
+                        return  # a close is under way (ours: timeout, shutdown, the other side's)
+                    code = WSCloseCode.MESSAGE_TOO_BIG if _too_big(source, msg) else UPSTREAM_GONE
+                    await self.close(code, "peer connection lost")
+                    return
+        except (ConnectionError, aiohttp.ClientError, RuntimeError):
+            # The sink went away mid-send: end both sides rather than leave the other pump waiting.
+            await self.close(UPSTREAM_GONE if sink is self.client else WSCloseCode.GOING_AWAY, "peer connection lost")
 
-    async def _close_pair(self, source, sink, code: int, reason: str) -> None:
-        """Echo the close to its sender and pass the same code and reason to the other side."""
-        self._closed = True
-        code = code if code and code not in _RESERVED else WSCloseCode.OK
-        await asyncio.gather(
-            sink.close(code=code, message=reason.encode()[:123]),
-            source.close(code=code, message=reason.encode()[:123]),
-            return_exceptions=True,
-        )
-
-    async def _watch(self, limits: WebSocketLimits, hard_stop: float) -> None:
+    def _on_timer(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            idle_at = self._last_activity + limits.idle_timeout
-            if now >= hard_stop:
-                await self.close(WSCloseCode.GOING_AWAY, "maximum connection lifetime reached")
-                return
-            if now >= idle_at:
-                await self.close(WSCloseCode.GOING_AWAY, "idle timeout")
-                return
-            await asyncio.sleep(min(idle_at, hard_stop) - now)
+        now = loop.time()
+        idle_at = self._last_activity + self._idle_timeout
+        if now >= self._hard_stop:
+            self._timer = None
+            self.start_close(WSCloseCode.GOING_AWAY, "maximum connection lifetime reached")
+        elif now >= idle_at:
+            self._timer = None
+            self.start_close(WSCloseCode.GOING_AWAY, "idle timeout")
+        else:
+            self._timer = loop.call_at(min(idle_at, self._hard_stop), self._on_timer)
+
+    def start_close(self, code: int, reason: str) -> asyncio.Task:
+        """The close of both sides, started now unless one is under way already."""
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self._close_both(code, reason.encode()[:123]))
+        return self._closer
 
     async def close(self, code: int, reason: str) -> None:
-        """Close whichever side is still open (both, unless a close is already under way)."""
-        self._closed = True
-        message = reason.encode()[:123]
-        await asyncio.gather(
-            *(ws.close(code=code, message=message) for ws in (self.client, self.upstream) if not ws.closed),
-            return_exceptions=True,
-        )
+        await asyncio.shield(self.start_close(code, reason))
+
+    async def _close_both(self, code: int, message: bytes) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await asyncio.gather(
+                    *(ws.close(code=code, message=message) for ws in (self.client, self.upstream) if not ws.closed),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            # A peer that reads nothing keeps the close frame (and what was queued before it)
+            # unsent for ever, and a graceful transport close would wait for it: cut both.
+            for transport in self._transports:
+                if transport is not None:
+                    transport.abort()
 
 
-def _too_big(ws) -> bool:
-    exc = ws.exception()
-    return isinstance(exc, aiohttp.WebSocketError) and exc.code == WSCloseCode.MESSAGE_TOO_BIG
+def _transport_of(upstream: aiohttp.ClientWebSocketResponse) -> asyncio.Transport | None:
+    """The upstream connection's transport: aiohttp has no public way to it from a WebSocket."""
+    connection = upstream._response.connection  # noqa: SLF001
+    return connection.transport if connection is not None else None
+
+
+def _too_big(ws, msg: aiohttp.WSMessage) -> bool:
+    """The source refused a message over the size limit. The server side keeps the error as its
+    exception; the client side (the upstream's) hands it over as the ERROR message's data."""
+    for exc in (msg.data, ws.exception()):
+        if isinstance(exc, aiohttp.WebSocketError) and exc.code == WSCloseCode.MESSAGE_TOO_BIG:
+            return True
+    return False

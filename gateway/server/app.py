@@ -8,7 +8,6 @@ in-flight requests finish within the drain time, logs are flushed, exit.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -34,6 +33,7 @@ from gateway.secrets import KEY_VAULT, KEY_VAULT_SCHEME, MissingSecret
 from gateway.server.accesslog import AccessLog
 from gateway.server.admin import make_admin_app
 from gateway.server.cluster import ClusterFeatures
+from gateway.server import gc_tuning
 from gateway.server.handler import Gateway, Settings
 from gateway.server.logs import event
 from gateway.server.metrics import Metrics
@@ -337,6 +337,7 @@ async def start_gateway(options: ServeOptions, config: Config | None = None) -> 
         raise
     access_log.start()
     _freeze_long_lived()
+    running._tasks.append(asyncio.ensure_future(gc_tuning.keep_old_objects_frozen()))  # open connections' objects
     running._tasks.append(asyncio.ensure_future(running._keep_keys_loaded()))
     running._tasks.append(asyncio.ensure_future(running._watch_store()))
     running._tasks.append(asyncio.ensure_future(KEY_VAULT.refresh_forever()))
@@ -384,10 +385,9 @@ def _freeze_long_lived() -> None:
 
     A table of 10,000 routes is hundreds of thousands of objects that live until the next
     reload; without this every full collection walks them all and shows up as p99 latency.
+    The sweep first collects what the previous table left in cycles.
     """
-    gc.unfreeze()  # what the previous table left in cycles can be collected now
-    gc.collect()
-    gc.freeze()
+    gc_tuning.sweep()
 
 
 def _bound_address(site: web.TCPSite) -> tuple[str, int]:
