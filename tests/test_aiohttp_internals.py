@@ -157,3 +157,26 @@ async def test_the_upstream_client_protocol_and_writer_take_what_h1client_passes
     writer = StreamWriter(protocol, asyncio.get_running_loop())
     for name in ("enable_chunking", "write_headers", "write", "write_eof"):
         assert callable(getattr(writer, name, None)), f"{VERSION}: StreamWriter.{name}() is gone (h1client)"
+
+
+async def test_a_client_websocket_reaches_its_transport_as_websocket_py_reads_it(aiohttp_server):
+    """websocket.py `_transport_of`: the upstream socket's transport, for back-pressure and the
+    forced cut of a peer that never answers a close."""
+
+    async def echo(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", echo)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(server.make_url("/")) as ws:
+            response = getattr(ws, "_response", None)
+            assert response is not None, f"{VERSION}: ClientWebSocketResponse._response is gone (websocket.py)"
+            transport = getattr(response.connection, "transport", None)
+            assert isinstance(transport, asyncio.Transport), \
+                f"{VERSION}: ClientWebSocketResponse._response.connection.transport (websocket.py)"
