@@ -90,6 +90,10 @@ async def test_the_agent_sandbox_client_runs_commands_and_moves_files_through_sa
             result = await asyncio.to_thread(use_the_client, str(world.api.kubeconfig), url(gw, ""), pod.port)
             claims_left = world.api.list("extensions.agents.x-k8s.io/v1beta1", "SandboxClaim", "agents")
 
+            async def released():  # the controller sees the claim's deletion through its watch
+                return controller.bound == {}
+            await wait_for(released, timeout=10)
+
     assert ready
     assert result["id"] == SANDBOX and controller.bound == {}
     assert result["hello"].exit_code == 0 and result["hello"].stdout == "Hello from Sandgate!\n"
