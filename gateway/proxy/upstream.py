@@ -13,13 +13,18 @@ from yarl import URL
 
 from gateway.config.model import Endpoint, Upstream
 from gateway.proxy.h1client import H1Client
+from gateway.proxy.h1limits import ResponseLimits
 
 # Headers the client library would otherwise invent; a proxy forwards only what it was given.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+def _session(connector: aiohttp.BaseConnector, limits: ResponseLimits) -> aiohttp.ClientSession:
+    """The session of WebSocket upgrades. Its response parser bounds each line and the count of
+    header lines of the 101 (aiohttp's defaults are 8190 bytes and 128 lines) to what the HTTP
+    client holds an upstream to; the total stays within their product (4 MiB by default)."""
     return aiohttp.ClientSession(
+        **limits.parser_limits(),
         connector=connector,
         auto_decompress=False,  # Content-Encoding passes through untouched
         skip_auto_headers=_SKIP_AUTO_HEADERS,
@@ -32,9 +37,10 @@ def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
 class UpstreamPool:
     """HTTP goes through the lean keep-alive client; WebSocket upgrades through aiohttp's."""
 
-    def __init__(self, *, keepalive_seconds: float = 60.0):
+    def __init__(self, *, keepalive_seconds: float = 60.0, limits: ResponseLimits = ResponseLimits()):
         self._keepalive = keepalive_seconds
-        self.http = H1Client(keepalive_seconds=keepalive_seconds)
+        self._limits = limits
+        self.http = H1Client(keepalive_seconds=keepalive_seconds, limits=limits)
         self._tcp: aiohttp.ClientSession | None = None
         self._unix: dict[str, aiohttp.ClientSession] = {}
         self._round_robin: dict[Upstream, itertools.cycle] = {}
@@ -48,7 +54,7 @@ class UpstreamPool:
                 ttl_dns_cache=10,
                 enable_cleanup_closed=True,
             )
-            self._tcp = _session(connector)
+            self._tcp = _session(connector, self._limits)
         return self._tcp
 
     def session_for(self, endpoint: Endpoint) -> aiohttp.ClientSession:
@@ -57,7 +63,7 @@ class UpstreamPool:
         session = self._unix.get(endpoint.unix_path)
         if session is None:
             connector = aiohttp.UnixConnector(path=endpoint.unix_path, limit=0, keepalive_timeout=self._keepalive)
-            session = self._unix[endpoint.unix_path] = _session(connector)
+            session = self._unix[endpoint.unix_path] = _session(connector, self._limits)
         return session
 
     def pick(self, upstream: Upstream) -> Endpoint:
