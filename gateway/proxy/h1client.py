@@ -200,12 +200,17 @@ class _BoundedResponseHandler(ResponseHandler):
         """Fail the response (or its body, once the head has been handed on) and close."""
         self._reading = _DROP
         self._cancel_head_timer()
-        payload = self._payload
-        if payload is not None and not payload.is_eof():
-            payload.set_exception(ClientPayloadError(exc.message))
         self.set_exception(exc)
         if self.transport is not None:
             self.transport.close()
+
+    def set_exception(self, exc: BaseException, *cause) -> None:
+        # aiohttp fails only the queue of heads when its parser refuses body bytes; a body
+        # being relayed would then wait for bytes that never come. Fail it too.
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(ClientPayloadError(f"The response body failed: {type(exc).__name__}"))
+        super().set_exception(exc, *cause)
 
     def _arm_head_timer(self) -> None:
         if self._awaiting and self._head_timeout and self._head_timer is None and self._reading == _HEAD:
