@@ -208,8 +208,11 @@ class _BoundedResponseHandler(ResponseHandler):
         # aiohttp fails only the queue of heads when its parser refuses body bytes; a body
         # being relayed would then wait for bytes that never come. Fail it too.
         payload = self._payload
-        if payload is not None and not payload.is_eof():
-            payload.set_exception(ClientPayloadError(f"The response body failed: {type(exc).__name__}"))
+        if payload is not None and not payload.is_eof() and payload.exception() is None:
+            failure = exc  # a timeout stays a timeout (504 while nothing was sent)
+            if isinstance(exc, HttpProcessingError):
+                failure = ClientPayloadError(f"The response body failed: {type(exc).__name__}")
+            payload.set_exception(failure)
         super().set_exception(exc, *cause)
 
     def _arm_head_timer(self) -> None:
