@@ -14,6 +14,7 @@ caller knows nothing of the request was sent.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from time import monotonic
@@ -89,6 +90,10 @@ class UpstreamResponse:
 
 
 _HEAD, _BODY, _CHUNKED, _DROP = range(4)  # what the bytes an upstream sends next are
+_HTTP11 = b"HTTP/1.1 "
+_FINAL = (b"2", b"3", b"4", b"5")
+_NO_BODY = (b"204", b"304")
+_CHUNKED_WORD = re.compile(rb"chunked", re.IGNORECASE)
 
 
 class _BoundedResponseHandler(ResponseHandler):
@@ -99,7 +104,9 @@ class _BoundedResponseHandler(ResponseHandler):
     is known to be body; a chunked body's framing is followed by ChunkedFraming. Over a limit,
     the connection is closed and the response fails: before its head that is a 502, after it a
     cut body. Once the request is sent, the head must be complete within the idle timeout:
-    a head trickled byte by byte does not re-arm it as the idle timer re-arms on every read."""
+    a head trickled byte by byte does not re-arm it as the idle timer re-arms on every read.
+    One head timer per connection, re-armed lazily, so a kept-alive connection pays no timer
+    per request."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: ResponseLimits):
         super().__init__(loop)
@@ -110,18 +117,19 @@ class _BoundedResponseHandler(ResponseHandler):
         self._framing: ChunkedFraming | None = None
         self._awaiting = False  # the final response's head has not arrived yet
         self._head_timeout: float | None = None  # set once the request is sent
+        self._head_deadline: float | None = None  # loop time by which the head due must be in
         self._head_timer: asyncio.TimerHandle | None = None
 
     def set_response_params(self, **kwargs) -> None:
         self._expect_head()
-        self._awaiting, self._head_timeout = True, None
+        self._awaiting, self._head_timeout, self._head_deadline = True, None, None
         super().set_response_params(**kwargs, **self._limits.parser_limits())
 
     def request_sent(self, timeout: float | None) -> None:
         """The request is out: each head still due (1xx ones, then the response's) must be
         complete within `timeout`."""
         self._head_timeout = timeout
-        self._arm_head_timer()
+        self._start_head_clock()
 
     def data_received(self, data: bytes) -> None:
         if not data or self._payload_parser is not None or self._upgraded or self._parser is None:
@@ -143,10 +151,10 @@ class _BoundedResponseHandler(ResponseHandler):
         """aiohttp queues a parsed head (with its payload): what follows it is known."""
         super().feed_data(data, size)
         message, payload = data
-        self._cancel_head_timer()
+        self._head_deadline = None
         if message.code < 200:  # interim: the response's own head is still due
             self._expect_head()
-            self._arm_head_timer()
+            self._start_head_clock()
             return
         self._awaiting = False
         if payload is EMPTY_PAYLOAD:  # 204, 304, HEAD: nothing but a next head may follow
@@ -172,12 +180,27 @@ class _BoundedResponseHandler(ResponseHandler):
             return b""
         cut = found.end() - len(tail)
         heads = len(self._buffer)
-        super().data_received(data[:cut])
+        if cut < len(data) and not tail and self._plain_body_follows(data, cut):
+            super().data_received(data)  # the common case, in one go: a head, then its body
+            cut = len(data)
+        else:
+            super().data_received(data[:cut])
         if self._exception is None and len(self._buffer) == heads and self._reading == _HEAD:
             # Our blank line is not the parser's: refuse rather than guess where the body starts.
             self._refuse(ResponseTooLarge(message="The response head could not be delimited."))
             return b""
         return data[cut:]
+
+    def _plain_body_follows(self, data: bytes, cut: int) -> bool:
+        """Whether the head data[:cut] surely has a body that is neither chunked nor followed
+        by another head, so the bytes after it need no counting."""
+        return (
+            data.startswith(_HTTP11)
+            and data[9:10] in _FINAL
+            and data[9:12] not in _NO_BODY
+            and not self._skip_payload
+            and _CHUNKED_WORD.search(data, 0, cut) is None
+        )
 
     def _feed_chunked(self, data: bytes) -> bytes:
         try:
@@ -198,8 +221,7 @@ class _BoundedResponseHandler(ResponseHandler):
 
     def _refuse(self, exc: ResponseTooLarge) -> None:
         """Fail the response (or its body, once the head has been handed on) and close."""
-        self._reading = _DROP
-        self._cancel_head_timer()
+        self._reading, self._head_deadline = _DROP, None
         self.set_exception(exc)
         if self.transport is not None:
             self.transport.close()
@@ -215,12 +237,22 @@ class _BoundedResponseHandler(ResponseHandler):
             payload.set_exception(failure)
         super().set_exception(exc, *cause)
 
-    def _arm_head_timer(self) -> None:
-        if self._awaiting and self._head_timeout and self._head_timer is None and self._reading == _HEAD:
-            self._head_timer = self._loop.call_later(self._head_timeout, self._on_head_timeout)
+    def _start_head_clock(self) -> None:
+        if not (self._awaiting and self._head_timeout and self._reading == _HEAD):
+            return
+        self._head_deadline = deadline = self._loop.time() + self._head_timeout
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(deadline, self._check_head_deadline)
 
-    def _on_head_timeout(self) -> None:
+    def _check_head_deadline(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # no head due (any more)
+        if self._loop.time() < deadline:
+            self._head_timer = self._loop.call_at(deadline, self._check_head_deadline)
+            return
+        self._head_deadline = None
         self._on_read_timeout()  # aiohttp's own: a ServerTimeoutError, so a 504
 
     def _cancel_head_timer(self) -> None:
