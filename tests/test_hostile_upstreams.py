@@ -17,7 +17,7 @@ from time import monotonic
 import aiohttp
 import pytest
 
-from gateway.proxy.h1limits import ChunkedFraming, ResponseLimits, ResponseTooLarge
+from gateway.proxy.h1limits import ChunkedFraming, ResponseLimits, ResponseRefused
 from gateway.server.handler import Settings
 from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
 from tests.support.rawhttp import closed_within, raw_connection, read_response, request
@@ -172,6 +172,17 @@ async def test_a_response_head_at_the_limit_passes_and_one_byte_over_is_502(raw_
                 assert_upstream_invalid(response)
 
 
+async def test_a_response_nobody_asked_for_closes_the_upstream_connection(raw_upstream, tmp_path):
+    """A second response in the same write as the first (here with a huge head): the first is
+    served, the connection is dropped, and the next request goes out on a fresh one."""
+    upstream = await raw_upstream(answer(OK + head_of(200 * 1024)))
+    async with running_gateway(tmp_path, routes_to(upstream)) as gw:
+        response = await get(gw)
+        assert (response.status, response.body) == (200, b"ok")
+        await assert_upstream_closed(upstream)
+        assert (await get(gw, "/healthy")).status == 200
+
+
 async def test_a_header_line_at_the_line_limit_passes(raw_upstream, tmp_path):
     line = b"X-Long: " + b"l" * (15 * 1024) + b"\r\n"
     upstream = await raw_upstream(answer(b"HTTP/1.1 200 OK\r\n" + line + b"Content-Length: 2\r\n\r\nok"))
@@ -311,11 +322,11 @@ async def test_valid_chunked_framing_within_the_limits_passes_whole(raw_upstream
     (b"5\r\nhello\r\n0\r\n\r\n", ResponseLimits(), 15),
     (b"5\r\nhello\r\n0\r\n\r\nHTTP/1.1", ResponseLimits(), 15),  # what follows is not body
     (b"5;a=b\nhello\n0\nT: 1\n\n", ResponseLimits(), 20),
-    (b"0" * 99 + b"5\r\nhello\r\n", ResponseLimits(line_bytes=100), ResponseTooLarge),  # CR counts
+    (b"0" * 99 + b"5\r\nhello\r\n", ResponseLimits(line_bytes=100), ResponseRefused),  # CR counts
     (b"0" * 98 + b"5\r\nhello\r\n", ResponseLimits(line_bytes=100), None),
-    (b"0\r\n" + b"T: 1\r\n" * 4 + b"\r\n", ResponseLimits(headers=3), ResponseTooLarge),
+    (b"0\r\n" + b"T: 1\r\n" * 4 + b"\r\n", ResponseLimits(headers=3), ResponseRefused),
     (b"0\r\n" + b"T: 1\r\n" * 3 + b"\r\n", ResponseLimits(headers=3), 3 + 18 + 2),
-    (b"0\r\n" + b"T: 12345\r\n" * 3 + b"\r\n", ResponseLimits(head_bytes=29), ResponseTooLarge),
+    (b"0\r\n" + b"T: 12345\r\n" * 3 + b"\r\n", ResponseLimits(head_bytes=29), ResponseRefused),
     (b"0\r\n" + b"T: 12345\r\n" * 3 + b"\r\n", ResponseLimits(head_bytes=30), 3 + 30 + 2),
     (b"10\r\n" + b"\n" * 16 + b"\r\n", ResponseLimits(line_bytes=4), None),  # data is not a line
 ])
@@ -330,8 +341,8 @@ def test_chunked_framing_table(data, limits, outcome):
                     result = fed + end
                     break
                 fed += len(piece)
-        except ResponseTooLarge:
-            result = ResponseTooLarge
+        except ResponseRefused:
+            result = ResponseRefused
         assert result == outcome, (pieces[:1], result)
 
 

@@ -28,7 +28,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict
 
 from gateway.config.model import Endpoint
-from gateway.proxy.h1limits import HEAD_END, ChunkedFraming, ResponseLimits, ResponseTooLarge
+from gateway.proxy.h1limits import HEAD_END, ChunkedFraming, ResponseLimits, ResponseRefused
 
 MAX_INTERIM_RESPONSES = 16  # 1xx (100 Continue, 103 Early Hints) skipped before the response
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2
@@ -172,7 +172,7 @@ class _BoundedResponseHandler(ResponseHandler):
         found = HEAD_END.search(joined, 0, len(tail) + budget)
         if found is None:
             if len(data) > budget:
-                self._refuse(ResponseTooLarge(message=f"The response head is over {self._limits.head_bytes} bytes."))
+                self._refuse(ResponseRefused(message=f"The response head is over {self._limits.head_bytes} bytes."))
                 return b""
             self._head += len(data)
             self._head_tail = joined[-2:]
@@ -182,12 +182,15 @@ class _BoundedResponseHandler(ResponseHandler):
         heads = len(self._buffer)
         if cut < len(data) and not tail and self._plain_body_follows(data, cut):
             super().data_received(data)  # the common case, in one go: a head, then its body
+            if len(self._buffer) > heads + 1:  # and a response nobody asked for (in this read)
+                self._refuse(ResponseRefused(message="The upstream sent a response nobody asked for."))
+                return b""
             cut = len(data)
         else:
             super().data_received(data[:cut])
         if self._exception is None and len(self._buffer) == heads and self._reading == _HEAD:
             # Our blank line is not the parser's: refuse rather than guess where the body starts.
-            self._refuse(ResponseTooLarge(message="The response head could not be delimited."))
+            self._refuse(ResponseRefused(message="The response head could not be delimited."))
             return b""
         return data[cut:]
 
@@ -205,7 +208,7 @@ class _BoundedResponseHandler(ResponseHandler):
     def _feed_chunked(self, data: bytes) -> bytes:
         try:
             end = self._framing.feed(data)
-        except ResponseTooLarge as exc:
+        except ResponseRefused as exc:
             self._refuse(exc)
             return b""
         if end is None:
@@ -219,7 +222,7 @@ class _BoundedResponseHandler(ResponseHandler):
     def _expect_head(self) -> None:
         self._reading, self._head, self._head_tail, self._framing = _HEAD, 0, b"", None
 
-    def _refuse(self, exc: ResponseTooLarge) -> None:
+    def _refuse(self, exc: ResponseRefused) -> None:
         """Fail the response (or its body, once the head has been handed on) and close."""
         self._reading, self._head_deadline = _DROP, None
         self.set_exception(exc)

@@ -33,8 +33,9 @@ class ResponseLimits:
         return {"max_line_size": self.line_bytes, "max_field_size": self.line_bytes, "max_headers": self.headers}
 
 
-class ResponseTooLarge(HttpProcessingError):
-    """An upstream response's head or chunked framing went over the limits while being read."""
+class ResponseRefused(HttpProcessingError):
+    """An upstream response refused while being read: its head or chunked framing went over the
+    limits, or where its head ends is unclear."""
 
     code = 502
 
@@ -48,7 +49,7 @@ class ChunkedFraming:
     limit, the trailer section to the head limit and header count.
 
     `feed` returns None while the body goes on, or the offset just past its end; it raises
-    ResponseTooLarge on a violation. Malformed framing that stays within the limits is left to
+    ResponseRefused on a violation. Malformed framing that stays within the limits is left to
     aiohttp's parser to refuse."""
 
     __slots__ = ("_limits", "_state", "_line", "_line_bytes", "_left", "_trailers", "_trailer_bytes")
@@ -76,7 +77,7 @@ class ChunkedFraming:
             stop = end if newline < 0 else newline
             self._line_bytes += stop - pos
             if self._line_bytes > self._limits.line_bytes:
-                raise ResponseTooLarge(message=f"A chunked framing line is over {self._limits.line_bytes} bytes.")
+                raise ResponseRefused(message=f"A chunked framing line is over {self._limits.line_bytes} bytes.")
             if self._state == _SIZE:
                 self._line += data[pos:stop]
             if newline < 0:
@@ -103,5 +104,5 @@ class ChunkedFraming:
             self._trailer_bytes += length + 1
             limits = self._limits
             if self._trailers > limits.headers or self._trailer_bytes > limits.head_bytes:
-                raise ResponseTooLarge(message=f"The trailers are over {limits.headers} lines or {limits.head_bytes} bytes.")
+                raise ResponseRefused(message=f"The trailers are over {limits.headers} lines or {limits.head_bytes} bytes.")
         return False
