@@ -20,72 +20,15 @@ import pytest
 from gateway.proxy.h1limits import ChunkedFraming, ResponseLimits, ResponseRefused
 from gateway.server.handler import Settings
 from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
-from tests.support.rawhttp import closed_within, raw_connection, read_response, request
+from tests.support.rawhttp import raw_connection, read_response, request
+from tests.support.rawupstream import OK, answer, raw_upstream  # noqa: F401 - a fixture
 from tests.test_hostile_connections import address, peak_rss_since_reset, reset_peak_rss
 
 MiB = 1024 * 1024
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-@pytest.fixture
-async def raw_upstream():
-    """Factory: an upstream that runs `script(reader, writer)` on each connection once it has read
-    the request head. `closed` records, per connection, whether the gateway then closed it
-    (within 10 s); a script that answers `OK` to a request for /healthy serves that instead."""
-    servers = []
-
-    async def start(script):
-        closed = []
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if head.startswith(b"GET /healthy "):
-                    writer.write(OK)
-                else:
-                    await script(reader, writer)
-                await writer.drain()
-                closed.append(await asyncio.wait_for(reader.read(), 10) == b"")
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError):
-                closed.append(False)
-            except (ConnectionError, OSError):
-                closed.append(True)  # reset by the gateway: closed too
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        server.closed = closed
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
 
 
 def routes_to(server) -> str:
     return GATEWAY + backend("up", server.sockets[0].getsockname()[1]) + route_to("up")
-
-
-def answer(raw: bytes, *, piece: int = 0, pause: float = 0.0):
-    """A script that sends `raw`, in pieces of `piece` bytes with `pause` between them; it stops
-    quietly when the gateway hangs up."""
-
-    async def script(reader, writer):
-        try:
-            if not piece:
-                writer.write(raw)
-                return
-            for i in range(0, len(raw), piece):
-                writer.write(raw[i:i + piece])
-                await writer.drain()
-                if pause:
-                    await asyncio.sleep(pause)
-        except (ConnectionError, OSError):
-            pass
-
-    return script
 
 
 async def get(gw, path: str = "/", timeout: float = 20):
@@ -349,38 +292,16 @@ def test_chunked_framing_table(data, limits, outcome):
 # --- the upstream's answer to a WebSocket upgrade ----------------------------------------------
 
 
-@pytest.fixture
-async def ws_upstream():
-    """Factory: an upstream that accepts a WebSocket upgrade with `extra` header lines in its
-    101 (and answers `OK` to a request for /healthy)."""
-    servers = []
+def switching(extra: bytes):
+    """A script that accepts a WebSocket upgrade with `extra` header lines in its 101."""
 
-    async def start(extra: bytes):
-        async def serve(reader, writer):
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if head.startswith(b"GET /healthy "):
-                    writer.write(OK)
-                    return
-                key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", head).group(1)
-                accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extra + b"\r\n")
-                await writer.drain()
-                await asyncio.wait_for(reader.read(), 10)
-            except (asyncio.TimeoutError, ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
+    async def script(head, reader, writer):
+        key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", head).group(1)
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extra + b"\r\n")
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    return script
 
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -392,8 +313,8 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
     pytest.param(b"".join(b"X-%d: 1\r\n" % i for i in range(300)), 502, id="300 headers"),
     pytest.param(b"X-Long: " + b"l" * (20 * 1024) + b"\r\n", 502, id="a line over 16 KiB"),
 ])
-async def test_the_upgrade_answer_is_held_to_the_same_line_and_count_limits(ws_upstream, tmp_path, extra, status):
-    upstream = await ws_upstream(extra)
+async def test_the_upgrade_answer_is_held_to_the_same_line_and_count_limits(raw_upstream, tmp_path, extra, status):
+    upstream = await raw_upstream(switching(extra))
     async with running_gateway(tmp_path, routes_to(upstream)) as gw:
         async with aiohttp.ClientSession() as session:
             if status == 101:
