@@ -22,9 +22,7 @@ from gateway.server.handler import Settings
 from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
 from tests.support.rawhttp import raw_connection, read_response, request
 from tests.support.rawupstream import OK, answer, raw_upstream  # noqa: F401 - a fixture
-from tests.test_hostile_connections import address, peak_rss_since_reset, reset_peak_rss
-
-MiB = 1024 * 1024
+from tests.test_hostile_connections import MiB, address, peak_rss_since_reset, reset_peak_rss
 
 
 def routes_to(server) -> str:
