@@ -124,12 +124,19 @@ async def test_a_response_nobody_asked_for_closes_the_upstream_connection(raw_up
         assert (await get(gw, "/healthy")).status == 200
 
 
-async def test_a_header_line_at_the_line_limit_passes(raw_upstream, tmp_path):
-    line = b"X-Long: " + b"l" * (15 * 1024) + b"\r\n"
-    upstream = await raw_upstream(answer(b"HTTP/1.1 200 OK\r\n" + line + b"Content-Length: 2\r\n\r\nok"))
-    async with running_gateway(tmp_path, routes_to(upstream)) as gw:
-        response = await get(gw)
-    assert (response.status, response.body, len(response.header("X-Long"))) == (200, b"ok", 15 * 1024)
+@pytest.mark.parametrize("line_limit", [16 * 1024, 6 * 1024])
+async def test_a_header_line_at_the_line_limit_passes_and_one_byte_over_is_502(raw_upstream, tmp_path, line_limit):
+    """One header line (name and value) is held to the client-side line limit."""
+    for size, status in ((line_limit, 200), (line_limit + 1, 502)):
+        value = b"l" * (size - len(b"X-Long"))
+        upstream = await raw_upstream(answer(b"HTTP/1.1 200 OK\r\nX-Long: " + value + b"\r\nContent-Length: 2\r\n\r\nok"))
+        directory = tmp_path / str(size)
+        directory.mkdir()
+        async with running_gateway(directory, routes_to(upstream), settings=Settings(max_header_line_bytes=line_limit)) as gw:
+            response = await get(gw)
+        assert response.status == status, (size, response.body[:200])
+        if status == 200:
+            assert response.header("X-Long") == value.decode()
 
 
 async def test_twenty_huge_response_heads_in_flight_keep_memory_bounded(raw_upstream, tmp_path):
