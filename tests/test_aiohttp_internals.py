@@ -180,3 +180,21 @@ async def test_a_client_websocket_reaches_its_transport_as_websocket_py_reads_it
             transport = getattr(response.connection, "transport", None)
             assert isinstance(transport, asyncio.Transport), \
                 f"{VERSION}: ClientWebSocketResponse._response.connection.transport (websocket.py)"
+
+
+async def test_the_upstream_client_protocol_internals_the_response_limits_rely_on():
+    """h1client._BoundedResponseHandler counts bytes before ResponseHandler.data_received parses
+    them and learns of each parsed head through DataQueue.feed_data."""
+    protocol = ResponseHandler(asyncio.get_running_loop())
+    for name, where in (("_payload", "the body being read"), ("_payload_parser", "a WebSocket's frames"),
+                        ("_upgraded", "an upgraded stream"), ("_parser", "no parser yet: aiohttp keeps the bytes"),
+                        ("_exception", "stop feeding after a failure"), ("_buffer", "the queue of parsed heads"),
+                        ("_skip_payload", "a HEAD request's response has no body"), ("_loop", "the head timer")):
+        assert hasattr(protocol, name), f"{VERSION}: ResponseHandler.{name} is gone (h1client: {where})"
+    for name in ("data_received", "feed_data", "set_exception", "_on_read_timeout", "connection_lost"):
+        assert callable(getattr(protocol, name, None)), f"{VERSION}: ResponseHandler.{name}() is gone (h1client)"
+    source = inspect.getsource(ResponseHandler.data_received)
+    assert "self.feed_data((message, " in source, \
+        f"{VERSION}: ResponseHandler.data_received no longer queues heads through feed_data (h1client)"
+    assert callable(getattr(EMPTY_PAYLOAD, "exception", None)) and callable(getattr(EMPTY_PAYLOAD, "on_eof", None)), \
+        f"{VERSION}: StreamReader.exception()/on_eof() are gone (h1client)"

@@ -20,6 +20,7 @@ from tests.support.echo import make_echo_app
 from tests.support.gated import start_gated
 from tests.support.harness import GATEWAY, backend, route_to, running_gateway
 from tests.support.rawhttp import closed_within, raw_connection, read_response, request
+from tests.support.rawupstream import answer, raw_upstream  # noqa: F401 - a fixture
 from tests.test_policy_traffic import client_policy
 
 MiB = 1024 * 1024
@@ -340,33 +341,10 @@ async def test_a_malformed_request_followed_by_a_flood_is_answered_and_closed_wi
 
 
 @pytest.fixture
-async def scripted_upstream():
+async def scripted_upstream(raw_upstream):
     """Factory: an upstream that answers every request with the given bytes, then waits; its
-    `closed_connections` records, per connection, whether the gateway closed it."""
-    servers = []
-
-    async def start(answer: bytes):
-        closed = []
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(answer)
-            await writer.drain()
-            try:
-                closed.append(await asyncio.wait_for(reader.read(), 10) == b"")
-            except (asyncio.TimeoutError, ConnectionError):
-                closed.append(False)
-            writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        server.closed_connections = closed
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    `closed` records, per connection, whether the gateway closed it (tests/support/rawupstream.py)."""
+    return lambda raw: raw_upstream(answer(raw))
 
 
 SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tunnel\r\nConnection: Upgrade\r\n\r\nTUNNEL-BYTES-FROM-UPSTREAM"
@@ -391,10 +369,10 @@ async def test_an_upstream_101_on_a_plain_request_is_502_and_nothing_is_relayed(
         assert b"TUNNEL-BYTES" not in response.body + rest
         assert rest.startswith(b"HTTP/1.1 502"), rest[:40]  # the client connection still speaks HTTP
         for _ in range(50):
-            if len(upstream.closed_connections) == 2:
+            if len(upstream.closed) == 2:
                 break
             await asyncio.sleep(0.1)
-        assert upstream.closed_connections == [True, True], "an upstream connection was kept after its 101"
+        assert upstream.closed == [True, True], "an upstream connection was kept after its 101"
 
 
 @pytest.mark.parametrize("interim, status", [(3, 200), (17, 502), (5000, 502)])

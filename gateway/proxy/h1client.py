@@ -14,21 +14,22 @@ caller knows nothing of the request was sent.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import OrderedDict, deque
 from time import monotonic
 
-from aiohttp.client_exceptions import ClientResponseError, ServerDisconnectedError
+from aiohttp.client_exceptions import ClientPayloadError, ClientResponseError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import StreamWriter
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict
 
 from gateway.config.model import Endpoint
+from gateway.proxy.h1limits import HEAD_END, ChunkedFraming, ResponseLimits, ResponseRefused
 
-_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
 MAX_INTERIM_RESPONSES = 16  # 1xx (100 Continue, 103 Early Hints) skipped before the response
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2
 
@@ -86,6 +87,189 @@ class UpstreamResponse:
         _discard(self._writer_task)
         if connection is not None:
             connection.close()
+
+
+_HEAD, _BODY, _CHUNKED, _DROP = range(4)  # what the bytes an upstream sends next are
+_HTTP11 = b"HTTP/1.1 "
+_FINAL = (b"2", b"3", b"4", b"5")
+_NO_BODY = (b"204", b"304")
+_CHUNKED_WORD = re.compile(rb"chunked", re.IGNORECASE)
+
+
+class _BoundedResponseHandler(ResponseHandler):
+    """aiohttp's response protocol, held to ResponseLimits while reading.
+
+    Before bytes reach aiohttp's parser, the head of each response (status line and headers, each
+    1xx head on its own) is counted and fed to the parser up to its blank line, so what follows
+    is known to be body; a chunked body's framing is followed by ChunkedFraming. Over a limit,
+    the connection is closed and the response fails: before its head that is a 502, after it a
+    cut body. Once the request is sent, the head must be complete within the idle timeout:
+    a head trickled byte by byte does not re-arm it as the idle timer re-arms on every read.
+    One head timer per connection, re-armed lazily, so a kept-alive connection pays no timer
+    per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: ResponseLimits):
+        super().__init__(loop)
+        self._limits = limits
+        self._reading = _HEAD
+        self._head = 0  # bytes of the head being read
+        self._head_tail = b""  # its last bytes, where a blank line may have begun
+        self._framing: ChunkedFraming | None = None
+        self._awaiting = False  # the final response's head has not arrived yet
+        self._head_timeout: float | None = None  # set once the request is sent
+        self._head_deadline: float | None = None  # loop time by which the head due must be in
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def set_response_params(self, **kwargs) -> None:
+        self._expect_head()
+        self._awaiting, self._head_timeout, self._head_deadline = True, None, None
+        super().set_response_params(**kwargs, **self._limits.parser_limits())
+
+    def request_sent(self, timeout: float | None) -> None:
+        """The request is out: each head still due (1xx ones, then the response's) must be
+        complete within `timeout`."""
+        self._head_timeout = timeout
+        self._start_head_clock()
+
+    def data_received(self, data: bytes) -> None:
+        if not data or self._payload_parser is not None or self._upgraded or self._parser is None:
+            super().data_received(data)  # a resumed read, or bytes aiohttp keeps unparsed
+            return
+        while data and self._exception is None:
+            reading = self._reading
+            if reading == _HEAD:
+                data = self._feed_head(data)
+            elif reading == _CHUNKED:
+                data = self._feed_chunked(data)
+            elif reading == _BODY:
+                super().data_received(data)
+                return
+            else:
+                return  # refused: what still arrives before the close is dropped
+
+    def feed_data(self, data, size: int = 0) -> None:
+        """aiohttp queues a parsed head (with its payload): what follows it is known."""
+        super().feed_data(data, size)
+        message, payload = data
+        self._head_deadline = None
+        if message.code < 200:  # interim: the response's own head is still due
+            self._expect_head()
+            self._start_head_clock()
+            return
+        self._awaiting = False
+        if payload is EMPTY_PAYLOAD:  # 204, 304, HEAD: nothing but a next head may follow
+            self._expect_head()
+        elif message.chunked:
+            self._reading, self._framing = _CHUNKED, ChunkedFraming(self._limits)
+        else:
+            self._reading = _BODY
+            payload.on_eof(self._expect_head)  # bytes after the body are counted as a head
+
+    def _feed_head(self, data: bytes) -> bytes:
+        budget = self._limits.head_bytes - self._head
+        tail = self._head_tail
+        joined = tail + data if tail else data
+        found = HEAD_END.search(joined, 0, len(tail) + budget)
+        if found is None:
+            if len(data) > budget:
+                self._refuse(ResponseRefused(message=f"The response head is over {self._limits.head_bytes} bytes."))
+                return b""
+            self._head += len(data)
+            self._head_tail = joined[-2:]
+            super().data_received(data)
+            return b""
+        cut = found.end() - len(tail)
+        heads = len(self._buffer)
+        if cut < len(data) and not tail and self._plain_body_follows(data, cut):
+            super().data_received(data)  # the common case, in one go: a head, then its body
+            if len(self._buffer) > heads + 1:  # and a response nobody asked for (in this read)
+                self._refuse(ResponseRefused(message="The upstream sent a response nobody asked for."))
+                return b""
+            cut = len(data)
+        else:
+            super().data_received(data[:cut])
+        if self._exception is None and len(self._buffer) == heads and self._reading == _HEAD:
+            # Our blank line is not the parser's: refuse rather than guess where the body starts.
+            self._refuse(ResponseRefused(message="The response head could not be delimited."))
+            return b""
+        return data[cut:]
+
+    def _plain_body_follows(self, data: bytes, cut: int) -> bool:
+        """Whether the head data[:cut] surely has a body that is neither chunked nor followed
+        by another head, so the bytes after it need no counting."""
+        return (
+            data.startswith(_HTTP11)
+            and data[9:10] in _FINAL
+            and data[9:12] not in _NO_BODY
+            and not self._skip_payload
+            and _CHUNKED_WORD.search(data, 0, cut) is None
+        )
+
+    def _feed_chunked(self, data: bytes) -> bytes:
+        try:
+            end = self._framing.feed(data)
+        except ResponseRefused as exc:
+            self._refuse(exc)
+            return b""
+        if end is None:
+            super().data_received(data)
+            return b""
+        super().data_received(data[:end])
+        if self._reading == _CHUNKED:  # the body ended: anything more would be a new head
+            self._expect_head()
+        return data[end:]
+
+    def _expect_head(self) -> None:
+        self._reading, self._head, self._head_tail, self._framing = _HEAD, 0, b"", None
+
+    def _refuse(self, exc: ResponseRefused) -> None:
+        """Fail the response (or its body, once the head has been handed on) and close."""
+        self._reading, self._head_deadline = _DROP, None
+        self.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def set_exception(self, exc: BaseException, *cause) -> None:
+        # aiohttp fails only the queue of heads when its parser refuses body bytes; a body
+        # being relayed would then wait for bytes that never come. Fail it too.
+        payload = self._payload
+        if payload is not None and not payload.is_eof() and payload.exception() is None:
+            failure = exc  # a timeout stays a timeout (504 while nothing was sent)
+            if isinstance(exc, HttpProcessingError):
+                failure = ClientPayloadError(f"The response body failed: {type(exc).__name__}")
+            payload.set_exception(failure)
+        super().set_exception(exc, *cause)
+
+    def _start_head_clock(self) -> None:
+        if not (self._awaiting and self._head_timeout and self._reading == _HEAD):
+            return
+        self._head_deadline = deadline = self._loop.time() + self._head_timeout
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(deadline, self._check_head_deadline)
+
+    def _check_head_deadline(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # no head due (any more)
+        if self._loop.time() < deadline:
+            self._head_timer = self._loop.call_at(deadline, self._check_head_deadline)
+            return
+        self._head_deadline = None
+        self._on_read_timeout()  # aiohttp's own: a ServerTimeoutError, so a 504
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def close(self) -> None:
+        self._cancel_head_timer()
+        super().close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
 
 class _Connection:
@@ -149,7 +333,8 @@ class _HostPool:
     async def connect(self, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
-        factory = lambda: ResponseHandler(loop)  # noqa: E731
+        limits = self.client.limits
+        factory = lambda: _BoundedResponseHandler(loop, limits)  # noqa: E731
         async with asyncio.timeout(timeout):
             if endpoint.unix_path is not None:
                 _, protocol = await loop.create_unix_connection(factory, endpoint.unix_path)
@@ -177,9 +362,10 @@ class H1Client:
     used one is dropped, closing its idle connections), `max_idle_per_pool` idle connections in
     one pool and `max_idle` in all (the oldest idle connection is closed first)."""
 
-    def __init__(self, *, keepalive_seconds: float = 60.0, max_pools: int = 1024, max_idle_per_pool: int = 64,
-                 max_idle: int = 1024):
+    def __init__(self, *, keepalive_seconds: float = 60.0, limits: ResponseLimits = ResponseLimits(),
+                 max_pools: int = 1024, max_idle_per_pool: int = 64, max_idle: int = 1024):
         self.keepalive_seconds = keepalive_seconds
+        self.limits = limits
         self.max_pools = max_pools
         self.max_idle_per_pool = max_idle_per_pool
         self.max_idle = max_idle
@@ -255,7 +441,6 @@ class H1Client:
             skip_payload=method == "HEAD",
             auto_decompress=False,
             read_timeout=read_timeout,
-            **_LIMITS,
         )
         writer = StreamWriter(protocol, asyncio.get_running_loop())
         if body is not None and "Content-Length" not in headers:
@@ -266,8 +451,10 @@ class H1Client:
             writer_task = None
             if body is None:
                 await writer.write_eof()
+                protocol.request_sent(read_timeout)
             else:
                 writer_task = asyncio.ensure_future(_send_body(writer, body))
+                writer_task.add_done_callback(lambda sent: _body_sent(sent, protocol, read_timeout))
             for _ in range(MAX_INTERIM_RESPONSES + 1):
                 try:
                     message, payload = await _read_response(protocol, writer_task)
@@ -315,6 +502,11 @@ async def _read_response(protocol: ResponseHandler, writer_task: asyncio.Task | 
         read.cancel()
         raise writer_task.exception()
     return await read
+
+
+def _body_sent(task: asyncio.Task, protocol: _BoundedResponseHandler, read_timeout: float | None) -> None:
+    if not task.cancelled() and task.exception() is None:
+        protocol.request_sent(read_timeout)
 
 
 def _discard(task: asyncio.Task | None) -> None:

@@ -13,13 +13,18 @@ from yarl import URL
 
 from gateway.config.model import Endpoint, Upstream
 from gateway.proxy.h1client import H1Client
+from gateway.proxy.h1limits import ResponseLimits
 
 # Headers the client library would otherwise invent; a proxy forwards only what it was given.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+def _session(connector: aiohttp.BaseConnector, limits: ResponseLimits) -> aiohttp.ClientSession:
+    """The session of WebSocket upgrades. Its response parser bounds each line and the count of
+    header lines of the 101 (aiohttp's defaults are 8190 bytes and 128 lines) to what the HTTP
+    client holds an upstream to; the total stays within their product (4 MiB by default)."""
     return aiohttp.ClientSession(
+        **limits.parser_limits(),
         connector=connector,
         auto_decompress=False,  # Content-Encoding passes through untouched
         skip_auto_headers=_SKIP_AUTO_HEADERS,
@@ -40,10 +45,11 @@ class UpstreamPool:
     `max_idle` in all (H1Client). aiohttp's WebSocket connector keeps no upgraded connection
     idle, and drops others after `keepalive_seconds`."""
 
-    def __init__(self, *, keepalive_seconds: float = 60.0, max_pools: int = 1024, max_idle_per_pool: int = 64,
-                 max_idle: int = 1024):
+    def __init__(self, *, keepalive_seconds: float = 60.0, limits: ResponseLimits = ResponseLimits(),
+                 max_pools: int = 1024, max_idle_per_pool: int = 64, max_idle: int = 1024):
         self._keepalive = keepalive_seconds
-        self.http = H1Client(keepalive_seconds=keepalive_seconds, max_pools=max_pools,
+        self._limits = limits
+        self.http = H1Client(keepalive_seconds=keepalive_seconds, limits=limits, max_pools=max_pools,
                              max_idle_per_pool=max_idle_per_pool, max_idle=max_idle)
         self._tcp: aiohttp.ClientSession | None = None
         self._unix: dict[str, aiohttp.ClientSession] = {}
@@ -58,7 +64,7 @@ class UpstreamPool:
                 ttl_dns_cache=10,
                 enable_cleanup_closed=True,
             )
-            self._tcp = _session(connector)
+            self._tcp = _session(connector, self._limits)
         return self._tcp
 
     def session_for(self, endpoint: Endpoint) -> aiohttp.ClientSession:
@@ -67,7 +73,7 @@ class UpstreamPool:
         session = self._unix.get(endpoint.unix_path)
         if session is None:
             connector = aiohttp.UnixConnector(path=endpoint.unix_path, limit=0, keepalive_timeout=self._keepalive)
-            session = self._unix[endpoint.unix_path] = _session(connector)
+            session = self._unix[endpoint.unix_path] = _session(connector, self._limits)
         return session
 
     def pick(self, upstream: Upstream) -> Endpoint:

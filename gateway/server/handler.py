@@ -21,6 +21,7 @@ from gateway.audit import AuditLog
 from gateway.config.model import Filters, PreviewZone
 from gateway.proxy import websocket
 from gateway.proxy.headers import append_forwarded, apply_modifier, end_to_end
+from gateway.proxy.h1limits import ResponseLimits
 from gateway.proxy.http import Exchange, ForwardPlan, forward
 from gateway.proxy.retry import RetryBudget, RetryPlan
 from gateway.proxy.upstream import UpstreamPool
@@ -94,7 +95,8 @@ class Gateway:
         self.settings = settings
         self.metrics = metrics
         self.access_log = access_log
-        self.pool = UpstreamPool()
+        # An upstream's response head is held to the size a client's request head is held to.
+        self.pool = UpstreamPool(limits=ResponseLimits(settings.max_header_bytes, settings.max_header_line_bytes))
         self.rate_limiter = LocalRateLimiter()  # outlives reloads; keeps the buckets of current revisions
         metrics.watch_sizes(lambda: self.rate_limiter, lambda: self.pool)
         self._retry_budgets: dict[tuple[str, int], RetryBudget] = {}  # per route rule, as Envoy Gateway's
