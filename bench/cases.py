@@ -370,7 +370,7 @@ RATIOS = (
     Ratio("sandgate", "direct"),
     Ratio("sandgate-10k", "direct"),
     Ratio("sandgate", "nginx"),
-    Ratio("sandgate", "bare", target=0.9),
+    Ratio("sandgate", "bare", target=1.0),
     Ratio("sandgate-10k", "sandgate", target=0.9),
     Ratio("sandgate-jwt", "sandgate-bearer", target=0.9),
     Ratio("sandgate-jwt-every", "sandgate-bearer", head_to_head=True),
