@@ -9,8 +9,10 @@ before each attack through /proc/self/clear_refs.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 
+import aiohttp
 import pytest
 
 from gateway.config.loader import load_routes_from_string
@@ -18,7 +20,7 @@ from gateway.policy.loader import load_policies
 from gateway.server.handler import Settings
 from tests.support.echo import make_echo_app
 from tests.support.gated import start_gated
-from tests.support.harness import GATEWAY, backend, route_to, running_gateway
+from tests.support.harness import GATEWAY, backend, route_to, running_gateway, url
 from tests.support.rawhttp import closed_within, raw_connection, read_response, request
 from tests.support.rawupstream import answer, raw_upstream  # noqa: F401 - a fixture
 from tests.test_policy_traffic import client_policy
@@ -204,6 +206,74 @@ async def test_many_pipelined_requests_in_one_write_are_served_under_a_tiny_head
             await writer.drain()
             statuses = [(await read_response(reader)).status for _ in range(300)]
         assert statuses == [200] * 300
+
+
+@pytest.mark.parametrize("before", ["body", "head"])
+@pytest.mark.parametrize("kib", [20, 70, 180])
+async def test_a_head_read_together_with_the_end_of_the_previous_request_is_counted(app, tmp_path, before, kib):
+    """The next head arrives in the same read as the end of a body (or of a body-less request):
+    it is held to the same limit (16 KiB here) and refused with a 431, never served."""
+    async with running_gateway(tmp_path, app, settings=Settings(max_header_bytes=16 * 1024)) as gw:
+        host, port = address(gw)
+        filler = [f"X-F{i}: {'f' * 900}" for i in range(kib)]
+        big = request("GET /big HTTP/1.1", f"Host: {host}:{port}", *filler)
+        async with raw_connection(gw, 20) as (reader, writer):
+            if before == "body":
+                writer.write(request("POST / HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 1"))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(b"a" + big)  # the body's last byte and the whole next head: one read
+            else:
+                writer.write(request("GET /first HTTP/1.1", f"Host: {host}:{port}") + big)
+            await writer.drain()
+            first = await read_response(reader)
+            second = await read_response(reader)
+        assert first.status == 200
+        assert_refused(second, 431, "headers_too_large")
+
+
+@pytest.mark.parametrize("before", ["body", "head"])
+async def test_a_head_begun_in_the_same_read_as_the_previous_request_is_due_within_the_header_timeout(
+        app, tmp_path, before):
+    """The start of the next head arrives with the end of the previous request, then nothing:
+    the header timeout (1 s), not the idle timeout (20 s), closes the connection."""
+    settings = Settings(request_headers_timeout=1.0, client_idle_timeout=20.0)
+    async with running_gateway(tmp_path, app, settings=settings) as gw:
+        host, port = address(gw)
+        partial = f"GET /stalled HTTP/1.1\r\nHost: {host}:{port}\r\nX-Half: ".encode()
+        async with raw_connection(gw, 20) as (reader, writer):
+            if before == "body":
+                writer.write(request("POST / HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 1"))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(b"a" + partial)
+            else:
+                writer.write(request("GET /first HTTP/1.1", f"Host: {host}:{port}") + partial)
+            await writer.drain()
+            started = asyncio.get_running_loop().time()
+            assert (await read_response(reader)).status == 200
+            assert await closed_within(reader, 8), "a stalled head after a request was never cut"
+        assert asyncio.get_running_loop().time() - started < 8
+
+
+async def test_a_compressed_request_body_reaches_the_upstream_as_sent(tmp_path, raw_upstream):
+    """Content-Encoding passes untouched (SPEC §3.1): the gateway neither inflates a gzip body
+    (it would forward it under its gzip header) nor spends anything on a compression bomb."""
+    received = []
+
+    async def keep_body(head, reader, writer):
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        received.append(await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await raw_upstream(keep_body)
+    routes = GATEWAY + backend("up", server.sockets[0].getsockname()[1]) + route_to("up")
+    bomb = gzip.compress(b"\0" * (64 * MiB))  # 64 KiB that would inflate to 64 MiB
+    async with running_gateway(tmp_path, routes) as gw:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url(gw, "/upload"), data=bomb, headers={"Content-Encoding": "gzip"}) as response:
+                assert response.status == 200
+    assert received == [bomb]
 
 
 # --- header and idle timeouts ----------------------------------------------------------------

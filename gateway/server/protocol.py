@@ -102,47 +102,83 @@ class _GatewayRequestHandler(RequestHandler):
 
     def _feed(self, data: bytes) -> bytes:
         """Feed `data` to aiohttp, counting it while it is part of a request head; returns what
-        follows a head that ended inside it, still to be fed."""
+        follows a head that ended inside the part of it that fits in the budget, still to be fed."""
         if self._refused or self._force_close or self._close:
             return b""
         if self._head is None:
             body = self._body
             if self._upgraded or self._payload_parser is not None or (body is not None and not body.is_eof()):
-                count = self._request_count
-                super().data_received(data)  # a body: its end may start the next request
-                if self._request_count != count:
-                    self._parsed()
+                self._parse(data)  # a body: its end may start the next request
                 return b""
-            self._head = 0  # the body ended in an earlier chunk: this one starts a request
-        head = self._head
-        if not head and data:
+            self._head = 0  # the body ended exactly at the end of an earlier chunk
+        if not self._head and data:
             self._start_head_timer()
-        budget = self.listener.header_bytes - head
-        count = self._request_count
+        budget = self.listener.header_bytes - self._head
         if len(data) <= budget:
-            self._head = head + len(data)
-            super().data_received(data)
-            if self._request_count != count:
-                self._parsed()
+            self._parse(data)
             return b""
-        # Over the limit unless the head ends inside what fits in the budget.
-        self._head = head + budget
-        super().data_received(data[:budget])
-        if self._request_count == count:
+        # Over the limit unless a head ends inside what fits in the budget.
+        if not self._parse(data[:budget]):
             if not self._refused:
                 self._refuse(HeaderSectionTooLarge(self.listener.header_bytes))
             return b""
-        self._parsed()
         return data[budget:]
 
-    def _parsed(self) -> None:
-        """The parser yielded a request (or an error) from the last chunk."""
-        message, payload = self._messages[-1]
-        if isinstance(message, _ErrInfo):
-            self._stop_reading()  # aiohttp answers it (handle_error), then the connection closes
-            return
+    def _parse(self, piece: bytes) -> bool:
+        """Give `piece` to aiohttp's parser and account for it; whether a request was parsed.
+
+        The bytes of `piece` after the last request parsed from it (and after that request's
+        body, when it ended inside `piece`) are the start of the next head: they are charged to
+        it and its header timer starts. A request's own head is measured from what the parser
+        made of it, so a head over the limit is refused even when it came in with a body's end
+        or after another request in the same read, never served."""
+        body = self._body if self._head is None else None
+        body_before = body.total_bytes if body is not None else 0
+        head_before = self._head or 0
+        count = self._request_count
+        super().data_received(piece)
+        parsed = self._request_count - count
+        accounted = body.total_bytes - body_before if body is not None else 0
+        if not parsed:
+            if self._head is not None:
+                self._head += len(piece)
+            elif body is not None and body.is_eof() and not self._upgraded and self._payload_parser is None:
+                self._next_head(len(piece) - accounted)
+            return False
+        if parsed == 1 and body is None and not self._upgraded and piece.endswith(b"\r\n\r\n"):
+            message, payload = self._messages[-1]
+            if payload is EMPTY_PAYLOAD and not isinstance(message, _ErrInfo):
+                # The common case, without measuring: one body-less request, counted whole as it
+                # came, ending exactly where the read did.
+                self._body, self._head = payload, 0
+                return True
+        messages = list(self._messages)[-parsed:]
+        accounted -= head_before  # counted with earlier pieces, and part of the first head here
+        for index, (message, payload) in enumerate(messages):
+            if isinstance(message, _ErrInfo):
+                self._stop_reading()  # aiohttp answers it (handle_error), then the connection closes
+                return True
+            size = _head_size(message)
+            if size > self.listener.header_bytes:
+                for _ in range(len(messages) - index):  # neither it nor what follows is served
+                    self._messages.pop()
+                self._refuse(HeaderSectionTooLarge(self.listener.header_bytes))
+                return True
+            accounted += size + payload.total_bytes
         self._body = payload
-        self._head = 0 if payload.is_eof() and not self._upgraded else None
+        if self._upgraded or not payload.is_eof():
+            self._head = None
+        else:
+            self._next_head(len(piece) - accounted)
+        return True
+
+    def _next_head(self, started: int) -> None:
+        """A request is done: `started` bytes of the next head have been read already."""
+        self._head = max(started, 0)
+        if self._head:
+            self._start_head_timer()
+            if self._head > self.listener.header_bytes:
+                self._refuse(HeaderSectionTooLarge(self.listener.header_bytes))
 
     def _refuse(self, exc: HttpProcessingError) -> None:
         """Answer `exc` (after any request in flight), then close; read nothing more."""
@@ -217,6 +253,14 @@ class _GatewayRequestHandler(RequestHandler):
         return response
 
 
+def _head_size(message) -> int:
+    """The bytes of a parsed request's line and headers, as a client sends them plainly."""
+    size = len(message.method) + len(message.path) + 14  # " ", " HTTP/1.1\r\n" and the final CRLF
+    for name, value in message.raw_headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
 def _accept(request) -> str:
     try:
         return request.headers.get("Accept", "")
@@ -277,4 +321,8 @@ def make_server(handler, listener_limits: Callable[[], ListenerLimits],
         handler, listener_limits=listener_limits, on_rejected=on_rejected, request_factory=_make_request,
         handler_cancellation=True, access_log=None, max_line_size=max_header_bytes,
         max_field_size=max_header_line_bytes, max_headers=MAX_HEADERS,
+        # Request bodies pass as sent (SPEC §3.1: Content-Encoding untouched): aiohttp would
+        # otherwise inflate a gzip body, forward it under its gzip header, and spend CPU and
+        # memory on whatever a client compressed.
+        auto_decompress=False,
     )
