@@ -15,10 +15,13 @@ receives leaves ~8 new objects waiting for the next one while the previous ones 
 the collector's allocation count stays flat while the young generation grows by thousands a
 second, and its own young collections (50-100 ms each with 10,000 sockets) came seldom and big.
 
-What is frozen and later becomes cyclic garbage is reclaimed only by a sweep (unfreeze, full
-collection, freeze): after startup, after each reload of the routes (the old table), and when
-the frozen set has doubled since the last sweep, at most once every ten minutes. That is one
-pause in proportion to the live objects, rarely, instead of many.
+What is frozen and later becomes cyclic garbage (a short-lived connection frozen while it was
+open leaves a transport cycle behind) is reclaimed only by a sweep (unfreeze, full collection,
+freeze): after startup, after each reload of the routes (the old table), and when the frozen
+set has grown by as many objects as the last sweep left, but never by more than
+SWEEP_AT_MOST_GROWTH (so that churning connections cannot grow memory without bound), at most
+once every SWEEP_AT_MOST_EVERY seconds. That is one pause in proportion to the live objects,
+and only while the frozen set grows, instead of one every few seconds.
 
 `SANDGATE_GC_TUNING=off` keeps the collector as it was before (a sweep at startup and reload,
 the collector's own schedule in between): the reference series of bench/many_websockets.py.
@@ -33,8 +36,9 @@ import time
 
 ENABLED = os.environ.get("SANDGATE_GC_TUNING", "on").strip().lower() not in ("off", "0", "false", "no")
 FREEZE_EVERY = 0.1  # seconds an object lives at most in the collector's view before it is frozen
-SWEEP_GROWTH = 2.0  # a sweep when the frozen set has grown this much since the last one
-SWEEP_AT_MOST_EVERY = 600.0  # seconds
+SWEEP_AT_MOST_GROWTH = 250_000  # objects (tens of MiB): the most the frozen set grows between sweeps
+SWEEP_AT_LEAST_GROWTH = 20_000  # objects: below this, sweeping a small process is not worth it
+SWEEP_AT_MOST_EVERY = 10.0  # seconds
 
 
 class _Frozen:
@@ -56,6 +60,14 @@ def sweep() -> None:
     _Frozen.swept_at = time.monotonic()
 
 
+def sweep_due(grown: int, after_sweep: int, seconds_since: float) -> bool:
+    """Whether the frozen set, `grown` objects larger than the `after_sweep` the last sweep
+    left `seconds_since` ago, is due for a sweep."""
+    if seconds_since < SWEEP_AT_MOST_EVERY:
+        return False
+    return grown >= min(max(after_sweep, SWEEP_AT_LEAST_GROWTH), SWEEP_AT_MOST_GROWTH)
+
+
 def freeze_survivors() -> None:
     """Freeze what survives a young collection: the objects of open connections and whatever
     else is alive now. The collection first, so that fresh garbage is not frozen with them;
@@ -63,16 +75,16 @@ def freeze_survivors() -> None:
     gc.collect(1)
     _Frozen.since_sweep += len(gc.get_objects(generation=2))
     gc.freeze()
-    if _Frozen.since_sweep < (SWEEP_GROWTH - 1) * _Frozen.after_sweep:
+    seconds_since = time.monotonic() - _Frozen.swept_at
+    if not sweep_due(_Frozen.since_sweep, _Frozen.after_sweep, seconds_since):
         return
-    if time.monotonic() - _Frozen.swept_at < SWEEP_AT_MOST_EVERY:
-        return
-    # Counting the frozen set walks it (milliseconds per million objects): only now.
-    frozen = gc.get_freeze_count()
-    if frozen >= SWEEP_GROWTH * _Frozen.after_sweep:
+    # Counting the frozen set walks it (milliseconds per million objects): only now. The count
+    # above is an upper bound (frozen objects freed since are not subtracted); this one is exact.
+    grown = gc.get_freeze_count() - _Frozen.after_sweep
+    if sweep_due(grown, _Frozen.after_sweep, seconds_since):
         sweep()
     else:
-        _Frozen.since_sweep = frozen - _Frozen.after_sweep
+        _Frozen.since_sweep = max(grown, 0)
 
 
 async def keep_old_objects_frozen() -> None:
