@@ -64,11 +64,11 @@ def add_previews(api: KubeApi, sandbox: dict, count: int, port: int) -> list[str
     now = datetime.now(timezone.utc)
     hosts = []
     for _ in range(count):
-        preview = objects.new_preview(new_token(), NAMESPACE, SANDBOX, port, OWNER, zone, now)
-        service = objects.service(preview, uid, {label: value})
+        preview = objects.new_preview(new_token(), NAMESPACE, SANDBOX, uid, port, OWNER, zone, now)
+        service = objects.service(preview, {label: value})
         service["spec"]["clusterIP"] = "None"
         api.create(service)
-        api.create(objects.httproute(preview, uid, zone))
+        api.create(objects.httproute(preview, zone))
         hosts.append(preview.host)
     return hosts
 

@@ -651,9 +651,10 @@ def preview_objects(sandbox: dict, port: int = 8080) -> tuple[dict, dict]:
     """The Service and HTTPRoute the gateway creates for a preview of `sandbox` in the shipped zone."""
     config = load_routes(str(REPO / "routes.yaml"), LoadOptions())
     (zone,) = config.served(PreviewZone).values()
-    preview = objects.new_preview(new_token(), "sandboxes", "demo", port, api.SUBJECT, zone, datetime.now(timezone.utc))
-    uid, selector = sandbox["metadata"]["uid"], dict(sandbox_info(sandbox, None).pod_selector)
-    return objects.service(preview, uid, selector), objects.httproute(preview, uid, zone)
+    preview = objects.new_preview(new_token(), "sandboxes", "demo", sandbox["metadata"]["uid"], port, api.SUBJECT, zone,
+                                  datetime.now(timezone.utc))
+    selector = dict(sandbox_info(sandbox, None).pod_selector)
+    return objects.service(preview, selector), objects.httproute(preview, zone)
 
 
 def name_of(obj: dict) -> str:

@@ -20,6 +20,7 @@ from tests.support.previews import (
     LOOPBACK, ZONE, api, host_of, preview_policies, preview_routes, token_for, via_host,
 )
 from tests.support.previews import preview_gateway as gateway
+from tests.support.sandboxes import CLAIM_API, SANDBOX_API
 
 FAST_REAPER = {"reap_interval": 0.2, "touch_interval": 0.2}
 
@@ -357,3 +358,34 @@ async def test_owner_mode_streams_end_when_their_caller_loses_the_sandbox(tmp_pa
         alice_still = (await sockets["alice"].receive(timeout=5)).data
     assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1001 and took < 3.0
     assert alice_still == "still here"
+
+
+async def test_a_preview_never_reaches_a_sandbox_recreated_under_its_name(tmp_path, world, issuer):
+    """alice's sandbox goes (its preview left behind: garbage collection pending, or orphaned)
+    and bob gets a sandbox of the same name: alice's preview URL reaches nothing of bob's, bob
+    does not see it, and the reaper counts it as gone with its sandbox."""
+    _, port = await world.add("agents", "box-1", owner="alice@example.com")
+    alice, bob = token_for(issuer), token_for(issuer, "bob@example.com")
+    async with gateway(tmp_path, world, issuer, timing=FAST_REAPER) as gw:
+        _, created = await api(gw, "POST", "/gateway/v1/previews", alice, create_body("box-1", port))
+        host = host_of(created)
+        assert (await via_host(gw, host))[0] == 200
+        old_uid = gw.cluster.registry.find("agents", "box-1").uid
+        world.api.delete(SANDBOX_API, "Sandbox", "agents", "box-1", propagation="Orphan")
+        world.api.delete(CLAIM_API, "SandboxClaim", "agents", "box-1", propagation="Orphan")
+        await world.add("agents", "box-1", owner="bob@example.com")
+
+        async def replaced():
+            info = gw.cluster.registry.find("agents", "box-1")
+            return info is not None and info.uid != old_uid
+        assert await wait_for(replaced, timeout=5)
+        bobs_before = len([r for r in world.received if r[0] == "agents/box-1"])
+        status, _, _ = await via_host(gw, host)
+        listed = await api(gw, "GET", "/gateway/v1/previews?sandbox=box-1", bob)
+
+        async def reaped():
+            return gw.cluster.previews.table.by_token(created["token"]) is None
+        assert await wait_for(reaped, timeout=5)
+    assert status == 404
+    assert len([r for r in world.received if r[0] == "agents/box-1"]) == bobs_before
+    assert listed[0] == 200 and created["token"] not in json.dumps(listed[1])

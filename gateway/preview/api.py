@@ -96,10 +96,10 @@ class PreviewApi:
 
     def _may_see(self, preview: Preview, claims, policy) -> bool:
         try:
-            self.previews.sandbox_for(preview.namespace, preview.sandbox, claims, policy)
-            return True
+            info = self.previews.sandbox_for(preview.namespace, preview.sandbox, claims, policy)
         except Refusal:
             return False
+        return info.uid == preview.sandbox_uid  # a same-named successor's users see nothing of it
 
 
 async def _readjson_response(request: web.BaseRequest) -> dict:

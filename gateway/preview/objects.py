@@ -53,6 +53,9 @@ class Preview:
     expires_at: datetime
     max_until: datetime
     uid: str = ""  # the HTTPRoute's
+    # The Sandbox's uid (its ownerReference): a sandbox re-created under the same name, maybe
+    # someone else's, is another sandbox and never this preview's.
+    sandbox_uid: str = ""
     # Derived once, read per request: the token's fingerprint, the two limits as epoch seconds.
     fingerprint: str = field(init=False, compare=False)
     expires_ts: float = field(init=False, compare=False)
@@ -91,7 +94,7 @@ def created_view(preview: Preview, origin: str) -> dict:
     return {k: full[k] for k in ("token", "url", "expires_at", "max_until")}
 
 
-def metadata(preview: Preview, sandbox_uid: str) -> dict:
+def metadata(preview: Preview) -> dict:
     return {
         "name": object_name(preview.token),
         "namespace": preview.namespace,
@@ -104,17 +107,17 @@ def metadata(preview: Preview, sandbox_uid: str) -> dict:
             MAX_UNTIL: rfc3339(preview.max_until),
         },
         "ownerReferences": [{
-            "apiVersion": SANDBOX.api_version, "kind": SANDBOX.kind, "name": preview.sandbox, "uid": sandbox_uid,
+            "apiVersion": SANDBOX.api_version, "kind": SANDBOX.kind, "name": preview.sandbox, "uid": preview.sandbox_uid,
             "blockOwnerDeletion": False,
         }],
     }
 
 
-def service(preview: Preview, sandbox_uid: str, pod_selector: dict[str, str]) -> dict:
+def service(preview: Preview, pod_selector: dict[str, str]) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(preview, sandbox_uid),
+        "metadata": metadata(preview),
         "spec": {
             "type": "ClusterIP",
             "selector": dict(pod_selector),
@@ -123,7 +126,7 @@ def service(preview: Preview, sandbox_uid: str, pod_selector: dict[str, str]) ->
     }
 
 
-def httproute(preview: Preview, sandbox_uid: str, zone: PreviewZone) -> dict:
+def httproute(preview: Preview, zone: PreviewZone) -> dict:
     parent = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": zone.gateway_name,
               "namespace": zone.gateway_namespace}
     if zone.section_name:
@@ -131,7 +134,7 @@ def httproute(preview: Preview, sandbox_uid: str, zone: PreviewZone) -> dict:
     return {
         "apiVersion": HTTPROUTE.api_version,
         "kind": HTTPROUTE.kind,
-        "metadata": metadata(preview, sandbox_uid),
+        "metadata": metadata(preview),
         "spec": {
             "parentRefs": [parent],
             "hostnames": [preview.host],
@@ -155,9 +158,12 @@ def from_httproute(route: dict) -> Preview | None:
         if labels.get(LABEL_PREVIEW) != "true" or not name.startswith("preview-") or len(hosts) != 1:
             return None
         token, host, port = name[len("preview-"):], hosts[0].lower(), int(annotations[PORT])
+        sandbox_uids = [ref.get("uid") for ref in meta.get("ownerReferences") or ()
+                        if isinstance(ref, dict) and ref.get("kind") == SANDBOX.kind and ref.get("uid")]
         # the host must be the one its name's token makes: another route could otherwise claim
         # a live preview's host and take its traffic
-        if not is_token(token) or not host.startswith(f"{token}{SUFFIX}.") or not 0 < port < 65536:
+        if not is_token(token) or not host.startswith(f"{token}{SUFFIX}.") or not 0 < port < 65536 \
+                or len(sandbox_uids) != 1 or not isinstance(sandbox_uids[0], str):
             return None
         return Preview(
             token=token,
@@ -170,14 +176,17 @@ def from_httproute(route: dict) -> Preview | None:
             expires_at=parse_rfc3339(annotations[EXPIRES_AT]),
             max_until=parse_rfc3339(annotations[MAX_UNTIL]),
             uid=meta.get("uid", ""),
+            sandbox_uid=sandbox_uids[0],
         )
     except (KeyError, ValueError, TypeError, AttributeError):
         return None
 
 
-def new_preview(token: str, namespace: str, sandbox: str, port: int, owner: str, zone: PreviewZone, now: datetime) -> Preview:
+def new_preview(token: str, namespace: str, sandbox: str, sandbox_uid: str, port: int, owner: str, zone: PreviewZone,
+                now: datetime) -> Preview:
     max_until = now + timedelta(seconds=zone.max_lifetime)
     return Preview(
-        token=token, namespace=namespace, sandbox=sandbox, port=port, host=host_for(token, zone.zone), owner=owner,
+        token=token, namespace=namespace, sandbox=sandbox, sandbox_uid=sandbox_uid, port=port,
+        host=host_for(token, zone.zone), owner=owner,
         created_at=now, expires_at=min(now + timedelta(seconds=zone.idle_ttl), max_until), max_until=max_until,
     )

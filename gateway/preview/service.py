@@ -87,7 +87,7 @@ class Previews:
         now = time()
         if preview is None or now >= preview.expires_ts or now >= preview.max_ts:
             raise Refusal(404, "preview_not_found", "No preview at this host.")
-        info = self.registry.find(preview.namespace, preview.sandbox)
+        info = self.sandbox_of(preview)
         if info is None:
             raise Refusal(404, "preview_not_found", "No preview at this host.")
         if zone.access_mode == "owner":
@@ -168,7 +168,7 @@ class Previews:
             if preview is None or now >= preview.expires_ts or now >= preview.max_ts:
                 self._end_running(token, "preview ended")
                 continue
-            info = self.registry.find(preview.namespace, preview.sandbox)
+            info = self.sandbox_of(preview)
             running = 0
             for task, caller in list(tasks.items()):
                 if task.done():
@@ -216,18 +216,25 @@ class Previews:
         is reserved before the first API call and held until it is in the table."""
         if not info.pod_selector:
             raise Refusal(409, "sandbox_not_ready", f"Sandbox {info.namespace}/{info.name} has no pod selector yet.")
+        # Shielded: a client that goes away mid-way cancels its request, not the create, so the
+        # Service is never left without its HTTPRoute (or rolled back) and the reserved place is
+        # held until the preview is in the table.
+        return await asyncio.shield(self._reserve_and_create(zone, info, port, owner, policy))
+
+    async def _reserve_and_create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str,
+                                  policy: SandboxPolicy | None) -> Preview:
         with self.caps.reserve(self.table, info.namespace, info.name, owner, policy or DEFAULT_POLICY):
             return await self._create(zone, info, port, owner)
 
     async def _create(self, zone: PreviewZone, info: SandboxInfo, port: int, owner: str) -> Preview:
-        preview = objects.new_preview(new_token(), info.namespace, info.name, port, owner, zone, utcnow())
+        preview = objects.new_preview(new_token(), info.namespace, info.name, info.uid, port, owner, zone, utcnow())
         name = object_name(preview.token)
         try:
-            await self.kube.create(SERVICE, info.namespace, objects.service(preview, info.uid, dict(info.pod_selector)))
+            await self.kube.create(SERVICE, info.namespace, objects.service(preview, dict(info.pod_selector)))
         except KubeError as e:
             raise Refusal(502, "preview_not_created", f"The preview's Service could not be created ({e.status} {e.reason}).") from None
         try:
-            route = await self.kube.create(HTTPROUTE, info.namespace, objects.httproute(preview, info.uid, zone))
+            route = await self.kube.create(HTTPROUTE, info.namespace, objects.httproute(preview, zone))
         except KubeError as e:
             try:
                 await self.kube.delete(SERVICE, info.namespace, name)
@@ -280,13 +287,17 @@ class Previews:
                 log.warning("preview %s: not reaped: %s", preview.fingerprint, e.message)
         return reaped
 
+    def sandbox_of(self, preview: Preview) -> SandboxInfo | None:
+        """The sandbox a preview was made for: by name and uid (a same-named successor is not)."""
+        info = self.registry.find(preview.namespace, preview.sandbox)
+        return info if info is not None and info.uid == preview.sandbox_uid else None
+
     def _reap_reason(self, preview: Preview, now: datetime) -> str | None:
         if now >= preview.max_until:
             return "max-lifetime"
         if now >= preview.expires_at:
             return "idle"
-        if self.registry.synced() and preview.namespace in self.registry.namespaces \
-                and self.registry.find(preview.namespace, preview.sandbox) is None:
+        if self.registry.synced() and preview.namespace in self.registry.namespaces and self.sandbox_of(preview) is None:
             return "sandbox-gone"
         return None
 
