@@ -191,3 +191,23 @@ async def test_a_sandbox_cannot_plant_a_platform_session_cookie(tmp_path, world,
                     assert response.status == 200
                     answers.append([c.split("=", 1)[0] for c in response.headers.getall("Set-Cookie")])
     assert answers == [["a", "c"], ["a", "c"], ["a", "c", "harmless"]]
+
+
+async def test_a_token_sent_as_a_websocket_subprotocol_never_reaches_the_sandbox(tmp_path, world, issuer):
+    """Browsers cannot set headers on a WebSocket, so platforms read the token from
+    `Sec-WebSocket-Protocol`; the sandbox is offered no subprotocol carrying it."""
+    _, port = await world.add("agents", "alice-box", owner="alice")
+    token = issuer.mint(claims(sub="alice"))
+    jwt = {"providers": [provider(issuer, extractFrom={
+        "headers": [{"name": "Sec-WebSocket-Protocol", "valuePrefix": "bearer.token,"}]})]}
+    policies_yaml = (security_policy("sandbox-jwt", {"jwt": jwt}, targets=[route_target("sandboxes")], namespace="platform")
+                     + "---\n" + yaml.safe_dump(SANDBOX_POLICY, sort_keys=False))
+    async with running_gateway(tmp_path, router_yaml(), settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
+                               policies_yaml=policies_yaml) as gw:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url(gw, f"/gateway/v1/sandboxes/agents/alice-box/ports/{port}/ws"),
+                                          protocols=["bearer.token", token]) as ws:
+                assert json.loads((await ws.receive()).data)["backend"] == "agents/alice-box"
+    received = _received(world, 0)
+    assert len(received) == 1
+    assert token not in json.dumps(received[0][1]) and "sec-websocket-protocol" not in received[0][1]

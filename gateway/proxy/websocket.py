@@ -80,7 +80,9 @@ async def relay(
 ) -> web.WebSocketResponse:
     # aiohttp refuses a message of max_msg_size bytes or more; ours is the largest one allowed.
     max_msg_size = limits.max_message_bytes + 1
-    protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()]
+    # Offered as the upstream headers have them: on the way to a sandbox, a subprotocol header a
+    # policy reads a credential from is gone, so a token sent as a subprotocol never reaches it.
+    protocols = [p.strip() for v in plan.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()]
     headers = end_to_end(plan.headers, _HANDSHAKE_HEADERS)
     session = pool.session_for(plan.endpoint)
     try:
