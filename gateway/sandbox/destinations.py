@@ -28,6 +28,7 @@ METADATA_ENDPOINTS = {
     "169.254.169.253": "AWS VPC DNS",
     "fd00:ec2::254": "AWS instance metadata (IPv6)",
     "fd00:ec2::23": "AWS VPC DNS (IPv6)",
+    "fd20:ce::254": "GCP instance metadata (IPv6)",
     "100.100.100.200": "Alibaba Cloud instance metadata",
     "168.63.129.16": "Azure WireServer / platform DNS",
     "192.0.0.192": "Oracle Cloud instance metadata (legacy)",
@@ -55,6 +56,7 @@ DENIED_NETWORKS = {
     "2001::/32": "Teredo",
     "2001:db8::/32": "documentation",
     "fd00:ec2::/32": "AWS metadata services (IPv6)",
+    "fd20:ce::/32": "GCP metadata services (IPv6)",
     "fe80::/10": "IPv6 link-local",
     "fec0::/10": "site-local (deprecated)",
     "ff00::/8": "multicast",
@@ -62,6 +64,7 @@ DENIED_NETWORKS = {
 _METADATA = frozenset(ipaddress.ip_address(a) for a in METADATA_ENDPOINTS)
 _DENIED = tuple(ipaddress.ip_network(n) for n in DENIED_NETWORKS)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 (SIIT): ::ffff:0:a.b.c.d
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 RESOLVE_TIMEOUT = 5.0
@@ -84,7 +87,7 @@ def carried_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in _NAT64:
+    if address in _NAT64 or address in _IPV4_TRANSLATED:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
