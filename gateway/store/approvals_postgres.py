@@ -53,8 +53,10 @@ class PostgresApprovals:
 
     async def list_approvals(self, status: str | None = None) -> list[ApprovalRecord]:
         where, args = (" WHERE status = $1", (status,)) if status else ("", ())
+        if status == PENDING:  # lapsed requests stay pending until pruned: they must not crowd out live ones
+            where += " AND expires_at > now()"
         rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM preview_approvals{where} ORDER BY created_at, id LIMIT {LIST_LIMIT}", *args)
+            f"SELECT {_COLUMNS} FROM preview_approvals{where} ORDER BY created_at DESC, id LIMIT {LIST_LIMIT}", *args)
         return [ApprovalRecord(**dict(r)) for r in rows]
 
     async def decide_approval(self, approval_id: str, status: str, decided_by: str | None) -> bool:

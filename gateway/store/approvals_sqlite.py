@@ -59,8 +59,11 @@ class SqliteApprovals:
 
     async def list_approvals(self, status: str | None = None) -> list[ApprovalRecord]:
         where, args = (" WHERE status = ?", (status,)) if status else ("", ())
+        if status == PENDING:  # lapsed requests stay pending until pruned: they must not crowd out live ones
+            where, args = where + " AND expires_at > ?", args + (_encode(datetime.now(timezone.utc)),)
         rows = await self._run(lambda: self._conn.execute(
-            f"SELECT {_COLUMNS} FROM preview_approvals{where} ORDER BY created_at, id LIMIT {LIST_LIMIT}", args).fetchall())
+            f"SELECT {_COLUMNS} FROM preview_approvals{where} ORDER BY created_at DESC, id LIMIT {LIST_LIMIT}",
+            args).fetchall())
         return [_record(r) for r in rows]
 
     async def decide_approval(self, approval_id: str, status: str, decided_by: str | None) -> bool:
