@@ -409,7 +409,7 @@ async def test_a_sandbox_refusal_is_the_decision_of_the_access_log_line_and_the_
     line = next(r for r in lines if r["request_id"] == request_id)
     assert line["status"] == 404
     assert line["decision"] == "deny" and line["reasons"] == ["sandbox-not-found"], line
-    assert line["principal"] == "dave@example.com"
+    assert line["principal"] == "https://issuer.example.test#dave@example.com"  # as policy decisions name it
     deny = next(r for r in records if r.decision == "deny")
     assert line["audit_id"] == deny.id and list(deny.reasons) == line["reasons"]
     allowed_line = next(r for r in lines if r["status"] == 200)

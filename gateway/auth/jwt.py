@@ -81,10 +81,13 @@ class VerifiedToken:
         issuer = issuer[:256] if isinstance(issuer, str) and issuer else None
         object.__setattr__(self, "subject", subject)
         object.__setattr__(self, "issuer", issuer)
-        principal = None
-        if subject is not None:
-            principal = (issuer or "").replace("%", "%25").replace("#", "%23") + "#" + subject
-        object.__setattr__(self, "principal", principal)
+        object.__setattr__(self, "principal", principal_of(issuer, subject) if subject is not None else None)
+
+
+def principal_of(issuer: str | None, subject: str) -> str:
+    """"ISSUER#SUBJECT", a `#` or `%` in the issuer percent-encoded: the one spelling of a
+    principal in audit records and logs."""
+    return (issuer or "").replace("%", "%25").replace("#", "%23") + "#" + subject
 
 
 class _Cached:

@@ -16,6 +16,7 @@ from typing import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from gateway.audit import AuditLog, AuditRecord
+from gateway.auth.jwt import principal_of
 from gateway.config.model import Config, Endpoint, PreviewZone, SandboxRouter, Upstream
 from gateway.kube import KubeError
 from gateway.policy.model import SandboxPolicy, SecurityPolicy
@@ -45,7 +46,7 @@ class Caller:
     unauthenticated mode) that may reach every sandbox the router opens."""
 
     claims: Mapping | None
-    identity: str  # for audit: "sub", "router-token", "anonymous"
+    identity: str  # for audit: "ISSUER#SUBJECT" (as policy decisions name it), "router-token", "anonymous"
     # The principal as a key (terminals per caller, resuming a shell): (issuer, subject), so
     # the same `sub` from two issuers is two callers.
     key: tuple[str, str] = ("", "")
@@ -292,7 +293,7 @@ class SandboxAccess:
             if claims is None:
                 raise Refusal(401, "unauthorized", "Sign in to reach a sandbox.", {"WWW-Authenticate": 'Bearer realm="sandgate"'})
             subject = str(claims.get("sub", ""))[:256]
-            return Caller(claims, subject, (issuer, subject))
+            return Caller(claims, principal_of(issuer, subject), (issuer, subject))
         if router.router_token_file:
             if not self._tokens[router.router_token_file].matches(request.headers.get("Authorization")):
                 challenge = 'Bearer realm="sandgate"'
