@@ -111,6 +111,7 @@ class _BoundedResponseHandler(ResponseHandler):
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: ResponseLimits):
         super().__init__(loop)
         self._limits = limits
+        self._parser_limits = limits.parser_limits()  # passed with every response's parameters
         self._reading = _HEAD
         self._head = 0  # bytes of the head being read
         self._head_tail = b""  # its last bytes, where a blank line may have begun
@@ -123,7 +124,7 @@ class _BoundedResponseHandler(ResponseHandler):
     def set_response_params(self, **kwargs) -> None:
         self._expect_head()
         self._awaiting, self._head_timeout, self._head_deadline = True, None, None
-        super().set_response_params(**kwargs, **self._limits.parser_limits())
+        super().set_response_params(**kwargs, **self._parser_limits)
 
     def request_sent(self, timeout: float | None) -> None:
         """The request is out: each head still due (1xx ones, then the response's) must be
