@@ -112,6 +112,7 @@ class _BoundedResponseHandler(ResponseHandler):
         super().__init__(loop)
         self._limits = limits
         self._parser_limits = limits.parser_limits()  # passed with every response's parameters
+        self._body_ended = self._expect_head  # bound once: every plain body's eof callback
         self._reading = _HEAD
         self._head = 0  # bytes of the head being read
         self._head_tail = b""  # its last bytes, where a blank line may have begun
@@ -122,7 +123,7 @@ class _BoundedResponseHandler(ResponseHandler):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def set_response_params(self, **kwargs) -> None:
-        self._expect_head()
+        self._reading, self._head, self._head_tail, self._framing = _HEAD, 0, b"", None
         self._awaiting, self._head_timeout, self._head_deadline = True, None, None
         super().set_response_params(**kwargs, **self._parser_limits)
 
@@ -164,7 +165,7 @@ class _BoundedResponseHandler(ResponseHandler):
             self._reading, self._framing = _CHUNKED, ChunkedFraming(self._limits)
         else:
             self._reading = _BODY
-            payload.on_eof(self._expect_head)  # bytes after the body are counted as a head
+            payload.on_eof(self._body_ended)  # bytes after the body are counted as a head
 
     def _feed_head(self, data: bytes) -> bytes:
         budget = self._limits.head_bytes - self._head
@@ -181,30 +182,22 @@ class _BoundedResponseHandler(ResponseHandler):
             return b""
         cut = found.end() - len(tail)
         heads = len(self._buffer)
-        if cut < len(data) and not tail and self._plain_body_follows(data, cut):
+        if (cut < len(data) and not tail and data.startswith(_HTTP11) and data[9:10] in _FINAL
+                and data[9:12] not in _NO_BODY and not self._skip_payload
+                and _CHUNKED_WORD.search(data, 0, cut) is None):
+            # A head surely followed by a body that is neither chunked nor another head.
             super().data_received(data)  # the common case, in one go: a head, then its body
             if len(self._buffer) > heads + 1:  # and a response nobody asked for (in this read)
                 self._refuse(ResponseRefused(message="The upstream sent a response nobody asked for."))
                 return b""
             cut = len(data)
         else:
-            super().data_received(data[:cut])
+            super().data_received(data if cut == len(data) else data[:cut])
         if self._exception is None and len(self._buffer) == heads and self._reading == _HEAD:
             # Our blank line is not the parser's: refuse rather than guess where the body starts.
             self._refuse(ResponseRefused(message="The response head could not be delimited."))
             return b""
-        return data[cut:]
-
-    def _plain_body_follows(self, data: bytes, cut: int) -> bool:
-        """Whether the head data[:cut] surely has a body that is neither chunked nor followed
-        by another head, so the bytes after it need no counting."""
-        return (
-            data.startswith(_HTTP11)
-            and data[9:10] in _FINAL
-            and data[9:12] not in _NO_BODY
-            and not self._skip_payload
-            and _CHUNKED_WORD.search(data, 0, cut) is None
-        )
+        return data[cut:] if cut < len(data) else b""
 
     def _feed_chunked(self, data: bytes) -> bytes:
         try:

@@ -342,9 +342,8 @@ class Gateway:
 
     def _parse(self, request: web.BaseRequest, request_id: str):
         """(host, normalised path, raw query, absolute-form authority), or an error response
-        for what must be refused before any routing."""
-        if _header_bytes(request) > self.settings.max_header_bytes:
-            return self._error(request, 431, "headers_too_large", "The request headers are too large.", request_id)
+        for what must be refused before any routing. (The header limit was held while reading:
+        server/protocol.py.)"""
         if HTTP09 in request:
             return self._error(request, 400, "bad_request", "HTTP/0.9 requests are not supported.", request_id)
         try:
