@@ -62,30 +62,18 @@ class PolicyRuntime:
         self._enforcement: dict[int, Enforcement] = {}  # by id() of a policy of this runtime
         self.mcp_by_route: dict[str, McpResource] = {}
         self.mcp_by_metadata_path: dict[str, McpResource] = {}
-        # Cookies any policy reads a credential from: never forwarded where credentials must not go.
-        self.credential_cookies = frozenset(
-            name
-            for policy in policies.security
-            for source in (*(p.source.cookies for p in (policy.jwt.providers if policy.jwt else ())),
-                           policy.api_key.cookies if policy.api_key else ())
-            for name in source
-        )
-        # Headers and query parameters any policy reads a credential from (SPEC §4.1: none of
-        # them reaches a sandbox pod, whatever `sanitize` says). Lower-case header names;
+        # Where any policy reads a credential from (SPEC §4.1: none of it reaches a sandbox pod,
+        # whatever `sanitize` says; nor a platform cookie a preview). Lower-case header names;
         # Authorization and Proxy-Authorization always (a filter may have set them).
+        sources = [source for policy in policies.security for source in (
+            *(p.source for p in (policy.jwt.providers if policy.jwt else ())),
+            *((policy.api_key,) if policy.api_key else ()))]
+        self.credential_cookies = frozenset(name for source in sources for name in source.cookies)
+        self.credential_params = frozenset(name for source in sources for name in source.params)
         self.credential_headers = frozenset(
-            name.lower()
-            for policy in policies.security
-            for name in (*(h for p in (policy.jwt.providers if policy.jwt else ()) for h, _ in p.source.headers),
-                         *(policy.api_key.headers if policy.api_key else ()))
+            (header if isinstance(header, str) else header[0]).lower()  # JWT headers are (name, valuePrefix)
+            for source in sources for header in source.headers
         ) | {"authorization", "proxy-authorization"}
-        self.credential_params = frozenset(
-            name
-            for policy in policies.security
-            for source in (*(p.source.params for p in (policy.jwt.providers if policy.jwt else ())),
-                           policy.api_key.params if policy.api_key else ())
-            for name in source
-        )
         for route in config.routes:
             resource = self._mcp_resource(route)
             if resource is not None:
