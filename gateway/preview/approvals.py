@@ -25,6 +25,7 @@ from gateway.audit import AuditLog, AuditRecord
 from gateway.config.durations import parse_duration
 from gateway.config.model import PreviewZone
 from gateway.policy.model import SandboxPolicy
+from gateway.periodic import every
 from gateway.preview.objects import created_view
 from gateway.preview.tokens import host_for
 from gateway.sandbox.access import DEFAULT_POLICY, relation
@@ -75,12 +76,7 @@ class Approvals:
         return pruned
 
     async def _prune_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.prune_interval)
-            try:
-                await self.prune_once()
-            except Exception:  # noqa: BLE001 - a database outage must not end pruning for good
-                log.warning("approvals: pruning failed; trying again later", exc_info=True)
+        await every(self.prune_interval, self.prune_once, log, "approvals: pruning failed; trying again later")
 
     def _wake(self, approval_id: str) -> None:
         for event in self._waiters.get(approval_id, ()):

@@ -26,6 +26,7 @@ from gateway.audit import AuditLog, AuditRecord
 from gateway.config.model import PreviewZone, Upstream
 from gateway.kube import HTTPROUTE, SERVICE, KubeClient, KubeError
 from gateway.policy.model import SandboxPolicy
+from gateway.periodic import every
 from gateway.preview import objects
 from gateway.preview.caps import PreviewCaps
 from gateway.preview.objects import Preview
@@ -302,12 +303,7 @@ class Previews:
         return None
 
     async def _reap_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.reap_interval)
-            try:
-                await self.reap_once()
-            except Exception:  # noqa: BLE001 - the reaper must outlive one bad round
-                log.exception("preview reaper round failed")
+        await every(self.reap_interval, self.reap_once, log, "preview reaper round failed")
 
     # --- plumbing ---------------------------------------------------------------------------------
 
