@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from gateway.kube import SANDBOX_CLAIM, KubeClient
-from gateway.sandbox.destinations import address_allowed
+from gateway.sandbox.destinations import MAX_RESOLVED, AddressRefused, Destinations, address_allowed
 from tests.support.fixtures import issuer, world  # noqa: F401 - fixtures
 from tests.support.harness import running_gateway, url
 from tests.support.issuer import claims
@@ -42,6 +42,19 @@ HOSTILE = [
     "100.72.1.1", "::ffff:100.100.100.200", "fd20:ce::254", "fd20:ce::1", "::ffff:0:a9fe:a9fe",
     "::ffff:0:169.254.169.254",
 ]
+
+
+async def test_remembered_resolutions_are_bounded_whatever_names_are_sent():
+    """Each distinct sandbox name is one remembered resolution: a flood of names (here address
+    literals and refused ones, which are never looked up in DNS) keeps at most MAX_RESOLVED."""
+    destinations = Destinations(allow_loopback=True)
+    for i in range(MAX_RESOLVED + 500):
+        host = f"127.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" if i % 2 else f"169.254.{i >> 8 & 255}.{i & 255}"
+        try:
+            await destinations.resolve(host, 80)
+        except AddressRefused:
+            pass
+        assert len(destinations) <= MAX_RESOLVED
 
 
 @pytest.mark.parametrize("address", HOSTILE)

@@ -120,6 +120,10 @@ class Destinations:
         self._pending: dict[tuple[str, int], asyncio.Future] = {}  # one lookup per name at a time
         self._lookups: asyncio.Semaphore | None = None
 
+    def __len__(self) -> int:
+        """Resolutions remembered (at most MAX_RESOLVED)."""
+        return len(self._resolved)
+
     def allowed(self, ip: str) -> bool:
         return address_allowed(ip, allow_loopback=self.allow_loopback)
 
