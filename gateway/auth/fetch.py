@@ -13,6 +13,8 @@ from typing import Mapping
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from gateway.config.loader import override_for
+
 MAX_JWKS_BYTES = 1024 * 1024
 
 
@@ -24,7 +26,7 @@ class OverrideResolver(AbstractResolver):
         self._system = aiohttp.ThreadedResolver()
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        target = self._overrides.get(f"{host.lower().rstrip('.')}:{port}")
+        target = override_for(self._overrides, host, port)
         if target is None:
             return await self._system.resolve(host, port, family)
         address, target_port = target

@@ -57,6 +57,12 @@ class LoadOptions:
     overrides: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
 
+def override_for(overrides: Mapping[str, tuple[str, int]], host: str, port: int) -> tuple[str, int] | None:
+    """The `--resolve` override of host:port (keys are lower-case; a name's case and trailing
+    dot do not matter), or None: the one lookup of every address the gateway dials."""
+    return overrides.get(f"{host.lower().rstrip('.')}:{port}") if overrides else None
+
+
 class _Findings:
     def __init__(self) -> None:
         self.errors: list[str] = []
@@ -510,7 +516,7 @@ class _RouteContext:
         return Upstream(label, tuple(endpoints), "https", not tls.get("insecureSkipVerify", False), tls.get("sni"))
 
     def endpoint(self, host: str, port: int) -> Endpoint:
-        override = self.options.overrides.get(f"{host}:{port}")
+        override = override_for(self.options.overrides, host, port)
         if override is not None:
             return Endpoint(override[0], override[1])
         return Endpoint(host, port)

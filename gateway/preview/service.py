@@ -184,12 +184,10 @@ class Previews:
                 del self._running[token]
 
     async def _close_forever(self) -> None:
-        while True:
-            await asyncio.sleep(CLOSE_INTERVAL)
-            try:
-                self.close_ended()
-            except Exception:  # noqa: BLE001 - one bad round must not end the closing for good
-                log.exception("closing the streams of ended previews failed")
+        async def close_round() -> None:
+            self.close_ended()
+
+        await every(CLOSE_INTERVAL, close_round, log, "closing the streams of ended previews failed")
 
     # --- the API's operations -----------------------------------------------------------------
 

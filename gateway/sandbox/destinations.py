@@ -19,6 +19,8 @@ import ipaddress
 import socket
 from typing import Mapping
 
+from gateway.config.loader import override_for
+
 # Cloud instance-metadata and platform endpoints: reachable from every pod that is not
 # firewalled, and each hands out credentials or instance secrets.
 METADATA_ENDPOINTS = {
@@ -160,7 +162,7 @@ class Destinations:
         return _outcome(outcome)
 
     async def _lookup(self, host: str, port: int) -> tuple:
-        override = self.overrides.get(f"{host}:{port}")
+        override = override_for(self.overrides, host, port)
         if override is not None:
             host, port = override
         try:

@@ -15,6 +15,7 @@ cannot grow the gateway.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import codecs
 import json
 import logging
@@ -59,7 +60,7 @@ class TerminalSession:
         self.client: web.WebSocketResponse | None = None
         self.exit_code: int | None = None
         self.ended = asyncio.Event()
-        self._backlog: list[str] = []
+        self._backlog: deque[tuple[str, int]] = deque()  # output while detached, with its UTF-8 size
         self._backlog_size = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._detached_at: float | None = None
@@ -74,8 +75,8 @@ class TerminalSession:
     async def attach(self, client: web.WebSocketResponse) -> None:
         self.client = client
         self._detached_at = None
-        backlog, self._backlog, self._backlog_size = self._backlog, [], 0
-        for text in backlog:
+        backlog, self._backlog, self._backlog_size = self._backlog, deque(), 0
+        for text, _ in backlog:
             await client.send_str(json.dumps({"type": "output", "data": text}))
 
     def detach(self) -> None:
@@ -150,10 +151,10 @@ class TerminalSession:
             text = data.decode("utf-8", "ignore")  # a cut character at the start is dropped
             self._backlog.clear()
             self._backlog_size = 0
-        self._backlog.append(text)
+        self._backlog.append((text, len(data)))
         self._backlog_size += len(data)
         while self._backlog_size > BACKLOG_BYTES:
-            self._backlog_size -= len(self._backlog.pop(0).encode("utf-8", "replace"))
+            self._backlog_size -= self._backlog.popleft()[1]
 
     async def _end(self, reason: str) -> None:
         if self.ended.is_set():
