@@ -178,10 +178,13 @@ class ConnectionLimits:
 
     def tightest(self, other: ConnectionLimits) -> ConnectionLimits:
         """Each limit at the lower of the two (several Gateways listening on one port)."""
-        def low(a, b):
-            return b if a is None else a if b is None else min(a, b)
-        return ConnectionLimits(low(self.limit, other.limit), low(self.close_delay, other.close_delay),
-                                low(self.max_seconds, other.max_seconds), low(self.max_requests, other.max_requests))
+        return ConnectionLimits(lowest(self.limit, other.limit), lowest(self.close_delay, other.close_delay),
+                                lowest(self.max_seconds, other.max_seconds), lowest(self.max_requests, other.max_requests))
+
+
+def lowest(a, b):
+    """The lower of two limits, either of which may be unset (None)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass(frozen=True, slots=True)

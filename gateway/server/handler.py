@@ -25,7 +25,7 @@ from gateway.proxy.h1limits import ResponseLimits
 from gateway.proxy.http import Exchange, ForwardPlan, forward
 from gateway.proxy.retry import RetryBudget, RetryPlan
 from gateway.proxy.upstream import UpstreamPool
-from gateway.policy.model import ConnectionLimits, ListenerLimits, RetryPolicy
+from gateway.policy.model import ConnectionLimits, ListenerLimits, RetryPolicy, lowest
 from gateway.policy.runtime import METADATA_PATH, PolicyRuntime
 from gateway.routing.paths import BadRequestTarget, normalize_host_cached, normalize_path, split_target
 from gateway.routing.rewrite import modify_path, redirect_location
@@ -140,8 +140,8 @@ class Gateway:
                 if client is not None:
                     if client.connection is not None:
                         connection = client.connection if connection is None else connection.tightest(client.connection)
-                    headers_timeout = _lowest(headers_timeout, client.headers_timeout)
-                    idle_timeout = _lowest(idle_timeout, client.idle_timeout)
+                    headers_timeout = lowest(headers_timeout, client.headers_timeout)
+                    idle_timeout = lowest(idle_timeout, client.idle_timeout)
                     allowed = min(allowed, client.max_header_bytes or allowed)
                 header_bytes = max(header_bytes, allowed)
             by_port[port] = ListenerLimits(header_bytes, headers_timeout or defaults.headers_timeout,
@@ -280,9 +280,8 @@ class Gateway:
                     isolate_response(response_headers)
                 elif "Set-Cookie" in response_headers:
                     host_only_cookies(response_headers)
-                    if self.policies.credential_cookies:
-                        # served on a platform host: no cookie of the platform's own names
-                        without_set_cookies(response_headers, self.policies.credential_cookies)
+                    # served on a platform host: no cookie of the platform's own names
+                    without_set_cookies(response_headers, self.policies.credential_cookies)
                 if not sandbox.isolate:
                     response_headers.popall("Clear-Site-Data", None)  # nor wipe the platform's
                 if sandbox.csp:
@@ -552,10 +551,6 @@ class _Outcome:
 # The client's Expect is answered here; the upstream request is sent whole.
 _DROP_TO_UPSTREAM = frozenset({"expect"})
 _DROP_TO_SANDBOX = _DROP_TO_UPSTREAM | NOT_FOR_SANDBOXES
-
-
-def _lowest(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)
 
 
 def _header_bytes(request: web.BaseRequest) -> int:
