@@ -178,19 +178,20 @@ async def test_a_router_csp_that_would_give_back_the_platform_origin_is_refused(
 
 async def test_a_sandbox_cannot_plant_a_platform_session_cookie(tmp_path, world, issuer, pepper):
     """Served on the platform's host, a sandbox could set a cookie under a name a policy reads
-    credentials from (login CSRF): such Set-Cookies are dropped, others pass."""
+    credentials from, or an OIDC session cookie's (login CSRF): such Set-Cookies are dropped,
+    others pass."""
     _, port = await world.add("agents", "page", owner="alice", app=_hostile_page_app())
     token = issuer.mint(claims(sub="alice"))
     async with running_gateway(tmp_path, router_yaml() + OTHER_ROUTE, settings=LOOPBACK, kubeconfig=world.api.kubeconfig,
                                policies_yaml=policies(issuer, sanitize=False)) as gw:
         async with aiohttp.ClientSession() as session:
             answers = []
-            for plant in ("plat_sess", "key_jar", "harmless"):
+            for plant in ("plat_sess", "key_jar", "BearerToken-0a1b2c", "harmless"):
                 async with session.get(url(gw, f"/gateway/v1/sandboxes/agents/page/ports/{port}/?plant={plant}"),
                                        headers={"X-Platform-Token": token}) as response:
                     assert response.status == 200
                     answers.append([c.split("=", 1)[0] for c in response.headers.getall("Set-Cookie")])
-    assert answers == [["a", "c"], ["a", "c"], ["a", "c", "harmless"]]
+    assert answers == [["a", "c"], ["a", "c"], ["a", "c"], ["a", "c", "harmless"]]
 
 
 async def test_a_token_sent_as_a_websocket_subprotocol_never_reaches_the_sandbox(tmp_path, world, issuer):

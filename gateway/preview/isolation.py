@@ -65,10 +65,10 @@ def without_params(query: str, names: frozenset[str]) -> str:
 
 
 def without_set_cookies(headers, names: frozenset[str]) -> None:
-    """Drop every Set-Cookie that would set a cookie named in `names` (the platform's
-    credential cookies): a sandbox served on the platform's host could otherwise plant its own
-    session there (login CSRF, session fixation)."""
+    """Drop every Set-Cookie that would set a platform cookie (named in `names`, the platform's
+    credential cookies, or an OIDC session's): a sandbox served on the platform's host could
+    otherwise plant its own session there (login CSRF, session fixation)."""
     values = headers.popall("Set-Cookie", None)
     for value in values or ():
-        if value.split(";", 1)[0].split("=", 1)[0].strip() not in names:
+        if not is_platform_cookie(value.split(";", 1)[0].split("=", 1)[0].strip(), names):
             headers.add("Set-Cookie", value)
