@@ -30,7 +30,7 @@ from gateway.audit import AuditSettings
 from gateway.audit.spool import SPOOL_FILE
 from gateway.store import SQLITE_FILE
 from tests.support.fixtures import upstream_port  # noqa: F401 (fixture)
-from tests.support.harness import access_records, echo_routes, running_gateway, url
+from tests.support.harness import GATEWAY, access_records, backend, echo_routes, running_gateway, url
 from tests.support.issuer import AUDIENCE, ISSUER, Issuer, claims
 from tests.support.policy_harness import metric_value, security_policy, wait_for
 from tests.support.postgres import throwaway_cluster
@@ -319,6 +319,33 @@ async def test_repeats_of_a_decision_are_one_rollup_record_with_the_exact_count(
     assert [(by_request[rid]["request_count"], by_request[rid]["last_request_id"]) for rid in denied[:2]] == [
         (1, None), (4, denied[-1])]
     assert len(by_request) == 4
+
+
+async def test_repeats_roll_up_per_route_rule_even_under_a_policy_on_the_whole_route(issuer, upstream_port, tmp_path):
+    """SPEC §6's key is the route rule: a policy attached to the route governs both of its rules,
+    and the repeats of each rule are counted in a rollup of their own."""
+    routes = GATEWAY + backend("echo", upstream_port) + """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: infra}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /a}}]
+    backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: echo}]
+  - matches: [{path: {type: PathPrefix, value: /b}}]
+    backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: echo}]
+"""
+    good = credentials(issuer)[0]
+    async with running_gateway(tmp_path, routes, policies_yaml=policy(issuer)) as running:
+        ids = await send(running, ["/a/1", "/b/1", "/a/2", "/b/2", "/a/3"], good)
+    by_request = {r["request_id"]: r for r in stored_decisions(tmp_path / "data")}
+    firsts = sorted((r["path"], r["request_count"]) for r in by_request.values() if r["last_request_id"] is None)
+    rollups = sorted((r["path"], r["request_count"], r["last_request_id"]) for r in by_request.values()
+                     if r["last_request_id"] is not None)
+    assert firsts == [("/a/1", 1), ("/b/1", 1)]
+    assert rollups == sorted([("/a/1", 2, ids[4]), ("/b/1", 1, ids[3])])
 
 
 async def test_a_rollup_is_stored_when_its_window_closes_and_the_next_repeat_starts_anew(issuer, upstream_port, tmp_path):

@@ -126,13 +126,14 @@ class AuditLog:
         if len(self._queue) >= self._batch_size:
             self._wake.set()
 
-    def decided(self, rec: AuditRecord) -> Slot | None:
-        """Record a policy decision: in rollup mode it is counted in its slot (returned; a
-        repeat when slot.count > 0 afterwards), in `every` mode queued as it is (None)."""
+    def decided(self, rec: AuditRecord, rule_index: int | None = None) -> Slot | None:
+        """Record a policy decision of route rule `rule_index`: in rollup mode it is counted in
+        its slot (returned; a repeat when slot.count > 0 afterwards), in `every` mode queued as
+        it is (None)."""
         if self.rollups is None:
             self.record(rec)
             return None
-        return self.rollups.decided(rec)
+        return self.rollups.decided(rec, rule_index)
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")

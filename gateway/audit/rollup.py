@@ -69,13 +69,14 @@ class Rollups:
     def bytes(self) -> int:
         return self._bytes
 
-    def decided(self, record: AuditRecord) -> Slot:
-        """Count one decision: the first of its key is emitted as it is and opens a slot; a
-        repeat only counts in the slot (slot.count > 0 after it)."""
-        # The principal too: a refusal made without a credential fingerprint (a sandbox router's)
+    def decided(self, record: AuditRecord, rule_index: int | None = None) -> Slot:
+        """Count one decision of route rule `rule_index`: the first of its key is emitted as it
+        is and opens a slot; a repeat only counts in the slot (slot.count > 0 after it)."""
+        # SPEC §6's key is per route rule: a policy on a whole route never merges its rules. The
+        # principal too: a refusal made without a credential fingerprint (a sandbox router's)
         # still rolls up per caller, never across callers.
         key = (record.detail.get("credential"), record.route, record.method, record.decision, record.reasons,
-               record.policy, record.revision, record.principal)
+               record.policy, record.revision, record.principal, rule_index)
         slot = self._slots.get(key)
         if slot is not None:
             slot.again(record.request_id)

@@ -169,7 +169,7 @@ class SandboxAccess:
 
     def route(self, request: web.BaseRequest, router: SandboxRouter, *, path: str, rewritten_path: str,
               claims: Mapping | None, issuer: str, secured: bool, policy: SandboxPolicy | None, request_id: str,
-              route_key: str, outcome) -> SandboxTarget | web.StreamResponse | Awaitable[web.StreamResponse]:
+              route_key: str, rule_index: int, outcome) -> SandboxTarget | web.StreamResponse | Awaitable[web.StreamResponse]:
         """Where to forward this request, or the response that ends it; for the terminal, an
         awaitable that serves it (the common path stays free of coroutines). A refusal that is
         audited becomes `outcome`'s decision: the access log line says what the audit store says."""
@@ -178,7 +178,7 @@ class SandboxAccess:
         def refused(refusal: Refusal) -> web.Response:
             if refusal.audited:
                 record = self._audit_denial(request, refusal, caller, policy, router, request_id, route_key, path)
-                _, outcome.decision = record_decision(self.audit, record)  # rolled up like other decisions
+                _, outcome.decision = record_decision(self.audit, record, rule_index)  # rolled up like other decisions
                 outcome.decision_json = decision_json(record)
             return refusal_response(refusal, request_id, request.headers.get("Accept", ""))
 

@@ -48,11 +48,11 @@ class Repeat:
     slot: Slot | None = None  # its rollup slot (AuditLog.decided), while that is open
 
 
-def record_decision(audit, record: AuditRecord) -> tuple[Slot | None, object]:
-    """Record a decision; returns its rollup slot (None in `every` mode) and what the access log
-    names as its audit id (`.id`): the record itself when it is stored on its own, else the
-    rollup slot, whose id the rollup record will have."""
-    slot = audit.decided(record)
+def record_decision(audit, record: AuditRecord, rule_index: int | None) -> tuple[Slot | None, object]:
+    """Record the decision of route rule `rule_index`; returns its rollup slot (None in `every`
+    mode) and what the access log names as its audit id (`.id`): the record itself when it is
+    stored on its own, else the rollup slot, whose id the rollup record will have."""
+    slot = audit.decided(record, rule_index)
     return slot, (record if slot is None or slot.count == 0 else slot)
 
 
@@ -71,6 +71,7 @@ async def enforce(
     request: web.BaseRequest,
     *,
     route_key: str,
+    rule_index: int,
     path: str,
     query: str,
     origin_of: Callable[[web.BaseRequest], str],  # the public origin clients use (read only when needed)
@@ -103,7 +104,7 @@ async def enforce(
                     outcome.decision = slot
                 else:
                     record = repeat.record.again(request_id, host, int((monotonic() - started) * 1_000_000 + 0.5) / 1000)
-                    repeat.slot, outcome.decision = record_decision(audit, record)
+                    repeat.slot, outcome.decision = record_decision(audit, record, rule_index)
                 outcome.decision_json = repeat.log_json
                 return repeat.allowed
     cors = policy.cors
@@ -141,7 +142,7 @@ async def enforce(
         # fingerprints only: a record never holds a token or an API key
         detail={} if token is None else {"credential": token.fingerprint},
     )
-    slot, outcome.decision = record_decision(audit, record)  # the access log line of this request carries the decision
+    slot, outcome.decision = record_decision(audit, record, rule_index)  # the access log line of this request carries the decision
     outcome.decision_json = log_json = decision_json(record)
     if not decision.allowed:
         challenge = None

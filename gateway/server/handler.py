@@ -205,7 +205,7 @@ class Gateway:
         policy = self.policies.security_for(found.route.key, rule.index, gateway)
         if policy is not None:
             result = await enforce(
-                self.policies, policy, request, route_key=found.route.key, path=path, query=query,
+                self.policies, policy, request, route_key=found.route.key, rule_index=rule.index, path=path, query=query,
                 origin_of=self._origin, client_ip=client_ip, is_websocket=is_websocket,
                 request_id=request_id, host=redact_host(host), metrics=self.metrics, audit=self.audit, outcome=outcome,
             )
@@ -416,7 +416,7 @@ class Gateway:
             # who may reach which sandbox is read from the claims: without a SecurityPolicy there are none
             policy=self.policies.policies.sandbox_attached.for_rule(found.route.key, found.rule.index, gateway)
             if policy is not None else None,
-            request_id=request_id, route_key=found.route.key, outcome=outcome,
+            request_id=request_id, route_key=found.route.key, rule_index=found.rule.index, outcome=outcome,
         )
         return routed
 
